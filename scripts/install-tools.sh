@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# Installs the real components that GKM's tests run against, on a fresh Debian machine.
+#
+# Idempotent: every tool is built once into $GKM_TOOLS_DIR (default ~/.cache/gkm/tools)
+# under a versioned name; a rerun finds it and skips the build. Go's module and build
+# caches live under $HOME too, so even a changed version rebuilds quickly.
+#
+# Prints each tool's version at the end. Any failure names the step that failed.
+#
+# Tools:
+#   kube-apiserver, kubectl  built from the Go module proxy (the staging replace pattern)
+#   cosign                   signs and verifies test images (cosign v3)
+#   crane                    the OCI registry (`crane registry serve`, with referrers API)
+#   csi-sanity               CSI conformance
+#   etcd                     comes from the `etcd-bin-vendored` crate (a dev-dependency),
+#                            so cargo fetches it; nothing to do here.
+#   skopeo, umoci            Debian packages, used by the extraction benchmark as a baseline.
+set -Eeuo pipefail
+
+KUBE_VERSION=${KUBE_VERSION:-v1.36.3}
+COSIGN_VERSION=${COSIGN_VERSION:-v3.1.2}
+CRANE_VERSION=${CRANE_VERSION:-v0.21.9}
+CSI_SANITY_VERSION=${CSI_SANITY_VERSION:-v5.5.0}
+
+TOOLS_DIR=${GKM_TOOLS_DIR:-$HOME/.cache/gkm/tools}
+BIN=$TOOLS_DIR/bin
+# Never download a Go toolchain: build with the one installed here.
+export GOTOOLCHAIN=local
+export GOFLAGS=-mod=mod
+export CGO_ENABLED=0
+
+STEP=start
+trap 'echo "install-tools: FAILED at step [$STEP] (line $LINENO): see the output above" >&2' ERR
+
+step() {
+  STEP=$1
+  echo "==> [$STEP] $2"
+}
+
+now() { date +%s; }
+
+mkdir -p "$BIN" "$TOOLS_DIR/src"
+
+# go_tool NAME MODULE/PATH VERSION: `go install` into a versioned file, then link NAME to it.
+go_tool() {
+  local name=$1 pkg=$2 version=$3
+  local target=$BIN/$name-$version
+  step "$name" "$pkg@$version"
+  if [ -x "$target" ]; then
+    echo "    cached: $target"
+  else
+    local t0 tmp
+    t0=$(now)
+    tmp=$(mktemp -d)
+    GOBIN=$tmp go install -trimpath "$pkg@$version"
+    mv "$tmp/$name" "$target"
+    rm -rf "$tmp"
+    echo "    built in $(($(now) - t0))s"
+  fi
+  ln -sfn "$name-$version" "$BIN/$name"
+}
+
+# Kubernetes binaries cannot be `go install`ed: k8s.io/kubernetes maps its staging modules
+# with replace directives, which only apply in a main module. So build from a throwaway
+# module that copies those replaces, pointing each at the matching published version.
+kube_tools() {
+  local v=$KUBE_VERSION
+  local staging_v="v0.${v#v1.}"
+  if [ -x "$BIN/kube-apiserver-$v" ] && [ -x "$BIN/kubectl-$v" ]; then
+    step kube-apiserver "cached: $BIN/kube-apiserver-$v"
+  else
+    step kube-module "throwaway module for k8s.io/kubernetes@$v (staging at $staging_v)"
+    local dir=$TOOLS_DIR/src/kube-$v
+    mkdir -p "$dir"
+    local gomod
+    gomod=$(cd "$dir" && go mod download -json "k8s.io/kubernetes@$v" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+    [ -f "$gomod" ] || { echo "could not download k8s.io/kubernetes@$v" >&2; false; }
+    {
+      echo "module gkm.local/kubetools"
+      echo
+      echo "go $(go env GOVERSION | sed 's/^go//; s/^\([0-9]*\.[0-9]*\).*/\1/')"
+      echo
+      echo "require k8s.io/kubernetes $v"
+      echo
+      # The staging list changes between minors: read it from kubernetes' own go.mod.
+      grep -E '^[[:space:]]*k8s\.io/[^ ]+ => \./staging/src/' "$gomod" |
+        awk -v sv="$staging_v" '{ printf "replace %s => %s %s\n", $1, $1, sv }'
+    } >"$dir/go.mod"
+    cat >"$dir/tools.go" <<'EOF'
+//go:build tools
+
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kubectl"
+)
+EOF
+    (cd "$dir" && go mod tidy)
+    # Stamp the real version: the apiserver derives its emulation version from it.
+    local minor=${v#v1.}
+    minor=${minor%%.*}
+    local ldflags="-X k8s.io/component-base/version.gitVersion=$v -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/client-go/pkg/version.gitVersion=$v -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+    step kube-apiserver "go build (the first build takes a while on 2 cores)"
+    local t0
+    t0=$(now)
+    (cd "$dir" && go build -trimpath -ldflags "$ldflags" -o "$BIN/kube-apiserver-$v" k8s.io/kubernetes/cmd/kube-apiserver)
+    echo "    built in $(($(now) - t0))s"
+    step kubectl "go build"
+    t0=$(now)
+    (cd "$dir" && go build -trimpath -ldflags "$ldflags" -o "$BIN/kubectl-$v" k8s.io/kubernetes/cmd/kubectl)
+    echo "    built in $(($(now) - t0))s"
+  fi
+  ln -sfn "kube-apiserver-$v" "$BIN/kube-apiserver"
+  ln -sfn "kubectl-$v" "$BIN/kubectl"
+}
+
+debian_packages() {
+  step debian "skopeo umoci (extraction benchmark baseline)"
+  local missing=()
+  for p in skopeo umoci; do
+    command -v "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  if [ ${#missing[@]} -eq 0 ]; then
+    echo "    present"
+    return
+  fi
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "    need root to install: ${missing[*]}" >&2
+    false
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+T_ALL=$(now)
+kube_tools
+go_tool cosign github.com/sigstore/cosign/v3/cmd/cosign "$COSIGN_VERSION"
+go_tool crane github.com/google/go-containerregistry/cmd/crane "$CRANE_VERSION"
+go_tool csi-sanity github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity "$CSI_SANITY_VERSION"
+debian_packages
+
+step versions "installed into $BIN"
+STEP=versions
+printf '    %-15s %s\n' kube-apiserver "$("$BIN/kube-apiserver" --version)"
+printf '    %-15s %s\n' kubectl "$("$BIN/kubectl" version --client 2>/dev/null | head -1)"
+printf '    %-15s %s\n' cosign "$("$BIN/cosign" version 2>&1 | sed -n 's/^GitVersion: *//p')"
+printf '    %-15s %s\n' crane "$("$BIN/crane" version)"
+printf '    %-15s %s\n' csi-sanity "$("$BIN/csi-sanity" --version 2>&1 | head -1)"
+printf '    %-15s %s\n' skopeo "$(skopeo --version)"
+printf '    %-15s %s\n' umoci "$(umoci --version)"
+printf '    %-15s %s\n' etcd "from the etcd-bin-vendored crate (cargo)"
+echo "install-tools: done in $(($(now) - T_ALL))s"

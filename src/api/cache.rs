@@ -1,0 +1,207 @@
+//! `GKMCache` (namespaced) and `ClusterGKMCache` (cluster-wide): what a user applies.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::schema::{dns_label_list, opaque_object};
+
+/// A kernel cache image that pods of this namespace may mount.
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "gkm.io",
+    version = "v1alpha1",
+    kind = "GKMCache",
+    plural = "gkmcaches",
+    shortname = "gkmc",
+    namespaced,
+    status = "CacheStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    printcolumn = r#"{"name":"Image","type":"string","jsonPath":".spec.image"}"#,
+    printcolumn = r#"{"name":"Digest","type":"string","jsonPath":".status.shortDigest"}"#,
+    printcolumn = r#"{"name":"Ready-Nodes","type":"integer","jsonPath":".status.counts.nodesReady"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Full-Digest","type":"string","jsonPath":".status.resolvedDigest","priority":1}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GKMCacheSpec {
+    /// OCI reference of the cache image, by tag or by digest
+    /// (`registry[:port]/path[:tag][@sha256:…]`). The admission webhook resolves it to a
+    /// digest once; every later step uses that digest.
+    #[schemars(length(min = 1, max = 4096))]
+    pub image: String,
+
+    #[serde(flatten)]
+    pub compat: LegacyFields,
+}
+
+/// A kernel cache image that pods of the listed namespaces (or all) may mount.
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "gkm.io",
+    version = "v1alpha1",
+    kind = "ClusterGKMCache",
+    plural = "clustergkmcaches",
+    shortname = "cgkmc",
+    status = "CacheStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    printcolumn = r#"{"name":"Image","type":"string","jsonPath":".spec.image"}"#,
+    printcolumn = r#"{"name":"Digest","type":"string","jsonPath":".status.shortDigest"}"#,
+    printcolumn = r#"{"name":"Ready-Nodes","type":"integer","jsonPath":".status.counts.nodesReady"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Full-Digest","type":"string","jsonPath":".status.resolvedDigest","priority":1}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterGKMCacheSpec {
+    /// OCI reference of the cache image, by tag or by digest.
+    #[schemars(length(min = 1, max = 4096))]
+    pub image: String,
+
+    /// Namespaces whose pods may mount this cache. Empty or absent: every namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "dns_label_list")]
+    pub workload_namespaces: Vec<String>,
+
+    #[serde(flatten)]
+    pub compat: LegacyFields,
+}
+
+/// Fields of the earlier GKM's cache manifests, which provisioned a PVC per cache.
+/// GKM mounts caches through CSI inline volumes instead, so these are accepted (manifests
+/// written for the earlier GKM apply unchanged) and otherwise ignored; the admission
+/// webhook warns when they are set.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LegacyFields {
+    /// Ignored (earlier GKM: access modes of the PVC it created).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_modes: Option<Vec<String>>,
+
+    /// Ignored (earlier GKM: storage class of the PVC it created).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+
+    /// Ignored (earlier GKM: template of its extraction pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "opaque_object")]
+    pub pod_template: Option<serde_json::Value>,
+}
+
+impl LegacyFields {
+    /// The names of the legacy fields that are set, for the admission warning.
+    pub fn set_fields(&self) -> Vec<&'static str> {
+        let mut set = Vec::new();
+        if self.access_modes.is_some() {
+            set.push("spec.accessModes");
+        }
+        if self.storage_class_name.is_some() {
+            set.push("spec.storageClassName");
+        }
+        if self.pod_template.is_some() {
+            set.push("spec.podTemplate");
+        }
+        set
+    }
+}
+
+/// Status of a cache, written only by the controller (RBAC on the status subresource).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheStatus {
+    /// The verified digest, promoted from the `gkm.io/resolvedDigest` annotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_digest: Option<String>,
+
+    /// `sha256:` and the first 12 hex digits of `resolvedDigest`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub short_digest: Option<String>,
+
+    /// When `resolvedDigest` last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_updated: Option<Time>,
+
+    /// Standard conditions; at least `Verified` and `Ready`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// Node and pod counts aggregated from the node objects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counts: Option<CacheCounts>,
+
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// How many nodes and pods a cache reaches.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheCounts {
+    /// Nodes on which the current digest is extracted and compatible.
+    pub nodes_ready: u32,
+    /// Nodes that report an error for the current digest.
+    pub nodes_error: u32,
+    /// Nodes none of whose GPUs the current digest is compatible with.
+    pub nodes_incompatible: u32,
+    /// Pods that mount the cache, on all nodes.
+    pub pods: u32,
+}
+
+/// `sha256:` plus the first 12 hex digits, as `kubectl get` shows a digest.
+pub fn short_digest(digest: &str) -> String {
+    match digest.split_once(':') {
+        Some((algo, hex)) => format!("{algo}:{}", &hex[..hex.len().min(12)]),
+        None => digest[..digest.len().min(19)].to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_digest_keeps_algorithm_and_twelve_digits() {
+        let d = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        assert_eq!(short_digest(d), "sha256:0123456789ab");
+        assert_eq!(short_digest("sha256:abc"), "sha256:abc");
+    }
+
+    #[test]
+    fn legacy_manifest_round_trips() {
+        let spec: GKMCacheSpec = serde_json::from_value(serde_json::json!({
+            "image": "quay.io/gkm/cache-examples:vector-add-cache-rocm-v2",
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "standard",
+            "podTemplate": {"spec": {"tolerations": []}}
+        }))
+        .unwrap();
+        assert_eq!(
+            spec.compat.set_fields(),
+            [
+                "spec.accessModes",
+                "spec.storageClassName",
+                "spec.podTemplate"
+            ]
+        );
+        let back = serde_json::to_value(&spec).unwrap();
+        assert_eq!(back["accessModes"][0], "ReadWriteOnce");
+        assert_eq!(
+            back["podTemplate"]["spec"]["tolerations"],
+            serde_json::json!([])
+        );
+    }
+
+    #[test]
+    fn empty_workload_namespaces_is_omitted() {
+        let spec = ClusterGKMCacheSpec {
+            image: "r.example/c:1".into(),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&spec).unwrap();
+        assert_eq!(v, serde_json::json!({"image": "r.example/c:1"}));
+    }
+}

@@ -1,0 +1,25 @@
+//! Schema pieces that derive cannot express: structural-schema extensions of Kubernetes.
+
+use schemars::{Schema, SchemaGenerator, json_schema};
+
+/// An object whose content the API server keeps as it is (no pruning, no validation).
+pub(crate) fn opaque_object(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}
+
+/// A set of namespace names (RFC 1123 labels).
+pub(crate) fn dns_label_list(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "array",
+        "x-kubernetes-list-type": "set",
+        "items": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 63,
+            "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        },
+    })
+}
