@@ -1,19 +1,85 @@
-//! `gkm`: the operator's command line.
+//! `gkm`: the operator's command line. Parsing only; the work is in `gkm::cli`.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use gkm::cli::{self, RegistryOptions};
+use gkm::gpu::Inventory;
 
 #[derive(Parser)]
 #[command(name = "gkm", version, about = "GPU Kernel Manager")]
 struct Cli {
+    /// Log filter (e.g. `debug`, `gkm=trace`); logs go to stderr.
+    #[arg(long, global = true, env = "GKM_LOG", default_value = "warn")]
+    log: String,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Args, Clone)]
+struct RegistryArgs {
+    /// A registry (`host[:port]`) to talk to over plain HTTP. Repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    insecure: Vec<String>,
+    /// Registry credentials: a docker config file (`{"auths": {...}}`).
+    #[arg(long = "registry-auth", value_name = "FILE")]
+    auth_file: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct GpuArgs {
+    /// A simulated GPU inventory (YAML or JSON) instead of the real devices.
+    #[arg(long = "gpus-file", value_name = "FILE")]
+    simulated: Option<PathBuf>,
+    /// Root of sysfs, where the AMD KFD topology is read.
+    #[arg(long, value_name = "DIR", default_value = gkm::gpu::DEFAULT_SYSFS_ROOT)]
+    sysfs_root: PathBuf,
+    /// Path of libnvidia-ml (default: the dynamic loader's libnvidia-ml.so.1).
+    #[arg(long, value_name = "FILE")]
+    nvml_library: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// List this node's GPUs (NVIDIA through NVML, AMD through KFD sysfs, or simulated).
+    Gpus {
+        #[command(flatten)]
+        gpu: GpuArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image's labels, GPU targets and size, and whether this node's GPUs match.
+    Inspect {
+        /// Image reference, by tag or digest.
+        image: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[command(flatten)]
+        gpu: GpuArgs,
+        /// Print JSON instead of a report.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pull an image by digest and extract it into a store, as the node agent does.
+    Pull {
+        /// Image reference pinned by digest: REPO@sha256:<hex>.
+        image: String,
+        /// The store's root folder.
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/gkm")]
+        store: PathBuf,
+        /// Skip flushing the filesystem before the tree becomes visible.
+        #[arg(long)]
+        no_sync: bool,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Remove every extracted image of a store that no volume uses.
+    Gc {
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/gkm")]
+        store: PathBuf,
+    },
     /// Print GKM's CustomResourceDefinitions as YAML, or write them into a folder.
     Crds {
         /// Write one file per CRD into this folder instead of printing.
@@ -22,10 +88,66 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
-        Command::Crds { write } => crds(write),
+impl From<RegistryArgs> for RegistryOptions {
+    fn from(a: RegistryArgs) -> Self {
+        RegistryOptions {
+            insecure: a.insecure,
+            auth_file: a.auth_file,
+        }
     }
+}
+
+impl From<GpuArgs> for Inventory {
+    fn from(a: GpuArgs) -> Self {
+        Inventory {
+            nvml_library: a.nvml_library,
+            sysfs_root: a.sysfs_root,
+            simulated_file: a.simulated,
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Gpus { gpu, json } => print!("{}", cli::gpus(&gpu.into(), json)?),
+        Command::Inspect {
+            image,
+            registry,
+            gpu,
+            json,
+        } => {
+            let report = cli::inspect(&image, &registry.into(), &gpu.into()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+        }
+        Command::Pull {
+            image,
+            store,
+            no_sync,
+            registry,
+        } => {
+            print!(
+                "{}",
+                cli::pull(&image, store, !no_sync, &registry.into()).await?
+            )
+        }
+        Command::Gc { store } => {
+            for d in cli::gc(store).await? {
+                println!("removed {d}");
+            }
+        }
+        Command::Crds { write } => crds(write)?,
+    }
+    Ok(())
 }
 
 fn crds(write: Option<PathBuf>) -> Result<()> {

@@ -15,6 +15,7 @@
 
 pub mod cluster;
 pub mod cosign;
+pub mod faulty;
 pub mod image;
 mod pki;
 pub mod process;

@@ -1,0 +1,226 @@
+//! What the `gkm` commands do. `src/bin/gkm.rs` only parses arguments and calls these.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use crate::api::GpuInfo;
+use crate::gpu::{self, Inventory, Summary, Verdict};
+use crate::oci::{self, Credentials, ImageInfo, PinnedRef, PullConfig, Puller};
+use crate::store::{Store, StoreConfig};
+
+/// Registry access options shared by the commands that pull.
+#[derive(Clone, Debug, Default)]
+pub struct RegistryOptions {
+    /// Registries spoken to over plain HTTP.
+    pub insecure: Vec<String>,
+    /// A docker-config-style credentials file.
+    pub auth_file: Option<PathBuf>,
+}
+
+impl RegistryOptions {
+    pub fn puller(&self) -> Result<Puller> {
+        let creds = match &self.auth_file {
+            Some(f) => Credentials::from_file(f)?,
+            None => Credentials::anonymous(),
+        };
+        Ok(Puller::new(
+            PullConfig {
+                insecure_registries: self.insecure.clone(),
+                ..Default::default()
+            },
+            creds,
+        ))
+    }
+}
+
+/// `gkm gpus`: this node's GPUs as a table (or JSON).
+pub fn gpus(inventory: &Inventory, json: bool) -> Result<String> {
+    let gpus = inventory.discover().context("discovering GPUs")?;
+    if json {
+        return Ok(serde_json::to_string_pretty(&gpus)? + "\n");
+    }
+    Ok(gpu::render_table(&gpus))
+}
+
+/// What `gkm inspect` found.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Inspection {
+    pub image: String,
+    pub info: ImageInfo,
+    pub kind: Option<String>,
+    pub targets: Vec<String>,
+    pub gpus: Vec<GpuInfo>,
+    pub compatible: Vec<String>,
+    pub incompatible: Vec<String>,
+    pub reasons: Vec<String>,
+}
+
+/// `gkm inspect IMAGE`: labels, targets, size, and compatibility with this node's GPUs. A
+/// tag is resolved to its digest first (this is a workstation command; nodes never do).
+pub async fn inspect(
+    image: &str,
+    registry: &RegistryOptions,
+    inventory: &Inventory,
+) -> Result<Inspection> {
+    let reference = oci::parse_reference(image)?;
+    let puller = registry.puller()?;
+    let pinned = puller.resolve_tag(&reference).await?;
+    let info = puller.resolve(&pinned).await?;
+    let inv = inventory.clone();
+    let gpus = tokio::task::spawn_blocking(move || inv.discover())
+        .await?
+        .context("discovering GPUs")?;
+    let mut out = Inspection {
+        image: pinned.to_string(),
+        kind: None,
+        targets: Vec::new(),
+        gpus,
+        compatible: Vec::new(),
+        incompatible: Vec::new(),
+        reasons: Vec::new(),
+        info,
+    };
+    if let Some((kind, label)) = out.info.summary_label() {
+        out.kind = Some(kind.to_string());
+        let summary =
+            Summary::parse(label).with_context(|| format!("label cache.{kind}.image/summary"))?;
+        out.targets = summary.targets.iter().map(|t| t.to_string()).collect();
+        match summary.check(&out.gpus) {
+            Verdict::NoGpuClaim => {}
+            Verdict::Checked(c) => {
+                out.compatible = c.compatible;
+                out.incompatible = c.incompatible;
+                out.reasons = c.reasons;
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Inspection {
+    /// The human-readable report.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let _ = writeln!(s, "Image:     {}", self.image);
+        if self.info.manifest_digest != self.info.digest {
+            let _ = writeln!(
+                s,
+                "Manifest:  {} (this platform)",
+                self.info.manifest_digest
+            );
+        }
+        let _ = writeln!(
+            s,
+            "Layers:    {} ({:.1} MiB compressed)",
+            self.info.layers.len(),
+            mib(self.info.compressed_size())
+        );
+        match &self.kind {
+            Some(kind) => {
+                let label = |k: &str| {
+                    self.info
+                        .labels
+                        .get(&format!("cache.{kind}.image/{k}"))
+                        .map(String::as_str)
+                        .unwrap_or("?")
+                };
+                let _ = writeln!(
+                    s,
+                    "Cache:     {kind} ({} entries, {} bytes)",
+                    label("entry-count"),
+                    label("cache-size-bytes")
+                );
+                let _ = writeln!(
+                    s,
+                    "Targets:   {}",
+                    if self.targets.is_empty() {
+                        "none (no GPU claim)".to_string()
+                    } else {
+                        self.targets.join(", ")
+                    }
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    s,
+                    "Cache:     not a kernel-cache image (no cache.*.image/summary label)"
+                );
+            }
+        }
+        if !self.info.labels.is_empty() {
+            let _ = writeln!(s, "Labels:");
+            for (k, v) in &self.info.labels {
+                let _ = writeln!(s, "  {k}={v}");
+            }
+        }
+        let _ = writeln!(s, "This node's GPUs: {}", self.gpus.len());
+        for g in &self.gpus {
+            let verdict = if self.compatible.contains(&g.uuid) {
+                "compatible".to_string()
+            } else if self.incompatible.contains(&g.uuid) {
+                "incompatible".to_string()
+            } else {
+                "no claim to check".to_string()
+            };
+            let _ = writeln!(
+                s,
+                "  {} {} ({} {}): {verdict}",
+                g.index,
+                g.uuid,
+                gpu::backend_name(g.backend),
+                g.arch
+            );
+        }
+        for r in &self.reasons {
+            let _ = writeln!(s, "  - {r}");
+        }
+        s
+    }
+}
+
+/// `gkm pull IMAGE@DIGEST --store DIR`: pull and extract into a store, as the agent does.
+pub async fn pull(
+    image: &str,
+    store_dir: PathBuf,
+    sync: bool,
+    registry: &RegistryOptions,
+) -> Result<String> {
+    let pinned = PinnedRef::parse(image)?;
+    let puller = registry.puller()?;
+    let store = Store::open(StoreConfig {
+        root: store_dir,
+        sync,
+        ..Default::default()
+    })?;
+    let start = Instant::now();
+    let e = store.ensure(&pinned, &puller).await?;
+    let secs = start.elapsed().as_secs_f64();
+    let mut s = String::new();
+    let _ = writeln!(s, "digest:       {}", e.digest);
+    let _ = writeln!(s, "stored at:    {}", e.dir.display());
+    let _ = writeln!(s, "pods see:     {}", e.mount_source().display());
+    let _ = writeln!(
+        s,
+        "files:        {} ({} bytes)",
+        e.meta.files, e.meta.size_bytes
+    );
+    let _ = writeln!(s, "seconds:      {secs:.3}");
+    Ok(s)
+}
+
+/// `gkm gc --store DIR`: collect every digest no volume uses (no grace period: an operator
+/// asked for it).
+pub async fn gc(store_dir: PathBuf) -> Result<Vec<String>> {
+    let store = Store::open(StoreConfig {
+        root: store_dir,
+        gc_grace: std::time::Duration::ZERO,
+        ..Default::default()
+    })?;
+    Ok(store.gc(&HashSet::new()).await?)
+}

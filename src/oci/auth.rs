@@ -1,0 +1,161 @@
+//! Registry credentials from a docker-config-style file (`{"auths": {host: {...}}}`), the
+//! format of a `kubernetes.io/dockerconfigjson` Secret.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use base64::Engine;
+use oci_client::secrets::RegistryAuth;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("reading registry credentials {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("registry credentials {path} are not a docker config file: {reason}")]
+    Parse { path: String, reason: String },
+}
+
+#[derive(Deserialize, Default)]
+struct DockerConfig {
+    #[serde(default)]
+    auths: BTreeMap<String, AuthEntry>,
+}
+
+#[derive(Deserialize, Default)]
+struct AuthEntry {
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    identitytoken: Option<String>,
+    #[serde(default)]
+    registrytoken: Option<String>,
+}
+
+/// Credentials per registry host. Hosts without an entry are pulled anonymously.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    by_host: BTreeMap<String, RegistryAuth>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print secrets.
+        f.debug_struct("Credentials")
+            .field("hosts", &self.by_host.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Credentials {
+    pub fn anonymous() -> Self {
+        Self::default()
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, AuthError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_json(&text).map_err(|reason| AuthError::Parse {
+            path: path.display().to_string(),
+            reason,
+        })
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let cfg: DockerConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let mut by_host = BTreeMap::new();
+        for (key, entry) in cfg.auths {
+            let host = normalise_host(&key);
+            let auth = if let Some(token) = entry.registrytoken {
+                RegistryAuth::Bearer(token)
+            } else if let (Some(u), Some(p)) = (&entry.username, &entry.password) {
+                RegistryAuth::Basic(u.clone(), p.clone())
+            } else if let Some(encoded) = &entry.auth {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(encoded.trim())
+                    .map_err(|e| format!("auths[{key:?}].auth is not base64: {e}"))?;
+                let raw = String::from_utf8(raw)
+                    .map_err(|_| format!("auths[{key:?}].auth is not UTF-8"))?;
+                let (u, p) = raw
+                    .split_once(':')
+                    .ok_or_else(|| format!("auths[{key:?}].auth is not base64 of user:password"))?;
+                RegistryAuth::Basic(u.to_string(), p.to_string())
+            } else if let Some(token) = entry.identitytoken {
+                // An identity token is a refresh token for the registry's token endpoint.
+                RegistryAuth::Basic("<token>".into(), token)
+            } else {
+                return Err(format!(
+                    "auths[{key:?}] has no auth, username/password or token"
+                ));
+            };
+            by_host.insert(host, auth);
+        }
+        Ok(Self { by_host })
+    }
+
+    /// The credentials for `registry` (`host[:port]`).
+    pub fn for_registry(&self, registry: &str) -> RegistryAuth {
+        let host = normalise_host(registry);
+        self.by_host
+            .get(&host)
+            .cloned()
+            .unwrap_or(RegistryAuth::Anonymous)
+    }
+}
+
+/// `https://index.docker.io/v1/` → `index.docker.io`; `quay.io/` → `quay.io`.
+fn normalise_host(key: &str) -> String {
+    let k = key.trim();
+    let k = k
+        .strip_prefix("https://")
+        .or_else(|| k.strip_prefix("http://"))
+        .unwrap_or(k);
+    let host = k.split('/').next().unwrap_or(k);
+    match host {
+        "docker.io" | "registry-1.docker.io" => "index.docker.io".to_string(),
+        h => h.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_every_form_of_docker_config_entry() {
+        let json = r#"{"auths": {
+            "https://index.docker.io/v1/": {"auth": "dXNlcjpwYXNz"},
+            "quay.io": {"username": "robot", "password": "s3cret"},
+            "127.0.0.1:5000": {"registrytoken": "tok"}
+        }}"#;
+        let c = Credentials::from_json(json).unwrap();
+        assert!(
+            matches!(c.for_registry("docker.io"), RegistryAuth::Basic(u, p) if u == "user" && p == "pass")
+        );
+        assert!(matches!(c.for_registry("quay.io"), RegistryAuth::Basic(u, _) if u == "robot"));
+        assert!(matches!(c.for_registry("127.0.0.1:5000"), RegistryAuth::Bearer(t) if t == "tok"));
+        assert!(matches!(c.for_registry("ghcr.io"), RegistryAuth::Anonymous));
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "Debug never shows secrets"
+        );
+    }
+
+    #[test]
+    fn bad_entries_say_which_host() {
+        let err = Credentials::from_json(r#"{"auths": {"quay.io": {"auth": "bm9jb2xvbg=="}}}"#)
+            .unwrap_err();
+        assert!(err.contains("quay.io"), "{err}");
+        let err = Credentials::from_json(r#"{"auths": {"r.io": {}}}"#).unwrap_err();
+        assert!(err.contains("r.io"), "{err}");
+    }
+}

@@ -1,0 +1,576 @@
+//! Digest-pinned pulls: manifest (selecting this node's platform from an index), config
+//! labels, and layers streamed straight into the extractor.
+//!
+//! Memory stays bounded whatever the image size: each layer flows through a small channel
+//! from the network task to a blocking extraction thread, hashed on the way. A layer whose
+//! bytes do not hash to its descriptor fails the pull after the last byte; the caller
+//! extracts into a temporary directory and discards it, so nothing of it becomes visible.
+
+use std::io::{self, Read};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use futures::StreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::manifest::OciDescriptor;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::extract::{Compression, ExtractError, Extractor, Limits, Totals};
+use super::image::{self, Descriptor, ImageInfo, RawConfig, RawManifest};
+use super::{Credentials, PinnedRef, RefError};
+
+/// How a node talks to registries.
+#[derive(Clone, Debug)]
+pub struct PullConfig {
+    /// Registries (`host[:port]`) spoken to over plain HTTP; all others use HTTPS.
+    pub insecure_registries: Vec<String>,
+    pub connect_timeout: Duration,
+    /// Longest wait for any single read, including between chunks of a blob.
+    pub read_timeout: Duration,
+    /// Attempts for each manifest/config fetch (and for a whole pull, by the store).
+    pub attempts: u32,
+    /// First backoff between attempts; doubles each time.
+    pub backoff: Duration,
+    /// The platform picked from an index (`linux`/`amd64` on x86-64).
+    pub os: String,
+    pub architecture: String,
+    /// Largest config blob accepted.
+    pub max_config_bytes: u64,
+}
+
+impl Default for PullConfig {
+    fn default() -> Self {
+        Self {
+            insecure_registries: Vec::new(),
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+            attempts: 3,
+            backoff: Duration::from_millis(500),
+            os: "linux".into(),
+            architecture: go_arch().into(),
+            max_config_bytes: 4 << 20,
+        }
+    }
+}
+
+/// This machine's architecture as OCI platforms name it.
+pub fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error(transparent)]
+    Ref(#[from] RefError),
+    #[error("registry error for {image}: {source}")]
+    Registry {
+        image: String,
+        #[source]
+        source: OciDistributionError,
+    },
+    #[error("{what} of {image}: expected {expected}, got {actual}")]
+    DigestMismatch {
+        image: String,
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{what} of {image} is {actual} bytes, but its descriptor says {expected}")]
+    SizeMismatch {
+        image: String,
+        what: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{image} is an index without a manifest for {os}/{architecture} (it has: {available})")]
+    NoPlatform {
+        image: String,
+        os: String,
+        architecture: String,
+        available: String,
+    },
+    #[error("{image}: bad manifest: {reason}")]
+    BadManifest { image: String, reason: String },
+    #[error("{image}: layer {digest} has media type {media_type:?}, which GKM does not extract")]
+    UnsupportedLayer {
+        image: String,
+        digest: String,
+        media_type: String,
+    },
+    #[error("{image}: {source}")]
+    Extract {
+        image: String,
+        #[source]
+        source: ExtractError,
+    },
+    #[error("{image}: timed out after {after:?} {what}")]
+    Timeout {
+        image: String,
+        what: String,
+        after: Duration,
+    },
+    #[error("{image}: extraction task failed: {reason}")]
+    Task { image: String, reason: String },
+}
+
+impl PullError {
+    /// Whether trying again may help (network trouble, server errors), as opposed to an
+    /// answer that will not change (not found, denied, bad content).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            PullError::Registry { source, .. } => match source {
+                OciDistributionError::RequestError(_) | OciDistributionError::IoError(_) => true,
+                OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429,
+                _ => false,
+            },
+            PullError::Timeout { .. } => true,
+            PullError::Extract { source, .. } => {
+                // The stream broke (the network side tells the extractor through an io error).
+                matches!(source, ExtractError::Corrupt { source, .. } if source.kind() == io::ErrorKind::ConnectionAborted)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Pulls images by digest. Cheap to clone; one per node is enough.
+#[derive(Clone)]
+pub struct Puller {
+    client: Arc<oci_client::Client>,
+    creds: Credentials,
+    cfg: PullConfig,
+}
+
+impl Puller {
+    pub fn new(cfg: PullConfig, creds: Credentials) -> Self {
+        let client = oci_client::Client::new(ClientConfig {
+            protocol: if cfg.insecure_registries.is_empty() {
+                ClientProtocol::Https
+            } else {
+                ClientProtocol::HttpsExcept(cfg.insecure_registries.clone())
+            },
+            connect_timeout: Some(cfg.connect_timeout),
+            read_timeout: Some(cfg.read_timeout),
+            ..Default::default()
+        });
+        Self {
+            client: Arc::new(client),
+            creds,
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &PullConfig {
+        &self.cfg
+    }
+
+    /// Resolves a tag to the digest the registry serves for it now.
+    ///
+    /// For workstations and the admission webhook only: a node never resolves a tag, it
+    /// pulls the digest that admission verified.
+    pub async fn resolve_tag(
+        &self,
+        reference: &oci_client::Reference,
+    ) -> Result<PinnedRef, PullError> {
+        if let Some(d) = reference.digest() {
+            return Ok(PinnedRef::new(reference, d)?);
+        }
+        let auth = self.creds.for_registry(reference.registry());
+        let fetch = self.client.fetch_manifest_digest(reference, &auth);
+        let digest = tokio::time::timeout(self.total_timeout(), fetch)
+            .await
+            .map_err(|_| PullError::Timeout {
+                image: reference.whole(),
+                what: "resolving the tag".into(),
+                after: self.total_timeout(),
+            })?
+            .map_err(|source| PullError::Registry {
+                image: reference.whole(),
+                source,
+            })?;
+        Ok(PinnedRef::new(reference, &digest)?)
+    }
+
+    /// Fetches the manifest of `image` (picking this node's platform from an index) and its
+    /// config, each checked against its digest.
+    pub async fn resolve(&self, image: &PinnedRef) -> Result<ImageInfo, PullError> {
+        let span = info_span!("resolve", image = %image);
+        async {
+            let top = self
+                .retry("manifest", image, || self.fetch_manifest(image))
+                .await?;
+            let (manifest_ref, manifest) = if let Some(list) = top.manifests {
+                let chosen = self.pick_platform(image, &list)?;
+                let r = image.at(&chosen.digest)?;
+                let m = self
+                    .retry("platform manifest", &r, || self.fetch_manifest(&r))
+                    .await?;
+                (r, m)
+            } else {
+                (image.clone(), top)
+            };
+            let bad = |reason: &str| PullError::BadManifest {
+                image: manifest_ref.to_string(),
+                reason: reason.to_string(),
+            };
+            let config = manifest.config.ok_or_else(|| bad("no config descriptor"))?;
+            let layers = manifest.layers.ok_or_else(|| bad("no layers"))?;
+            for l in &layers {
+                if image::layer_compression(&l.media_type).is_none() {
+                    return Err(PullError::UnsupportedLayer {
+                        image: manifest_ref.to_string(),
+                        digest: l.digest.clone(),
+                        media_type: l.media_type.clone(),
+                    });
+                }
+            }
+            let labels = self
+                .retry("config", &manifest_ref, || {
+                    self.fetch_config(&manifest_ref, &config)
+                })
+                .await?;
+            Ok(ImageInfo {
+                repository: format!("{}/{}", image.registry(), image.repository()),
+                digest: image.digest().to_string(),
+                manifest_digest: manifest_ref.digest().to_string(),
+                layers,
+                labels,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Streams every layer of `info` into `dest` (an existing, empty directory).
+    pub async fn extract_into(
+        &self,
+        image: &PinnedRef,
+        info: &ImageInfo,
+        dest: &Path,
+        limits: Limits,
+    ) -> Result<Totals, PullError> {
+        let name = image.to_string();
+        let dest = dest.to_path_buf();
+        let task_err = |reason: String| PullError::Task {
+            image: name.clone(),
+            reason,
+        };
+        let shown = dest.display().to_string();
+        let mut extractor = tokio::task::spawn_blocking(move || Extractor::new(&dest, limits))
+            .await
+            .map_err(|e| task_err(e.to_string()))?
+            .map_err(|e| task_err(format!("opening {shown}: {e}")))?;
+        for layer in &info.layers {
+            let compression = image::layer_compression(&layer.media_type).ok_or_else(|| {
+                PullError::UnsupportedLayer {
+                    image: name.clone(),
+                    digest: layer.digest.clone(),
+                    media_type: layer.media_type.clone(),
+                }
+            })?;
+            let span = info_span!("layer", digest = %layer.digest, size = layer.size);
+            extractor = self
+                .stream_layer(image, layer, compression, extractor)
+                .instrument(span)
+                .await?;
+        }
+        tokio::task::spawn_blocking(move || extractor.finish())
+            .await
+            .map_err(|e| task_err(e.to_string()))?
+            .map_err(|source| PullError::Extract {
+                image: name.clone(),
+                source,
+            })
+    }
+
+    async fn stream_layer(
+        &self,
+        image: &PinnedRef,
+        layer: &Descriptor,
+        compression: Compression,
+        mut extractor: Extractor,
+    ) -> Result<Extractor, PullError> {
+        let name = image.to_string();
+        let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(64);
+        let layer_name = layer.digest.clone();
+        let consumer = tokio::task::spawn_blocking(move || {
+            let r = extractor.apply_layer(
+                ChannelReader {
+                    rx,
+                    cur: Bytes::new(),
+                },
+                compression,
+                &layer_name,
+            );
+            (extractor, r)
+        });
+
+        let produced = self.produce(image, layer, &tx).await;
+        if let Err(e) = &produced {
+            // Stop the extractor; the blob is not what it claims to be.
+            let _ = tx
+                .send(Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    e.to_string(),
+                )))
+                .await;
+        }
+        drop(tx);
+        let (extractor, consumed) = consumer.await.map_err(|e| PullError::Task {
+            image: name.clone(),
+            reason: e.to_string(),
+        })?;
+        // The network side's error is the cause when both failed.
+        produced?;
+        consumed.map_err(|source| PullError::Extract {
+            image: name,
+            source,
+        })?;
+        Ok(extractor)
+    }
+
+    /// Sends the blob's bytes to the extractor, hashing them; checks size and digest.
+    async fn produce(
+        &self,
+        image: &PinnedRef,
+        layer: &Descriptor,
+        tx: &mpsc::Sender<io::Result<Bytes>>,
+    ) -> Result<(), PullError> {
+        let name = image.to_string();
+        let what = format!("layer {}", layer.digest);
+        let desc = oci_descriptor(layer);
+        let mut stream = self
+            .client
+            .pull_blob_stream(image.as_reference(), &desc)
+            .await
+            .map_err(|source| PullError::Registry {
+                image: name.clone(),
+                source,
+            })?;
+        let mut hasher = Sha256::new();
+        let mut size: u64 = 0;
+        let mut stream_err = None;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(bytes) => {
+                    size += bytes.len() as u64;
+                    if size > layer.size {
+                        return Err(PullError::SizeMismatch {
+                            image: name,
+                            what,
+                            expected: layer.size,
+                            actual: size,
+                        });
+                    }
+                    hasher.update(&bytes);
+                    if tx.send(Ok(bytes)).await.is_err() {
+                        // The extractor stopped early; its error explains why.
+                        return Ok(());
+                    }
+                }
+                Err(e) => {
+                    stream_err = Some(e);
+                    break;
+                }
+            }
+        }
+        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if size == layer.size && actual != layer.digest {
+            return Err(PullError::DigestMismatch {
+                image: name,
+                what,
+                expected: layer.digest.clone(),
+                actual,
+            });
+        }
+        if let Some(e) = stream_err {
+            return Err(PullError::Registry {
+                image: name,
+                source: OciDistributionError::IoError(e),
+            });
+        }
+        if size != layer.size {
+            return Err(PullError::SizeMismatch {
+                image: name,
+                what,
+                expected: layer.size,
+                actual: size,
+            });
+        }
+        debug!(bytes = size, "layer streamed");
+        Ok(())
+    }
+
+    async fn fetch_manifest(&self, r: &PinnedRef) -> Result<RawManifest, PullError> {
+        let auth = self.creds.for_registry(r.registry());
+        let fetch =
+            self.client
+                .pull_manifest_raw(r.as_reference(), &auth, image::ACCEPTED_MANIFESTS);
+        let (body, _) = tokio::time::timeout(self.total_timeout(), fetch)
+            .await
+            .map_err(|_| PullError::Timeout {
+                image: r.to_string(),
+                what: "fetching the manifest".into(),
+                after: self.total_timeout(),
+            })?
+            .map_err(|source| PullError::Registry {
+                image: r.to_string(),
+                source,
+            })?;
+        let actual = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
+        if actual != r.digest() {
+            return Err(PullError::DigestMismatch {
+                image: r.to_string(),
+                what: "manifest".into(),
+                expected: r.digest().to_string(),
+                actual,
+            });
+        }
+        serde_json::from_slice(&body).map_err(|e| PullError::BadManifest {
+            image: r.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    async fn fetch_config(
+        &self,
+        r: &PinnedRef,
+        desc: &Descriptor,
+    ) -> Result<std::collections::BTreeMap<String, String>, PullError> {
+        if desc.size > self.cfg.max_config_bytes {
+            return Err(PullError::BadManifest {
+                image: r.to_string(),
+                reason: format!(
+                    "config is {} bytes, over the limit of {}",
+                    desc.size, self.cfg.max_config_bytes
+                ),
+            });
+        }
+        let mut buf = Vec::with_capacity(desc.size as usize);
+        let oci_desc = oci_descriptor(desc);
+        let fetch = self.client.pull_blob(r.as_reference(), &oci_desc, &mut buf);
+        tokio::time::timeout(self.total_timeout(), fetch)
+            .await
+            .map_err(|_| PullError::Timeout {
+                image: r.to_string(),
+                what: "fetching the config".into(),
+                after: self.total_timeout(),
+            })?
+            .map_err(|source| PullError::Registry {
+                image: r.to_string(),
+                source,
+            })?;
+        let actual = format!("sha256:{}", hex::encode(Sha256::digest(&buf)));
+        if actual != desc.digest {
+            return Err(PullError::DigestMismatch {
+                image: r.to_string(),
+                what: "config".into(),
+                expected: desc.digest.clone(),
+                actual,
+            });
+        }
+        let cfg: RawConfig = serde_json::from_slice(&buf).map_err(|e| PullError::BadManifest {
+            image: r.to_string(),
+            reason: format!("config is not JSON: {e}"),
+        })?;
+        Ok(cfg.config.and_then(|c| c.labels).unwrap_or_default())
+    }
+
+    fn pick_platform<'a>(
+        &self,
+        image: &PinnedRef,
+        list: &'a [Descriptor],
+    ) -> Result<&'a Descriptor, PullError> {
+        list.iter()
+            .find(|d| {
+                d.platform
+                    .as_ref()
+                    .is_some_and(|p| p.os == self.cfg.os && p.architecture == self.cfg.architecture)
+            })
+            .ok_or_else(|| PullError::NoPlatform {
+                image: image.to_string(),
+                os: self.cfg.os.clone(),
+                architecture: self.cfg.architecture.clone(),
+                available: list
+                    .iter()
+                    .filter_map(|d| {
+                        d.platform
+                            .as_ref()
+                            .map(|p| format!("{}/{}", p.os, p.architecture))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    fn total_timeout(&self) -> Duration {
+        self.cfg.connect_timeout + self.cfg.read_timeout * 2
+    }
+
+    async fn retry<T, F, Fut>(
+        &self,
+        what: &str,
+        image: &PinnedRef,
+        mut f: F,
+    ) -> Result<T, PullError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, PullError>>,
+    {
+        let mut delay = self.cfg.backoff;
+        let mut attempt = 1;
+        loop {
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_retryable() && attempt < self.cfg.attempts => {
+                    warn!(%image, what, attempt, error = %e, "retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn oci_descriptor(d: &Descriptor) -> OciDescriptor {
+    OciDescriptor {
+        media_type: d.media_type.clone(),
+        digest: d.digest.clone(),
+        size: d.size as i64,
+        ..Default::default()
+    }
+}
+
+/// A blocking `Read` over the chunks the network task sends.
+struct ChannelReader {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    cur: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        self.cur.advance(n);
+        Ok(n)
+    }
+}

@@ -1,0 +1,726 @@
+//! The node's content-addressed store: one extracted tree per image digest, the durable
+//! records of the volumes that use them, reference counts, and garbage collection.
+//!
+//! Layout under the root (default `/var/lib/gkm`):
+//! - `store/sha256/<hex>/rootfs/`: the extracted image, shared by every cache, namespace and
+//!   pod that uses that digest; `store/sha256/<hex>/meta.json`: what was extracted.
+//! - `store/tmp/`: extractions in progress and trees being deleted. A tree becomes visible
+//!   only complete, by one rename from here; whatever is left here at start is removed.
+//! - `volumes/<volume id>.json`: one record per published volume, written atomically
+//!   (write, fsync, rename, fsync the folder), so a restarted agent knows every mount.
+//! - `lock`: held (flock) by the one agent that owns this root.
+//!
+//! Garbage collection removes a digest only when no volume references it, no cache on this
+//! node wants it, and both have been true for a grace period, so swapping an image back
+//! and forth does not thrash.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::oci::{CacheLayout, ImageInfo, Limits, PinnedRef, PullError, Puller, Totals};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("store {0} is in use by another process (its lock is held)")]
+    Locked(PathBuf),
+    #[error("volume record {path} is unreadable: {reason}")]
+    BadRecord { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Pull(#[from] PullError),
+    #[error("{0}: not a sha256 digest")]
+    BadDigest(String),
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where the store lives and how it behaves.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub root: PathBuf,
+    pub limits: Limits,
+    /// How long a digest must stay unused and unwanted before GC removes it.
+    pub gc_grace: Duration,
+    /// Flush the filesystem before a tree becomes visible, so a power loss cannot leave a
+    /// visible tree with missing data.
+    pub sync: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("/var/lib/gkm"),
+            limits: Limits::default(),
+            gc_grace: Duration::from_secs(600),
+            sync: true,
+        }
+    }
+}
+
+/// An extracted image in the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Extracted {
+    pub digest: String,
+    /// `store/sha256/<hex>`.
+    pub dir: PathBuf,
+    pub meta: Meta,
+}
+
+impl Extracted {
+    /// The extracted image root.
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs")
+    }
+
+    /// What a pod sees: the cache tree of an MCV image, else the image root.
+    pub fn mount_source(&self) -> PathBuf {
+        match self.meta.layout.subdir() {
+            Some(sub) => self.rootfs().join(sub),
+            None => self.rootfs(),
+        }
+    }
+}
+
+/// `meta.json` of an extracted digest.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Meta {
+    pub image: ImageInfo,
+    pub layout: CacheLayout,
+    pub files: u64,
+    pub size_bytes: u64,
+    pub entries: u64,
+}
+
+/// Who uses a published volume: written before the mount, removed after the unmount.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeRecord {
+    pub volume_id: String,
+    pub target_path: PathBuf,
+    pub digest: String,
+    /// `GKMCache` or `ClusterGKMCache`.
+    pub cache_kind: String,
+    /// Empty for a ClusterGKMCache.
+    pub cache_namespace: String,
+    pub cache_name: String,
+    pub pod_namespace: String,
+    pub pod_name: String,
+    pub pod_uid: String,
+}
+
+#[derive(Default)]
+struct State {
+    volumes: BTreeMap<String, VolumeRecord>,
+    /// When each unreferenced, unwanted digest was first seen so.
+    idle_since: HashMap<String, Instant>,
+}
+
+/// The store of one node. Share it behind an `Arc`.
+pub struct Store {
+    cfg: StoreConfig,
+    _lock: OwnedFd,
+    state: Mutex<State>,
+    /// One lock per digest: extraction and GC of a digest never overlap, and concurrent
+    /// requests for one digest extract it once.
+    digest_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Store {
+    /// Opens (creating) the store at `cfg.root`: takes its lock, removes leftovers of
+    /// interrupted extractions and deletions, and loads the volume records.
+    pub fn open(cfg: StoreConfig) -> Result<Self> {
+        let root = cfg.root.clone();
+        for dir in [
+            root.join("store/sha256"),
+            root.join("store/tmp"),
+            root.join("volumes"),
+        ] {
+            fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        }
+        let lock_path = root.join("lock");
+        let lock = rustix::fs::open(
+            &lock_path,
+            rustix::fs::OFlags::CREATE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| StoreError::Io {
+            op: "opening",
+            path: lock_path.clone(),
+            source: e.into(),
+        })?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .map_err(|_| StoreError::Locked(root.clone()))?;
+
+        let tmp = root.join("store/tmp");
+        for entry in fs::read_dir(&tmp)
+            .map_err(io_err("listing", &tmp))?
+            .flatten()
+        {
+            warn!(path = %entry.path().display(), "removing leftover of an interrupted extraction or deletion");
+            remove_tree(&entry.path())?;
+        }
+
+        let mut state = State::default();
+        let vdir = root.join("volumes");
+        for entry in fs::read_dir(&vdir)
+            .map_err(io_err("listing", &vdir))?
+            .flatten()
+        {
+            let path = entry.path();
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".tmp-") {
+                let _ = fs::remove_file(&path); // an interrupted record write
+                continue;
+            }
+            if !name.ends_with(".json") {
+                continue;
+            }
+            let text = fs::read_to_string(&path).map_err(io_err("reading", &path))?;
+            let rec: VolumeRecord =
+                serde_json::from_str(&text).map_err(|e| StoreError::BadRecord {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            state.volumes.insert(rec.volume_id.clone(), rec);
+        }
+        info!(root = %root.display(), volumes = state.volumes.len(), "store opened");
+        Ok(Self {
+            cfg,
+            _lock: lock,
+            state: Mutex::new(state),
+            digest_locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.cfg.root
+    }
+
+    fn digest_dir(&self, digest: &str) -> Result<PathBuf> {
+        let hex = crate::oci::sha256_hex(digest)
+            .ok_or_else(|| StoreError::BadDigest(digest.to_string()))?;
+        Ok(self.cfg.root.join("store/sha256").join(hex))
+    }
+
+    fn digest_lock(&self, digest: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.digest_locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(digest.to_string()).or_default().clone()
+    }
+
+    /// The extracted image for `digest`, if the store has it.
+    pub fn get(&self, digest: &str) -> Result<Option<Extracted>> {
+        let dir = self.digest_dir(digest)?;
+        let meta_path = dir.join("meta.json");
+        let text = match fs::read_to_string(&meta_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("reading", &meta_path)(e)),
+        };
+        let meta: Meta = serde_json::from_str(&text).map_err(|e| StoreError::BadRecord {
+            path: meta_path,
+            reason: e.to_string(),
+        })?;
+        Ok(Some(Extracted {
+            digest: digest.to_string(),
+            dir,
+            meta,
+        }))
+    }
+
+    /// Every digest the store holds.
+    pub fn digests(&self) -> Result<Vec<String>> {
+        let dir = self.cfg.root.join("store/sha256");
+        let mut out: Vec<String> = fs::read_dir(&dir)
+            .map_err(io_err("listing", &dir))?
+            .flatten()
+            .map(|e| format!("sha256:{}", e.file_name().to_string_lossy()))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Returns the extracted image, pulling and extracting it first if needed. Concurrent
+    /// calls for one digest extract it once; the others wait for that extraction.
+    pub async fn ensure(&self, image: &PinnedRef, puller: &Puller) -> Result<Extracted> {
+        let digest = image.digest().to_string();
+        self.touch(&digest);
+        if let Some(e) = self.get(&digest)? {
+            return Ok(e);
+        }
+        let lock = self.digest_lock(&digest);
+        let _guard = lock.lock().await;
+        if let Some(e) = self.get(&digest)? {
+            return Ok(e);
+        }
+        let span = info_span!("extract", image = %image, digest = %digest);
+        let result = self.extract(image, puller).instrument(span).await;
+        self.touch(&digest);
+        result
+    }
+
+    async fn extract(&self, image: &PinnedRef, puller: &Puller) -> Result<Extracted> {
+        let started = Instant::now();
+        let info = puller.resolve(image).await?;
+        let attempts = puller.config().attempts.max(1);
+        let mut delay = puller.config().backoff;
+        let mut attempt = 1;
+        loop {
+            match self.extract_once(image, puller, &info).await {
+                Ok(e) => {
+                    info!(
+                        files = e.meta.files,
+                        bytes = e.meta.size_bytes,
+                        seconds = started.elapsed().as_secs_f64(),
+                        "extracted"
+                    );
+                    return Ok(e);
+                }
+                Err(StoreError::Pull(e)) if e.is_retryable() && attempt < attempts => {
+                    warn!(attempt, error = %e, "extraction failed; retrying from scratch");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn extract_once(
+        &self,
+        image: &PinnedRef,
+        puller: &Puller,
+        info: &ImageInfo,
+    ) -> Result<Extracted> {
+        let digest = image.digest();
+        let tmp_root = self.cfg.root.join("store/tmp");
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("{}.", image.hex()))
+            .tempdir_in(&tmp_root)
+            .map_err(io_err("creating a temporary directory in", &tmp_root))?;
+        let rootfs = tmp.path().join("rootfs");
+        fs::create_dir(&rootfs).map_err(io_err("creating", &rootfs))?;
+
+        let totals: Totals = puller
+            .extract_into(image, info, &rootfs, self.cfg.limits)
+            .await?;
+        let meta = Meta {
+            image: info.clone(),
+            layout: CacheLayout::detect(&rootfs),
+            files: totals.files,
+            size_bytes: totals.bytes,
+            entries: totals.entries,
+        };
+        let meta_path = tmp.path().join("meta.json");
+        write_durable(
+            &meta_path,
+            &serde_json::to_vec_pretty(&meta).expect("meta serialises"),
+        )?;
+
+        let final_dir = self.digest_dir(digest)?;
+        let tmp_path = tmp.keep();
+        let sync = self.cfg.sync;
+        let (from, to) = (tmp_path.clone(), final_dir.clone());
+        let published = tokio::task::spawn_blocking(move || -> Result<bool> {
+            if sync {
+                // One flush of the filesystem instead of an fsync per file.
+                let fd = rustix::fs::open(
+                    &from,
+                    rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
+                    rustix::fs::Mode::empty(),
+                )
+                .map_err(|e| io_err("opening", &from)(e.into()))?;
+                rustix::fs::syncfs(&fd).map_err(|e| io_err("syncing", &from)(e.into()))?;
+            }
+            match rustix::fs::rename(&from, &to) {
+                Ok(()) => {
+                    fsync_dir(to.parent().expect("digest dirs have a parent"))?;
+                    Ok(true)
+                }
+                // Someone else's complete tree is already there.
+                Err(rustix::io::Errno::EXIST) | Err(rustix::io::Errno::NOTEMPTY) => Ok(false),
+                Err(e) => Err(io_err("renaming into place", &to)(e.into())),
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Io {
+            op: "publishing",
+            path: final_dir.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        let published = match published {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = remove_tree(&tmp_path);
+                return Err(e);
+            }
+        };
+        if !published {
+            remove_tree(&tmp_path)?;
+        }
+        Ok(Extracted {
+            digest: digest.to_string(),
+            dir: final_dir,
+            meta,
+        })
+    }
+
+    /// Marks a digest as just used, restarting its GC grace period.
+    fn touch(&self, digest: &str) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .idle_since
+            .remove(digest);
+    }
+
+    /// Durably records a published volume (before its mount is made).
+    pub fn record_volume(&self, rec: &VolumeRecord) -> Result<()> {
+        let path = self.record_path(&rec.volume_id);
+        write_durable(
+            &path,
+            &serde_json::to_vec_pretty(rec).expect("record serialises"),
+        )?;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.idle_since.remove(&rec.digest);
+        state.volumes.insert(rec.volume_id.clone(), rec.clone());
+        Ok(())
+    }
+
+    /// Removes a volume's record (after its unmount). Returns it, or None if unknown.
+    pub fn remove_volume(&self, volume_id: &str) -> Result<Option<VolumeRecord>> {
+        let path = self.record_path(volume_id);
+        match fs::remove_file(&path) {
+            Ok(()) => fsync_dir(path.parent().expect("records have a parent"))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("removing", &path)(e)),
+        }
+        Ok(self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .volumes
+            .remove(volume_id))
+    }
+
+    pub fn volume(&self, volume_id: &str) -> Option<VolumeRecord> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .volumes
+            .get(volume_id)
+            .cloned()
+    }
+
+    pub fn volumes(&self) -> Vec<VolumeRecord> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .volumes
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// How many volumes use `digest`.
+    pub fn refcount(&self, digest: &str) -> usize {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state
+            .volumes
+            .values()
+            .filter(|v| v.digest == digest)
+            .count()
+    }
+
+    fn record_path(&self, volume_id: &str) -> PathBuf {
+        self.cfg
+            .root
+            .join("volumes")
+            .join(format!("{}.json", escape(volume_id)))
+    }
+
+    /// Removes every digest that no volume references and no cache `wanted` on this node,
+    /// once it has been so for the grace period. Returns the digests removed.
+    pub async fn gc(&self, wanted: &HashSet<String>) -> Result<Vec<String>> {
+        self.gc_at(wanted, Instant::now()).await
+    }
+
+    /// [`Store::gc`] with an explicit clock, for tests of the grace period.
+    pub async fn gc_at(&self, wanted: &HashSet<String>, now: Instant) -> Result<Vec<String>> {
+        let digests = self.digests()?;
+        let mut doomed = Vec::new();
+        {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let used: HashSet<&str> = state.volumes.values().map(|v| v.digest.as_str()).collect();
+            let idle: Vec<String> = digests
+                .iter()
+                .filter(|d| !used.contains(d.as_str()) && !wanted.contains(*d))
+                .cloned()
+                .collect();
+            state.idle_since.retain(|d, _| idle.contains(d));
+            for d in idle {
+                let since = *state.idle_since.entry(d.clone()).or_insert(now);
+                if now.duration_since(since) >= self.cfg.gc_grace {
+                    doomed.push(d);
+                }
+            }
+        }
+        let mut removed = Vec::new();
+        for digest in doomed {
+            let lock = self.digest_lock(&digest);
+            // An extraction of it is under way: it is wanted after all.
+            let Ok(_guard) = lock.try_lock() else {
+                continue;
+            };
+            if self.refcount(&digest) > 0 {
+                continue;
+            }
+            let dir = self.digest_dir(&digest)?;
+            let grave = self.cfg.root.join("store/tmp").join(format!(
+                "gc-{}",
+                dir.file_name().and_then(OsStr::to_str).unwrap_or("x")
+            ));
+            // Disappear atomically, then delete at leisure (a crash leaves it in tmp/).
+            fs::rename(&dir, &grave).map_err(io_err("moving aside", &dir))?;
+            let g = grave.clone();
+            tokio::task::spawn_blocking(move || remove_tree(&g))
+                .await
+                .map_err(|e| StoreError::Io {
+                    op: "removing",
+                    path: grave.clone(),
+                    source: std::io::Error::other(e),
+                })??;
+            self.state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .idle_since
+                .remove(&digest);
+            info!(%digest, "garbage-collected");
+            removed.push(digest);
+        }
+        Ok(removed)
+    }
+}
+
+/// Writes `path` atomically and durably: a temporary file in the same folder, fsync,
+/// rename over `path`, fsync the folder.
+pub(crate) fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().expect("records live in a folder");
+    let name = path.file_name().and_then(OsStr::to_str).unwrap_or("record");
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".tmp-{name}-"))
+        .tempfile_in(dir)
+        .map_err(io_err("creating a temporary file in", dir))?;
+    tmp.write_all(bytes).map_err(io_err("writing", path))?;
+    tmp.as_file().sync_all().map_err(io_err("syncing", path))?;
+    tmp.persist(path)
+        .map_err(|e| io_err("renaming into place", path)(e.error))?;
+    fsync_dir(dir)
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err("syncing", dir))
+}
+
+/// Removes a tree without following symlinks.
+fn remove_tree(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path).map_err(io_err("removing", path)),
+        Ok(_) => fs::remove_file(path).map_err(io_err("removing", path)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("inspecting", path)(e)),
+    }
+}
+
+/// A file name for any volume id: `[A-Za-z0-9._-]` kept, every other byte `%XX`.
+fn escape(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (b == b'.' && !out.is_empty()) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, digest: &str) -> VolumeRecord {
+        VolumeRecord {
+            volume_id: id.into(),
+            target_path: PathBuf::from(format!(
+                "/var/lib/kubelet/pods/uid/volumes/kubernetes.io~csi/{id}/mount"
+            )),
+            digest: digest.into(),
+            cache_kind: "GKMCache".into(),
+            cache_namespace: "ns".into(),
+            cache_name: "c".into(),
+            pod_namespace: "ns".into(),
+            pod_name: "p".into(),
+            pod_uid: "uid".into(),
+        }
+    }
+
+    const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+    fn cfg(root: &Path) -> StoreConfig {
+        StoreConfig {
+            root: root.to_path_buf(),
+            gc_grace: Duration::from_secs(60),
+            sync: false,
+            ..Default::default()
+        }
+    }
+
+    /// Plants an extracted digest as an extraction would leave it.
+    fn plant(root: &Path, digest: &str) {
+        let dir = root.join("store/sha256").join(&digest[7..]);
+        fs::create_dir_all(dir.join("rootfs/io.triton.cache")).unwrap();
+        let meta = Meta {
+            image: ImageInfo {
+                repository: "r/x".into(),
+                digest: digest.into(),
+                manifest_digest: digest.into(),
+                layers: vec![],
+                labels: Default::default(),
+            },
+            layout: CacheLayout::Triton,
+            files: 0,
+            size_bytes: 0,
+            entries: 0,
+        };
+        fs::write(dir.join("meta.json"), serde_json::to_vec(&meta).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn records_survive_a_restart_and_rebuild_refcounts() {
+        let root = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(cfg(root.path())).unwrap();
+            store.record_volume(&record("vol-a", D1)).unwrap();
+            store.record_volume(&record("vol-b", D1)).unwrap();
+            store
+                .record_volume(&record("weird/id with spaces", D2))
+                .unwrap();
+            store.remove_volume("vol-b").unwrap();
+        }
+        let store = Store::open(cfg(root.path())).unwrap();
+        assert_eq!(store.refcount(D1), 1);
+        assert_eq!(store.refcount(D2), 1);
+        assert_eq!(store.volume("weird/id with spaces").unwrap().digest, D2);
+        assert_eq!(
+            store.remove_volume("never-existed").unwrap(),
+            None,
+            "unknown is not an error"
+        );
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_root_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let _first = Store::open(cfg(root.path())).unwrap();
+        assert!(matches!(
+            Store::open(cfg(root.path())),
+            Err(StoreError::Locked(_))
+        ));
+    }
+
+    #[test]
+    fn leftovers_of_a_crash_are_removed_at_open() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir_all(root.path().join("store/tmp/abc.123/rootfs/half")).unwrap();
+        fs::create_dir_all(root.path().join("volumes")).unwrap();
+        fs::write(root.path().join("volumes/.tmp-vol.json-xyz"), b"{\"half").unwrap();
+        let _store = Store::open(cfg(root.path())).unwrap();
+        assert_eq!(
+            fs::read_dir(root.path().join("store/tmp")).unwrap().count(),
+            0
+        );
+        assert!(!root.path().join("volumes/.tmp-vol.json-xyz").exists());
+    }
+
+    #[tokio::test]
+    async fn gc_waits_for_the_grace_period_and_spares_used_and_wanted_digests() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(cfg(root.path())).unwrap();
+        plant(root.path(), D1);
+        plant(root.path(), D2);
+        let d3 = "sha256:3333333333333333333333333333333333333333333333333333333333333333";
+        plant(root.path(), d3);
+        store.record_volume(&record("v1", D1)).unwrap();
+        let wanted: HashSet<String> = [D2.to_string()].into();
+
+        let t0 = Instant::now();
+        assert!(
+            store.gc_at(&wanted, t0).await.unwrap().is_empty(),
+            "grace starts now"
+        );
+        assert!(
+            store
+                .gc_at(&wanted, t0 + Duration::from_secs(30))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            store
+                .gc_at(&wanted, t0 + Duration::from_secs(61))
+                .await
+                .unwrap(),
+            [d3]
+        );
+        assert!(store.get(d3).unwrap().is_none());
+        assert!(store.get(D1).unwrap().is_some(), "referenced by a volume");
+        assert!(store.get(D2).unwrap().is_some(), "wanted by a cache");
+
+        // Unpublished and unwanted: collected only after its own grace period.
+        store.remove_volume("v1").unwrap();
+        let t1 = t0 + Duration::from_secs(100);
+        assert!(store.gc_at(&HashSet::new(), t1).await.unwrap().is_empty());
+        let mut gone = store
+            .gc_at(&HashSet::new(), t1 + Duration::from_secs(60))
+            .await
+            .unwrap();
+        gone.sort();
+        assert_eq!(gone, [D1, D2]);
+        assert!(store.digests().unwrap().is_empty());
+    }
+
+    #[test]
+    fn escape_keeps_ids_readable_and_safe() {
+        assert_eq!(escape("csi-0123abcd"), "csi-0123abcd");
+        assert_eq!(escape("../x"), "%2E.%2Fx");
+        assert_eq!(escape("a/b c"), "a%2Fb%20c");
+    }
+}

@@ -1,0 +1,87 @@
+//! A registry that serves exactly the bytes a test gives it, over plain HTTP/1.1.
+//!
+//! Real registries verify blob digests when storing and when serving (crane answers
+//! "Unknown blob" for a corrupted file), so they cannot be made to send content that does
+//! not match its digest. This stand-in exists only for that fault.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::Error;
+
+/// Serves `GET`/`HEAD` of fixed paths (`/v2/<repo>/manifests/<ref>`, `/v2/<repo>/blobs/<d>`).
+pub struct StaticRegistry {
+    host: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What one path answers: content type and body.
+pub type Content = (String, Vec<u8>);
+
+impl StaticRegistry {
+    /// Starts serving `paths` on a free loopback port, on the current tokio runtime.
+    pub async fn start(paths: HashMap<String, Content>) -> Result<Self, Error> {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| Error::io("binding the static registry", e))?;
+        let host = listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the static registry's address", e))?
+            .to_string();
+        let paths = Arc::new(paths);
+        let task = tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let paths = paths.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head);
+                    let mut first = text.lines().next().unwrap_or("").split_whitespace();
+                    let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+                    let path = path.split('?').next().unwrap_or("");
+                    let (status, ctype, body): (&str, &str, &[u8]) = if path == "/v2/" {
+                        ("200 OK", "application/json", b"{}")
+                    } else if let Some((t, b)) = paths.get(path) {
+                        ("200 OK", t.as_str(), b.as_slice())
+                    } else {
+                        (
+                            "404 Not Found",
+                            "application/json",
+                            br#"{"errors":[{"code":"NOT_FOUND"}]}"#,
+                        )
+                    };
+                    let resp = format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = conn.write_all(resp.as_bytes()).await;
+                    if method != "HEAD" {
+                        let _ = conn.write_all(body).await;
+                    }
+                    let _ = conn.shutdown().await;
+                });
+            }
+        });
+        Ok(Self { host, task })
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+}
+
+impl Drop for StaticRegistry {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
