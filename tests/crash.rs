@@ -23,6 +23,24 @@ fn big_tree(dir: &Path) {
     }
 }
 
+/// Starts `gkm pull IMAGE --store STORE` in the background.
+fn spawn_pull(image: &str, registry: &str, store: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_gkm"))
+        .args([
+            "pull",
+            image,
+            "--no-sync",
+            "--insecure-registry",
+            registry,
+            "--store",
+        ])
+        .arg(store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// A small deterministic generator: the failing seed is printed, so a run can be repeated.
 struct Lcg(u64);
 impl Lcg {
@@ -53,22 +71,7 @@ fn sigkill_at_random_points_never_exposes_a_partial_tree() {
         .unwrap();
     let hex = pushed.digest.trim_start_matches("sha256:").to_string();
 
-    let pull = |store: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_gkm"))
-            .args([
-                "pull",
-                &pushed.by_digest(),
-                "--no-sync",
-                "--insecure-registry",
-                registry.host(),
-                "--store",
-            ])
-            .arg(store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let pull = |store: &Path| spawn_pull(&pushed.by_digest(), registry.host(), store);
 
     // How long one whole pull takes here.
     let base = tempfile::tempdir().unwrap();
@@ -182,22 +185,7 @@ fn a_pull_resumes_cleanly_after_a_crash() {
         .block_on(image.push(registry, &unique_name("crash/resume"), Some("v1")))
         .unwrap();
     let root = tempfile::tempdir().unwrap();
-    let run = || {
-        Command::new(env!("CARGO_BIN_EXE_gkm"))
-            .args([
-                "pull",
-                &pushed.by_digest(),
-                "--no-sync",
-                "--insecure-registry",
-                registry.host(),
-                "--store",
-            ])
-            .arg(root.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let run = || spawn_pull(&pushed.by_digest(), registry.host(), root.path());
     let mut child = run();
     std::thread::sleep(Duration::from_millis(150));
     let _ = child.kill();

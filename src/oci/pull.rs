@@ -187,17 +187,9 @@ impl Puller {
         }
         let auth = self.creds.for_registry(reference.registry());
         let fetch = self.client.fetch_manifest_digest(reference, &auth);
-        let digest = tokio::time::timeout(self.total_timeout(), fetch)
-            .await
-            .map_err(|_| PullError::Timeout {
-                image: reference.whole(),
-                what: "resolving the tag".into(),
-                after: self.total_timeout(),
-            })?
-            .map_err(|source| PullError::Registry {
-                image: reference.whole(),
-                source,
-            })?;
+        let digest = self
+            .bounded(&reference.whole(), "resolving the tag", fetch)
+            .await?;
         Ok(PinnedRef::new(reference, &digest)?)
     }
 
@@ -416,26 +408,10 @@ impl Puller {
         let fetch =
             self.client
                 .pull_manifest_raw(r.as_reference(), &auth, image::ACCEPTED_MANIFESTS);
-        let (body, _) = tokio::time::timeout(self.total_timeout(), fetch)
-            .await
-            .map_err(|_| PullError::Timeout {
-                image: r.to_string(),
-                what: "fetching the manifest".into(),
-                after: self.total_timeout(),
-            })?
-            .map_err(|source| PullError::Registry {
-                image: r.to_string(),
-                source,
-            })?;
-        let actual = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
-        if actual != r.digest() {
-            return Err(PullError::DigestMismatch {
-                image: r.to_string(),
-                what: "manifest".into(),
-                expected: r.digest().to_string(),
-                actual,
-            });
-        }
+        let (body, _) = self
+            .bounded(&r.to_string(), "fetching the manifest", fetch)
+            .await?;
+        check_digest(&r.to_string(), "manifest", r.digest(), &body)?;
         serde_json::from_slice(&body).map_err(|e| PullError::BadManifest {
             image: r.to_string(),
             reason: e.to_string(),
@@ -459,26 +435,9 @@ impl Puller {
         let mut buf = Vec::with_capacity(desc.size as usize);
         let oci_desc = oci_descriptor(desc);
         let fetch = self.client.pull_blob(r.as_reference(), &oci_desc, &mut buf);
-        tokio::time::timeout(self.total_timeout(), fetch)
-            .await
-            .map_err(|_| PullError::Timeout {
-                image: r.to_string(),
-                what: "fetching the config".into(),
-                after: self.total_timeout(),
-            })?
-            .map_err(|source| PullError::Registry {
-                image: r.to_string(),
-                source,
-            })?;
-        let actual = format!("sha256:{}", hex::encode(Sha256::digest(&buf)));
-        if actual != desc.digest {
-            return Err(PullError::DigestMismatch {
-                image: r.to_string(),
-                what: "config".into(),
-                expected: desc.digest.clone(),
-                actual,
-            });
-        }
+        self.bounded(&r.to_string(), "fetching the config", fetch)
+            .await?;
+        check_digest(&r.to_string(), "config", &desc.digest, &buf)?;
         let cfg: RawConfig = serde_json::from_slice(&buf).map_err(|e| PullError::BadManifest {
             image: r.to_string(),
             reason: format!("config is not JSON: {e}"),
@@ -513,6 +472,27 @@ impl Puller {
             })
     }
 
+    /// Runs one registry call under the overall timeout, naming `image` in its errors.
+    async fn bounded<T>(
+        &self,
+        image: &str,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T, OciDistributionError>>,
+    ) -> Result<T, PullError> {
+        let after = self.total_timeout();
+        tokio::time::timeout(after, call)
+            .await
+            .map_err(|_| PullError::Timeout {
+                image: image.to_string(),
+                what: what.to_string(),
+                after,
+            })?
+            .map_err(|source| PullError::Registry {
+                image: image.to_string(),
+                source,
+            })
+    }
+
     fn total_timeout(&self) -> Duration {
         self.cfg.connect_timeout + self.cfg.read_timeout * 2
     }
@@ -542,6 +522,20 @@ impl Puller {
             }
         }
     }
+}
+
+/// Fails unless `bytes` hash to `expected`.
+fn check_digest(image: &str, what: &str, expected: &str, bytes: &[u8]) -> Result<(), PullError> {
+    let actual = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
+    if actual == expected {
+        return Ok(());
+    }
+    Err(PullError::DigestMismatch {
+        image: image.to_string(),
+        what: what.to_string(),
+        expected: expected.to_string(),
+        actual,
+    })
 }
 
 fn oci_descriptor(d: &Descriptor) -> OciDescriptor {
