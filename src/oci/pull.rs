@@ -293,7 +293,7 @@ impl Puller {
         mut extractor: Extractor,
     ) -> Result<Extractor, PullError> {
         let name = image.to_string();
-        let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(64);
+        let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(8);
         let layer_name = layer.digest.clone();
         let consumer = tokio::task::spawn_blocking(move || {
             let r = extractor.apply_layer(

@@ -16,6 +16,7 @@
 pub mod cluster;
 pub mod cosign;
 pub mod faulty;
+pub mod fixtures;
 pub mod image;
 mod pki;
 pub mod process;

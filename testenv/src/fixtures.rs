@@ -1,0 +1,95 @@
+//! Deterministic Triton-like kernel caches for benchmarks: hash-named folders, each with a
+//! few small text files (JSON, IR) and compiled binaries, plus some large objects.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::Error;
+
+/// What a generated tree holds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Generated {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+const WORDS: &[&str] = &[
+    "tt.load", "tt.store", "tt.dot", "arith.addf", "arith.mulf", "%arg0", "%c0_i32", "tensor<128x64xf16>",
+    "#blocked", "scf.for", "tt.splat", "tt.make_range", "llvm.getelementptr", "nvvm.barrier0", "ld.global.v4.b32",
+    "mma.sync.aligned.m16n8k16", "{\"num_warps\": 4", "\"num_stages\": 3", "\"shared\": 49152}", "\n",
+];
+
+/// Writes about `total_bytes` in about `files` files below `dir` (which must exist).
+pub fn triton_like_cache(dir: &Path, total_bytes: u64, files: u64, seed: u64) -> Result<Generated, Error> {
+    let mut rng = XorShift(seed | 1);
+    // Sizes first: 60% small text, 36% mid binaries, 4% large binaries; scaled to the total.
+    let mut plan: Vec<(bool, u64)> = (0..files)
+        .map(|i| match i % 25 {
+            0 => (false, 1_000_000 + rng.below(4_000_000)),
+            1..=9 => (false, 20_000 + rng.below(100_000)),
+            _ => (true, 1_000 + rng.below(12_000)),
+        })
+        .collect();
+    let planned: u64 = plan.iter().map(|p| p.1).sum();
+    let scale = total_bytes as f64 / planned as f64;
+    for p in &mut plan {
+        p.1 = ((p.1 as f64) * scale) as u64;
+    }
+
+    let mut out = Generated::default();
+    let mut buf = Vec::new();
+    for (i, (text, size)) in plan.into_iter().enumerate() {
+        let folder = dir.join(format!("{:016x}{:016x}", i as u64 / 6, seed.wrapping_mul(i as u64 / 6 + 1)));
+        if i % 6 == 0 {
+            std::fs::create_dir_all(&folder).map_err(|e| Error::io(format!("creating {}", folder.display()), e))?;
+        }
+        buf.clear();
+        if text {
+            while (buf.len() as u64) < size {
+                buf.extend_from_slice(WORDS[rng.below(WORDS.len() as u64) as usize].as_bytes());
+                buf.push(b' ');
+            }
+            buf.truncate(size as usize);
+        } else {
+            // Compiled code compresses a little: runs of repeated words among random ones.
+            while (buf.len() as u64) < size {
+                let w = rng.next();
+                let repeat = if w & 3 == 0 { 4 } else { 1 };
+                for _ in 0..repeat {
+                    buf.extend_from_slice(&w.to_le_bytes());
+                }
+            }
+            buf.truncate(size as usize);
+        }
+        let name = match (text, i % 3) {
+            (true, 0) => "kernel.json",
+            (true, 1) => "kernel.ttgir",
+            (true, _) => "kernel.llir",
+            (false, 0) => "kernel.cubin",
+            (false, 1) => "kernel.so",
+            (false, _) => "kernel.hsaco",
+        };
+        let path = folder.join(format!("{}-{name}", i % 6));
+        let mut f = std::fs::File::create(&path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        f.write_all(&buf).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        out.files += 1;
+        out.bytes += size;
+    }
+    Ok(out)
+}
