@@ -25,4 +25,5 @@ T0=$(date +%s)
 timed tools scripts/install-tools.sh
 timed build cargo build --workspace --all-targets --locked
 timed test cargo test --workspace --locked --no-fail-fast
+timed csi-sanity csi-sanity/run.sh
 echo "test.sh: all steps passed in $(($(date +%s) - T0))s"

@@ -2,14 +2,28 @@
 //! node plugin), the `gkm` CLI and the controller crate.
 //!
 //! One module per concern:
+//! - [`agent`]: the node agent's configuration and wiring (`gkm-agent`).
 //! - [`api`]: the custom resources and the names other programs depend on.
 //! - [`gpu`]: this node's GPUs (NVML, KFD sysfs, simulated) and cache compatibility.
 //! - [`oci`]: image references, credentials, digest-pinned pulls, hardened extraction.
 //! - [`store`]: the node's content-addressed store, volume records, refcounts and GC.
+//! - [`csi`]: the CSI node plugin `csi.gkm.io` (Identity and Node services).
 //! - [`cli`]: what the `gkm` commands do.
 
+pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod csi;
 pub mod gpu;
 pub mod oci;
 pub mod store;
+
+/// Installs ring as the process's TLS crypto provider (kube's choice), so every TLS client
+/// in the process (kube, the registry client) agrees. Idempotent; binaries call it first.
+pub fn install_crypto() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err only if a provider was installed already, which serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}

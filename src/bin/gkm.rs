@@ -109,6 +109,7 @@ impl From<GpuArgs> for Inventory {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    gkm::install_crypto();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)

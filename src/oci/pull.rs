@@ -153,6 +153,7 @@ pub struct Puller {
 
 impl Puller {
     pub fn new(cfg: PullConfig, creds: Credentials) -> Self {
+        crate::install_crypto();
         let client = oci_client::Client::new(ClientConfig {
             protocol: if cfg.insecure_registries.is_empty() {
                 ClientProtocol::Https

@@ -30,13 +30,35 @@ impl XorShift {
 }
 
 const WORDS: &[&str] = &[
-    "tt.load", "tt.store", "tt.dot", "arith.addf", "arith.mulf", "%arg0", "%c0_i32", "tensor<128x64xf16>",
-    "#blocked", "scf.for", "tt.splat", "tt.make_range", "llvm.getelementptr", "nvvm.barrier0", "ld.global.v4.b32",
-    "mma.sync.aligned.m16n8k16", "{\"num_warps\": 4", "\"num_stages\": 3", "\"shared\": 49152}", "\n",
+    "tt.load",
+    "tt.store",
+    "tt.dot",
+    "arith.addf",
+    "arith.mulf",
+    "%arg0",
+    "%c0_i32",
+    "tensor<128x64xf16>",
+    "#blocked",
+    "scf.for",
+    "tt.splat",
+    "tt.make_range",
+    "llvm.getelementptr",
+    "nvvm.barrier0",
+    "ld.global.v4.b32",
+    "mma.sync.aligned.m16n8k16",
+    "{\"num_warps\": 4",
+    "\"num_stages\": 3",
+    "\"shared\": 49152}",
+    "\n",
 ];
 
 /// Writes about `total_bytes` in about `files` files below `dir` (which must exist).
-pub fn triton_like_cache(dir: &Path, total_bytes: u64, files: u64, seed: u64) -> Result<Generated, Error> {
+pub fn triton_like_cache(
+    dir: &Path,
+    total_bytes: u64,
+    files: u64,
+    seed: u64,
+) -> Result<Generated, Error> {
     let mut rng = XorShift(seed | 1);
     // Sizes first: 60% small text, 36% mid binaries, 4% large binaries; scaled to the total.
     let mut plan: Vec<(bool, u64)> = (0..files)
@@ -55,9 +77,14 @@ pub fn triton_like_cache(dir: &Path, total_bytes: u64, files: u64, seed: u64) ->
     let mut out = Generated::default();
     let mut buf = Vec::new();
     for (i, (text, size)) in plan.into_iter().enumerate() {
-        let folder = dir.join(format!("{:016x}{:016x}", i as u64 / 6, seed.wrapping_mul(i as u64 / 6 + 1)));
+        let folder = dir.join(format!(
+            "{:016x}{:016x}",
+            i as u64 / 6,
+            seed.wrapping_mul(i as u64 / 6 + 1)
+        ));
         if i % 6 == 0 {
-            std::fs::create_dir_all(&folder).map_err(|e| Error::io(format!("creating {}", folder.display()), e))?;
+            std::fs::create_dir_all(&folder)
+                .map_err(|e| Error::io(format!("creating {}", folder.display()), e))?;
         }
         buf.clear();
         if text {
@@ -86,8 +113,10 @@ pub fn triton_like_cache(dir: &Path, total_bytes: u64, files: u64, seed: u64) ->
             (false, _) => "kernel.hsaco",
         };
         let path = folder.join(format!("{}-{name}", i % 6));
-        let mut f = std::fs::File::create(&path).map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-        f.write_all(&buf).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        let mut f = std::fs::File::create(&path)
+            .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        f.write_all(&buf)
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
         out.files += 1;
         out.bytes += size;
     }

@@ -16,7 +16,12 @@ async fn main() -> Result<()> {
         };
         let dir = std::path::Path::new(dir);
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let g = gkm_testenv::fixtures::triton_like_cache(dir, mib.parse::<u64>()? << 20, files.parse()?, 42)?;
+        let g = gkm_testenv::fixtures::triton_like_cache(
+            dir,
+            mib.parse::<u64>()? << 20,
+            files.parse()?,
+            42,
+        )?;
         println!("{} files, {} bytes", g.files, g.bytes);
         return Ok(());
     }

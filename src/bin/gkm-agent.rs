@@ -1,0 +1,37 @@
+//! `gkm-agent`: the node agent and CSI node plugin. Parsing and logging only; the work is
+//! in `gkm::agent`.
+
+use clap::Parser;
+use gkm::agent::{self, AgentArgs};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    gkm::install_crypto();
+    let cfg = match AgentArgs::parse().check() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gkm-agent: {e}");
+            std::process::exit(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::new(&cfg.log);
+    if cfg.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    agent::run(cfg, shutdown_signal()).await
+}
+
+/// SIGTERM (kubelet stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,533 @@
+//! The CSI node plugin `csi.gkm.io`: Identity and Node services for inline ephemeral
+//! volumes that mount a kernel cache read-only into a pod.
+//!
+//! Publishing a volume: validate the request; if the volume is already published, check
+//! its mount and finish what a crash may have left undone; otherwise resolve the cache to
+//! its verified digest, check the pod's namespace may use it, extract the digest (bounded
+//! in time; kubelet retries on UNAVAILABLE), check the node's GPUs against the cache's
+//! targets, record the volume durably, and bind-mount read-only. Unpublishing undoes it.
+//! Every error maps to its gRPC code in one table ([`CsiError::code`]).
+
+pub mod error;
+pub mod mount;
+pub mod resolver;
+pub mod server;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tracing::{Instrument, info, info_span, warn};
+
+pub use error::CsiError;
+pub use mount::{KernelMounter, MountState, Mounter, RecordingMounter};
+pub use resolver::{ApiResolver, CacheKey, CacheResolver, ResolvedCache, StaticResolver};
+
+use crate::api::GpuInfo;
+use crate::gpu::{Summary, Verdict};
+use crate::oci::{PinnedRef, Puller, parse_reference};
+use crate::store::{Extracted, Store, VolumeRecord};
+
+/// Generated from `proto/csi.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("csi.v1");
+}
+
+pub const DRIVER_NAME: &str = "csi.gkm.io";
+pub const DEFAULT_SOCKET: &str = "/var/lib/kubelet/plugins/csi.gkm.io/csi.sock";
+
+/// Volume attributes (`volumeAttributes` of the pod's inline CSI volume).
+pub const ATTR_CACHE: &str = "csi.gkm.io/GKMCache";
+pub const ATTR_NAMESPACE: &str = "csi.gkm.io/namespace";
+pub const ATTR_CLUSTER_CACHE: &str = "csi.gkm.io/ClusterGKMCache";
+/// Pod information kubelet adds because the CSIDriver sets `podInfoOnMount`.
+pub const CTX_POD_NAME: &str = "csi.storage.k8s.io/pod.name";
+pub const CTX_POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
+pub const CTX_POD_UID: &str = "csi.storage.k8s.io/pod.uid";
+
+/// How the plugin behaves.
+#[derive(Clone, Debug)]
+pub struct PluginConfig {
+    /// Kubernetes node name: the CSI node id.
+    pub node_name: String,
+    /// Longest a publish waits for an extraction before answering UNAVAILABLE (kubelet's
+    /// call timeout is 2 minutes; the extraction goes on and the retry finds it done).
+    pub publish_timeout: Duration,
+    /// Whether caches without GPU targets (no `cache.*.image/summary` label) may be used.
+    pub allow_unclaimed: bool,
+    pub max_volumes_per_node: i64,
+}
+
+impl Default for PluginConfig {
+    fn default() -> Self {
+        Self {
+            node_name: String::new(),
+            publish_timeout: Duration::from_secs(90),
+            allow_unclaimed: true,
+            max_volumes_per_node: 1024,
+        }
+    }
+}
+
+/// A validated NodePublishVolume request.
+#[derive(Clone, Debug)]
+pub struct PublishRequest {
+    pub volume_id: String,
+    pub target_path: PathBuf,
+    pub cache: CacheKey,
+    pub pod_namespace: String,
+    pub pod_name: String,
+    pub pod_uid: String,
+}
+
+/// The plugin's state, shared by the Identity and Node services.
+pub struct Plugin<R: CacheResolver, M: Mounter> {
+    cfg: PluginConfig,
+    store: Arc<Store>,
+    puller: Puller,
+    resolver: Arc<R>,
+    mounter: M,
+    gpus: RwLock<Vec<GpuInfo>>,
+    busy: Mutex<HashSet<String>>,
+    ready: AtomicBool,
+}
+
+/// Marks a volume busy for the duration of one call.
+struct VolumeGuard<'a> {
+    busy: &'a Mutex<HashSet<String>>,
+    id: String,
+}
+
+impl Drop for VolumeGuard<'_> {
+    fn drop(&mut self) {
+        self.busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
+    pub fn new(
+        cfg: PluginConfig,
+        store: Arc<Store>,
+        puller: Puller,
+        resolver: Arc<R>,
+        mounter: M,
+        gpus: Vec<GpuInfo>,
+    ) -> Self {
+        Self {
+            cfg,
+            store,
+            puller,
+            resolver,
+            mounter,
+            gpus: RwLock::new(gpus),
+            busy: Mutex::new(HashSet::new()),
+            ready: AtomicBool::new(true),
+        }
+    }
+
+    pub fn config(&self) -> &PluginConfig {
+        &self.cfg
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn mounter(&self) -> &M {
+        &self.mounter
+    }
+
+    /// Replaces the node's GPU inventory (e.g. after a rescan).
+    pub fn set_gpus(&self, gpus: Vec<GpuInfo>) {
+        *self.gpus.write().unwrap_or_else(|e| e.into_inner()) = gpus;
+    }
+
+    /// Whether Probe reports ready: the store is open and the resolver can answer.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && self.resolver.ready()
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    fn lock_volume(&self, id: &str) -> Result<VolumeGuard<'_>, CsiError> {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        if !busy.insert(id.to_string()) {
+            return Err(CsiError::Busy(id.to_string()));
+        }
+        Ok(VolumeGuard {
+            busy: &self.busy,
+            id: id.to_string(),
+        })
+    }
+
+    /// NodePublishVolume after validation.
+    pub async fn publish(&self, req: &PublishRequest) -> Result<(), CsiError> {
+        let span = info_span!(
+            "publish",
+            volume_id = %req.volume_id,
+            pod = %format!("{}/{}", req.pod_namespace, req.pod_name),
+            cache = %req.cache,
+            digest = tracing::field::Empty,
+        );
+        async {
+            let _guard = self.lock_volume(&req.volume_id)?;
+            if let Some(rec) = self.store.volume(&req.volume_id) {
+                tracing::Span::current().record("digest", rec.digest.as_str());
+                return self.republish(req, &rec).await;
+            }
+
+            let cache = self.lookup(&req.cache).await?;
+            if !cache.allows_namespace(&req.pod_namespace) {
+                let reason = match &req.cache {
+                    CacheKey::Namespaced { namespace, .. } => format!(
+                        "the cache is in namespace {namespace}, the pod in {}",
+                        req.pod_namespace
+                    ),
+                    CacheKey::Cluster { .. } => format!(
+                        "namespace {} is not in its workloadNamespaces {:?}",
+                        req.pod_namespace, cache.workload_namespaces
+                    ),
+                };
+                return Err(CsiError::Denied {
+                    pod: format!("{}/{}", req.pod_namespace, req.pod_name),
+                    kind: req.cache.kind(),
+                    cache: req.cache.to_string(),
+                    reason,
+                });
+            }
+            let digest = cache.digest.clone().ok_or_else(|| CsiError::NotVerified {
+                kind: req.cache.kind(),
+                cache: req.cache.to_string(),
+            })?;
+            tracing::Span::current().record("digest", digest.as_str());
+
+            let extracted = self.extract(&cache, &digest).await?;
+            self.check_gpus(&req.cache, &extracted)?;
+
+            let rec = VolumeRecord {
+                volume_id: req.volume_id.clone(),
+                target_path: req.target_path.clone(),
+                digest: digest.clone(),
+                cache_kind: req.cache.kind().to_string(),
+                cache_namespace: req.cache.namespace().to_string(),
+                cache_name: req.cache.name().to_string(),
+                pod_namespace: req.pod_namespace.clone(),
+                pod_name: req.pod_name.clone(),
+                pod_uid: req.pod_uid.clone(),
+            };
+            // Durable before the mount: a restarted agent must know every mount it made.
+            self.store
+                .record_volume(&rec)
+                .map_err(|e| CsiError::Records(Box::new(e)))?;
+            if let Err(e) = self.mount(&extracted.mount_source(), &req.target_path) {
+                let _ = self.store.remove_volume(&req.volume_id);
+                return Err(e);
+            }
+            info!("published");
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The cache `key` names, or NOT_FOUND.
+    async fn lookup(&self, key: &CacheKey) -> Result<ResolvedCache, CsiError> {
+        self.resolver
+            .resolve(key)
+            .await
+            .map_err(|e| CsiError::ResolverUnavailable(e.to_string()))?
+            .ok_or_else(|| CsiError::NotFound {
+                kind: key.kind(),
+                cache: key.to_string(),
+            })
+    }
+
+    /// The volume was published before (or a crash stopped between record and mount).
+    async fn republish(&self, req: &PublishRequest, rec: &VolumeRecord) -> Result<(), CsiError> {
+        if rec.target_path != req.target_path {
+            return Err(CsiError::AlreadyPublished {
+                volume: req.volume_id.clone(),
+                existing: rec.target_path.clone(),
+                requested: req.target_path.clone(),
+            });
+        }
+        // A running pod keeps the digest it was published with, whatever the cache says now.
+        let extracted = match self.store.get(&rec.digest).map_err(|e| CsiError::Store {
+            cache: req.cache.to_string(),
+            source: Box::new(e),
+        })? {
+            Some(e) => e,
+            None => {
+                let cache = self.lookup(&req.cache).await?;
+                self.extract(&cache, &rec.digest).await?
+            }
+        };
+        let source = extracted.mount_source();
+        match self
+            .mounter
+            .state(&req.target_path, Some(&source))
+            .map_err(|e| CsiError::Io {
+                op: "inspecting",
+                path: req.target_path.clone(),
+                source: e,
+            })? {
+            MountState::MountedFrom => Ok(()),
+            MountState::MountedOther => Err(CsiError::AlreadyPublished {
+                volume: req.volume_id.clone(),
+                existing: req.target_path.clone(),
+                requested: req.target_path.clone(),
+            }),
+            MountState::Absent | MountState::NotMounted => {
+                warn!("volume recorded but not mounted; finishing the publish");
+                self.mount(&source, &req.target_path)
+            }
+        }
+    }
+
+    /// Extracts `digest` of `cache`'s repository, waiting at most the publish timeout. The
+    /// extraction runs on its own task, so a retry after a timeout finds it done.
+    async fn extract(&self, cache: &ResolvedCache, digest: &str) -> Result<Extracted, CsiError> {
+        let store_err = |e| CsiError::Store {
+            cache: cache.key.to_string(),
+            source: Box::new(e),
+        };
+        if let Some(e) = self.store.get(digest).map_err(store_err)? {
+            return Ok(e);
+        }
+        let reference = parse_reference(&cache.image).map_err(|e| {
+            CsiError::BadAttributes(format!("cache {} has a bad image: {e}", cache.key))
+        })?;
+        let pinned = PinnedRef::new(&reference, digest)
+            .map_err(|e| CsiError::BadAttributes(format!("cache {}: {e}", cache.key)))?;
+        let (store, puller) = (self.store.clone(), self.puller.clone());
+        let job =
+            tokio::spawn(async move { store.ensure(&pinned, &puller).await }.in_current_span());
+        match tokio::time::timeout(self.cfg.publish_timeout, job).await {
+            Ok(Ok(r)) => r.map_err(store_err),
+            Ok(Err(join)) => Err(CsiError::Io {
+                op: "extracting",
+                path: PathBuf::from(digest),
+                source: std::io::Error::other(join),
+            }),
+            Err(_) => Err(CsiError::StillExtracting {
+                cache: cache.key.to_string(),
+                digest: digest.to_string(),
+                after: self.cfg.publish_timeout,
+            }),
+        }
+    }
+
+    fn check_gpus(&self, cache: &CacheKey, e: &Extracted) -> Result<(), CsiError> {
+        let Some((kind, label)) = e.meta.image.summary_label() else {
+            return self.unclaimed(cache, e);
+        };
+        let summary = Summary::parse(label).map_err(|err| {
+            CsiError::BadAttributes(format!(
+                "cache {cache}: label cache.{kind}.image/summary: {err}"
+            ))
+        })?;
+        let gpus = self.gpus.read().unwrap_or_else(|e| e.into_inner());
+        match summary.check(&gpus) {
+            Verdict::NoGpuClaim => self.unclaimed(cache, e),
+            Verdict::Checked(c) if c.any_compatible() => Ok(()),
+            Verdict::Checked(c) => Err(CsiError::Incompatible {
+                cache: cache.to_string(),
+                digest: e.digest.clone(),
+                node: self.cfg.node_name.clone(),
+                reasons: if c.reasons.is_empty() {
+                    vec!["the node has no GPUs".into()]
+                } else {
+                    c.reasons
+                },
+            }),
+        }
+    }
+
+    fn unclaimed(&self, cache: &CacheKey, e: &Extracted) -> Result<(), CsiError> {
+        if self.cfg.allow_unclaimed {
+            Ok(())
+        } else {
+            Err(CsiError::NoGpuClaim {
+                cache: cache.to_string(),
+                digest: e.digest.clone(),
+            })
+        }
+    }
+
+    fn mount(&self, source: &Path, target: &Path) -> Result<(), CsiError> {
+        let io = |op, source| CsiError::Io {
+            op,
+            path: target.to_path_buf(),
+            source,
+        };
+        match std::fs::create_dir(target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io("creating the target", e)),
+        }
+        self.mounter
+            .bind_read_only(source, target)
+            .map_err(|e| io("bind-mounting onto", e))
+    }
+
+    /// NodeUnpublishVolume after validation. Idempotent: an unknown volume, a missing
+    /// target and a mount that vanished are all fine.
+    pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), CsiError> {
+        let span = info_span!("unpublish", volume_id = %volume_id, target = %target.display());
+        async {
+            let _guard = self.lock_volume(volume_id)?;
+            let io = |op, source| CsiError::Io {
+                op,
+                path: target.to_path_buf(),
+                source,
+            };
+            match self.mounter.state(target, None).map_err(|e| io("inspecting", e))? {
+                MountState::Absent => {}
+                MountState::NotMounted => remove_target(target).map_err(|e| io("removing", e))?,
+                MountState::MountedFrom | MountState::MountedOther => {
+                    self.mounter.unmount(target).map_err(|e| io("unmounting", e))?;
+                    remove_target(target).map_err(|e| io("removing", e))?;
+                }
+            }
+            match self.store.volume(volume_id) {
+                Some(rec) if rec.target_path != target => {
+                    warn!(recorded = %rec.target_path.display(), "unpublish of another target; keeping the record");
+                }
+                Some(_) => {
+                    self.store.remove_volume(volume_id).map_err(|e| CsiError::Records(Box::new(e)))?;
+                    info!("unpublished");
+                }
+                None => {}
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Removes an empty target directory. Never recursive: if the unmount did not happen, a
+/// recursive delete would reach into the cache.
+fn remove_target(target: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir(target) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Validates a NodePublishVolume request into a [`PublishRequest`].
+pub fn validate_publish(r: &pb::NodePublishVolumeRequest) -> Result<PublishRequest, CsiError> {
+    if r.volume_id.is_empty() {
+        return Err(CsiError::Missing("volume_id"));
+    }
+    let target_path = validate_target(&r.target_path)?;
+    let cap = r
+        .volume_capability
+        .as_ref()
+        .ok_or(CsiError::Missing("volume_capability"))?;
+    match &cap.access_type {
+        Some(pb::volume_capability::AccessType::Mount(_)) => {}
+        Some(pb::volume_capability::AccessType::Block(_)) => {
+            return Err(CsiError::BadCapability(
+                "block volumes are not supported: a kernel cache is a file tree".into(),
+            ));
+        }
+        None => return Err(CsiError::Missing("volume_capability.access_type")),
+    }
+    if cap.access_mode.is_none() {
+        return Err(CsiError::Missing("volume_capability.access_mode"));
+    }
+    let ctx = &r.volume_context;
+    let cache = cache_key(ctx)?;
+    let pod_namespace = ctx
+        .get(CTX_POD_NAMESPACE)
+        .filter(|s| !s.is_empty())
+        .ok_or(CsiError::Missing("volume_context[csi.storage.k8s.io/pod.namespace] (the CSIDriver must set podInfoOnMount)"))?
+        .clone();
+    Ok(PublishRequest {
+        volume_id: r.volume_id.clone(),
+        target_path,
+        cache,
+        pod_namespace,
+        pod_name: ctx.get(CTX_POD_NAME).cloned().unwrap_or_default(),
+        pod_uid: ctx.get(CTX_POD_UID).cloned().unwrap_or_default(),
+    })
+}
+
+/// Which cache the volume attributes name.
+fn cache_key(ctx: &std::collections::HashMap<String, String>) -> Result<CacheKey, CsiError> {
+    let ns = ctx.get(ATTR_NAMESPACE).filter(|s| !s.is_empty());
+    match (
+        ctx.get(ATTR_CACHE).filter(|s| !s.is_empty()),
+        ctx.get(ATTR_CLUSTER_CACHE).filter(|s| !s.is_empty()),
+    ) {
+        (Some(_), Some(_)) => Err(CsiError::BadAttributes(format!(
+            "set either {ATTR_CACHE} or {ATTR_CLUSTER_CACHE}, not both"
+        ))),
+        (None, None) => Err(CsiError::BadAttributes(format!(
+            "{ATTR_CACHE} or {ATTR_CLUSTER_CACHE} is required"
+        ))),
+        (Some(name), None) => Ok(match ns {
+            Some(ns) => CacheKey::Namespaced {
+                namespace: ns.clone(),
+                name: name.clone(),
+            },
+            // Without a namespace, GKMCache names the cluster-wide cache (earlier GKM's rule).
+            None => CacheKey::Cluster { name: name.clone() },
+        }),
+        (None, Some(name)) => {
+            if ns.is_some() {
+                return Err(CsiError::BadAttributes(format!(
+                    "{ATTR_NAMESPACE} does not apply to {ATTR_CLUSTER_CACHE}"
+                )));
+            }
+            Ok(CacheKey::Cluster { name: name.clone() })
+        }
+    }
+}
+
+/// An absolute, normalised path: no empty, `.` or `..` components, no trailing slash.
+pub fn validate_target(t: &str) -> Result<PathBuf, CsiError> {
+    if t.is_empty() {
+        return Err(CsiError::Missing("target_path"));
+    }
+    let bad = |reason| {
+        Err(CsiError::BadTargetPath {
+            path: t.to_string(),
+            reason,
+        })
+    };
+    if !t.starts_with('/') {
+        return bad("is not absolute");
+    }
+    if t == "/" {
+        return bad("is the root directory");
+    }
+    if t[1..]
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return bad("is not normalised (empty, '.' or '..' components, or a trailing slash)");
+    }
+    Ok(PathBuf::from(t))
+}
+
+/// The plugin's manifest for GetPluginInfo.
+pub fn plugin_manifest() -> BTreeMap<String, String> {
+    BTreeMap::from([(
+        "url".to_string(),
+        "https://github.com/gkm-dev/gkm".to_string(),
+    )])
+}
+
+#[cfg(test)]
+mod tests;

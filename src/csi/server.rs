@@ -1,0 +1,149 @@
+//! The gRPC face of the plugin: Identity and Node services on a unix socket.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status};
+
+use super::pb::identity_server::{Identity, IdentityServer};
+use super::pb::node_server::{Node, NodeServer};
+use super::pb::*;
+use super::{
+    CacheResolver, CsiError, DRIVER_NAME, Mounter, Plugin, validate_publish, validate_target,
+};
+
+pub struct IdentityService<R: CacheResolver, M: Mounter>(pub Arc<Plugin<R, M>>);
+pub struct NodeService<R: CacheResolver, M: Mounter>(pub Arc<Plugin<R, M>>);
+
+#[tonic::async_trait]
+impl<R: CacheResolver, M: Mounter> Identity for IdentityService<R, M> {
+    async fn get_plugin_info(
+        &self,
+        _: Request<GetPluginInfoRequest>,
+    ) -> Result<Response<GetPluginInfoResponse>, Status> {
+        Ok(Response::new(GetPluginInfoResponse {
+            name: DRIVER_NAME.to_string(),
+            vendor_version: env!("CARGO_PKG_VERSION").to_string(),
+            manifest: super::plugin_manifest().into_iter().collect(),
+        }))
+    }
+
+    /// No controller service and no topology: GKM is a node-only plugin.
+    async fn get_plugin_capabilities(
+        &self,
+        _: Request<GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
+        Ok(Response::new(GetPluginCapabilitiesResponse {
+            capabilities: vec![],
+        }))
+    }
+
+    async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        Ok(Response::new(ProbeResponse {
+            ready: Some(self.0.is_ready()),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl<R: CacheResolver, M: Mounter> Node for NodeService<R, M> {
+    async fn node_publish_volume(
+        &self,
+        req: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let v = validate_publish(req.get_ref())?;
+        self.0.publish(&v).await?;
+        Ok(Response::new(NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        req: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let r = req.get_ref();
+        if r.volume_id.is_empty() {
+            return Err(CsiError::Missing("volume_id").into());
+        }
+        let target = validate_target(&r.target_path)?;
+        self.0.unpublish(&r.volume_id, &target).await?;
+        Ok(Response::new(NodeUnpublishVolumeResponse {}))
+    }
+
+    /// Nothing beyond publish/unpublish: each capability advertised turns on kubelet
+    /// calls (and csi-sanity specs) that would have to be implemented.
+    async fn node_get_capabilities(
+        &self,
+        _: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(NodeGetCapabilitiesResponse {
+            capabilities: vec![],
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.0.config().node_name.clone(),
+            max_volumes_per_node: self.0.config().max_volumes_per_node,
+            accessible_topology: None,
+        }))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("preparing socket {path}: {source}")]
+    Socket {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("serving gRPC: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves the plugin on the unix socket `path` (a stale socket file is replaced) until
+/// `shutdown` completes.
+pub async fn serve<R: CacheResolver, M: Mounter>(
+    plugin: Arc<Plugin<R, M>>,
+    path: &Path,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let sock_err = |source| ServeError::Socket {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(sock_err)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(sock_err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(sock_err)?;
+    tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(IdentityService(plugin.clone())))
+        .add_service(NodeServer::new(NodeService(plugin)))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// A gRPC channel to a plugin's unix socket, with `:authority localhost` as kubelet sends.
+pub async fn connect(path: &Path) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let path = path.to_path_buf();
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+}

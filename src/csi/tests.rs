@@ -1,0 +1,497 @@
+//! Decision logic of the plugin, against a recording mounter and a fixed resolver.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use tonic::Code;
+
+use super::mount::Call;
+use super::*;
+use crate::api::{GpuBackend, GpuSource};
+use crate::oci::{CacheLayout, Credentials, ImageInfo, PullConfig};
+use crate::store::{Meta, StoreConfig};
+
+const DIGEST: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+const UNCLAIMED: &str = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+struct Env {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    resolver: Arc<StaticResolver>,
+    plugin: Plugin<StaticResolver, RecordingMounter>,
+}
+
+fn h100() -> GpuInfo {
+    GpuInfo {
+        index: 0,
+        uuid: "GPU-h100".into(),
+        vendor: "nvidia".into(),
+        product_name: "NVIDIA H100".into(),
+        backend: GpuBackend::Cuda,
+        arch: "90".into(),
+        warp_size: 32,
+        driver_version: None,
+        source: GpuSource::Simulated,
+    }
+}
+
+/// Puts an extracted digest into the store as an extraction would leave it.
+fn plant(root: &Path, digest: &str, summary: Option<&str>) {
+    let dir = root.join("store/sha256").join(&digest[7..]);
+    std::fs::create_dir_all(dir.join("rootfs/io.triton.cache")).unwrap();
+    let mut labels = std::collections::BTreeMap::new();
+    if let Some(s) = summary {
+        labels.insert("cache.triton.image/summary".to_string(), s.to_string());
+    }
+    let meta = Meta {
+        image: ImageInfo {
+            repository: "r.example/k".into(),
+            digest: digest.into(),
+            manifest_digest: digest.into(),
+            layers: vec![],
+            labels,
+        },
+        layout: CacheLayout::Triton,
+        files: 1,
+        size_bytes: 1,
+        entries: 1,
+    };
+    std::fs::write(dir.join("meta.json"), serde_json::to_vec(&meta).unwrap()).unwrap();
+}
+
+fn env_with(cfg: PluginConfig, gpus: Vec<GpuInfo>) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("gkm");
+    let store = Store::open(StoreConfig {
+        root: root.clone(),
+        sync: false,
+        ..Default::default()
+    })
+    .unwrap();
+    plant(
+        &root,
+        DIGEST,
+        Some(r#"{"targets":[{"backend":"cuda","arch":"90","warp_size":32}]}"#),
+    );
+    plant(&root, UNCLAIMED, None);
+    let resolver = Arc::new(StaticResolver::default());
+    let cache = |key: CacheKey, digest: Option<&str>, ns: &[&str]| ResolvedCache {
+        key,
+        image: "r.example/k:v1".into(),
+        digest: digest.map(str::to_string),
+        workload_namespaces: ns.iter().map(|s| s.to_string()).collect(),
+    };
+    resolver.insert(cache(ns_key("team-a", "llama"), Some(DIGEST), &[]));
+    resolver.insert(cache(ns_key("team-a", "unverified"), None, &[]));
+    resolver.insert(cache(ns_key("team-a", "plain"), Some(UNCLAIMED), &[]));
+    resolver.insert(cache(cluster_key("shared"), Some(DIGEST), &[]));
+    resolver.insert(cache(cluster_key("restricted"), Some(DIGEST), &["team-b"]));
+    let puller = Puller::new(PullConfig::default(), Credentials::anonymous());
+    let plugin = Plugin::new(
+        cfg,
+        Arc::new(store),
+        puller,
+        resolver.clone(),
+        RecordingMounter::default(),
+        gpus,
+    );
+    Env {
+        _dir: dir,
+        root,
+        resolver,
+        plugin,
+    }
+}
+
+fn env() -> Env {
+    env_with(
+        PluginConfig {
+            node_name: "node-1".into(),
+            ..Default::default()
+        },
+        vec![h100()],
+    )
+}
+
+fn ns_key(ns: &str, name: &str) -> CacheKey {
+    CacheKey::Namespaced {
+        namespace: ns.into(),
+        name: name.into(),
+    }
+}
+
+fn cluster_key(name: &str) -> CacheKey {
+    CacheKey::Cluster { name: name.into() }
+}
+
+impl Env {
+    fn target(&self, vol: &str) -> PathBuf {
+        let t = self.root.join("pods").join(vol);
+        std::fs::create_dir_all(t.parent().unwrap()).unwrap();
+        t
+    }
+
+    fn req(&self, vol: &str, cache: CacheKey, pod_ns: &str) -> PublishRequest {
+        PublishRequest {
+            volume_id: vol.into(),
+            target_path: self.target(vol),
+            cache,
+            pod_namespace: pod_ns.into(),
+            pod_name: "pod".into(),
+            pod_uid: "uid-1".into(),
+        }
+    }
+
+    fn source(&self) -> PathBuf {
+        self.root
+            .join("store/sha256")
+            .join(&DIGEST[7..])
+            .join("rootfs/io.triton.cache")
+    }
+}
+
+#[tokio::test]
+async fn publish_mounts_the_cache_tree_once_and_records_it() {
+    let e = env();
+    let req = e.req("vol-1", ns_key("team-a", "llama"), "team-a");
+    e.plugin.publish(&req).await.unwrap();
+    assert_eq!(
+        e.plugin.mounter().calls(),
+        [Call::Bind {
+            source: e.source(),
+            target: req.target_path.clone()
+        }]
+    );
+    let rec = e.plugin.store().volume("vol-1").unwrap();
+    assert_eq!(
+        (rec.digest.as_str(), rec.pod_namespace.as_str()),
+        (DIGEST, "team-a")
+    );
+
+    // Already done: the same call again makes no kernel call.
+    e.plugin.publish(&req).await.unwrap();
+    assert_eq!(
+        e.plugin.mounter().calls().len(),
+        1,
+        "already mounted: zero mount calls"
+    );
+}
+
+#[tokio::test]
+async fn a_publish_that_crashed_after_its_record_is_finished() {
+    let e = env();
+    let req = e.req("vol-crash", ns_key("team-a", "llama"), "team-a");
+    e.plugin.publish(&req).await.unwrap();
+    // The agent died after writing the record, before (or losing) the mount.
+    e.plugin.mounter().vanish(&req.target_path);
+    e.plugin.publish(&req).await.unwrap();
+    assert!(e.plugin.mounter().is_mounted(&req.target_path));
+    assert_eq!(e.plugin.mounter().calls().len(), 2);
+}
+
+#[tokio::test]
+async fn a_running_pod_keeps_its_digest_after_the_cache_changes() {
+    let e = env();
+    let req = e.req("vol-keep", ns_key("team-a", "llama"), "team-a");
+    e.plugin.publish(&req).await.unwrap();
+    // The cache now points at another digest; the retry of this volume keeps the old one.
+    e.resolver.insert(ResolvedCache {
+        key: ns_key("team-a", "llama"),
+        image: "r.example/k:v2".into(),
+        digest: Some(UNCLAIMED.into()),
+        workload_namespaces: vec![],
+    });
+    e.plugin.publish(&req).await.unwrap();
+    assert_eq!(e.plugin.store().volume("vol-keep").unwrap().digest, DIGEST);
+    assert_eq!(e.plugin.mounter().calls().len(), 1);
+}
+
+#[tokio::test]
+async fn the_same_volume_at_another_target_is_already_exists() {
+    let e = env();
+    e.plugin
+        .publish(&e.req("vol-2", ns_key("team-a", "llama"), "team-a"))
+        .await
+        .unwrap();
+    let mut other = e.req("vol-2", ns_key("team-a", "llama"), "team-a");
+    other.target_path = e.target("elsewhere");
+    let err = e.plugin.publish(&other).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err}");
+}
+
+#[tokio::test]
+async fn namespaces_are_isolated() {
+    let e = env();
+    let err = e
+        .plugin
+        .publish(&e.req("v", ns_key("team-a", "llama"), "team-b"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert!(
+        err.to_string().contains("team-a") && err.to_string().contains("team-b"),
+        "{err}"
+    );
+
+    let err = e
+        .plugin
+        .publish(&e.req("v", cluster_key("restricted"), "team-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert!(err.to_string().contains("workloadNamespaces"), "{err}");
+
+    e.plugin
+        .publish(&e.req("v1", cluster_key("restricted"), "team-b"))
+        .await
+        .unwrap();
+    e.plugin
+        .publish(&e.req("v2", cluster_key("shared"), "anyone"))
+        .await
+        .unwrap();
+    assert!(e.plugin.mounter().calls().len() == 2);
+    assert!(
+        e.plugin.store().volume("v").is_none(),
+        "a denied publish records nothing"
+    );
+}
+
+#[tokio::test]
+async fn unknown_and_unverified_caches() {
+    let e = env();
+    let err = e
+        .plugin
+        .publish(&e.req("v", ns_key("team-a", "nope"), "team-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err}");
+    let err = e
+        .plugin
+        .publish(&e.req("v", ns_key("team-a", "unverified"), "team-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert!(e.plugin.mounter().calls().is_empty());
+}
+
+#[tokio::test]
+async fn incompatible_gpus_fail_the_precondition_with_reasons() {
+    let mut a100 = h100();
+    a100.uuid = "GPU-a100".into();
+    a100.arch = "80".into();
+    let e = env_with(
+        PluginConfig {
+            node_name: "node-a100".into(),
+            ..Default::default()
+        },
+        vec![a100],
+    );
+    let err = e
+        .plugin
+        .publish(&e.req("v", ns_key("team-a", "llama"), "team-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("GPU-a100") && msg.contains("node-a100") && msg.contains("80"),
+        "{msg}"
+    );
+    assert!(e.plugin.store().volume("v").is_none());
+
+    let none = env_with(PluginConfig::default(), vec![]);
+    let err = none
+        .plugin
+        .publish(&none.req("v", ns_key("team-a", "llama"), "team-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+}
+
+#[tokio::test]
+async fn images_without_gpu_claims_follow_the_policy() {
+    let e = env();
+    e.plugin
+        .publish(&e.req("v", ns_key("team-a", "plain"), "team-a"))
+        .await
+        .unwrap();
+    let strict = env_with(
+        PluginConfig {
+            allow_unclaimed: false,
+            ..Default::default()
+        },
+        vec![h100()],
+    );
+    let err = strict
+        .plugin
+        .publish(&strict.req("v", ns_key("team-a", "plain"), "team-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+}
+
+#[tokio::test]
+async fn a_failed_mount_leaves_no_record() {
+    let e = env();
+    *e.plugin.mounter().fail_next_bind.lock().unwrap() = Some(1); // EPERM
+    let err = e
+        .plugin
+        .publish(&e.req("v", ns_key("team-a", "llama"), "team-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err}");
+    assert!(
+        e.plugin.store().volume("v").is_none(),
+        "refcounts stay exact"
+    );
+}
+
+#[tokio::test]
+async fn unpublish_is_idempotent_and_survives_a_vanished_mount() {
+    let e = env();
+    let req = e.req("vol-u", ns_key("team-a", "llama"), "team-a");
+    e.plugin.publish(&req).await.unwrap();
+    e.plugin.unpublish("vol-u", &req.target_path).await.unwrap();
+    assert_eq!(
+        e.plugin.mounter().calls()[1],
+        Call::Unmount(req.target_path.clone())
+    );
+    assert!(!req.target_path.exists(), "target removed");
+    assert_eq!(e.plugin.store().refcount(DIGEST), 0);
+
+    // Again: nothing to do, no kernel call, OK.
+    e.plugin.unpublish("vol-u", &req.target_path).await.unwrap();
+    assert_eq!(e.plugin.mounter().calls().len(), 2);
+
+    // A mount that vanished behind the plugin's back.
+    let req = e.req("vol-v", ns_key("team-a", "llama"), "team-a");
+    e.plugin.publish(&req).await.unwrap();
+    e.plugin.mounter().vanish(&req.target_path);
+    e.plugin.unpublish("vol-v", &req.target_path).await.unwrap();
+    assert!(
+        !e.plugin
+            .mounter()
+            .calls()
+            .contains(&Call::Unmount(req.target_path.clone()))
+    );
+    assert!(e.plugin.store().volume("vol-v").is_none());
+}
+
+#[tokio::test]
+async fn concurrent_calls_for_one_volume_are_aborted() {
+    let e = env();
+    let _held = e.plugin.lock_volume("vol-busy").unwrap();
+    let err = e
+        .plugin
+        .unpublish("vol-busy", &e.target("vol-busy"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+}
+
+fn publish_request(vol: &str, target: &str, ctx: &[(&str, &str)]) -> pb::NodePublishVolumeRequest {
+    pb::NodePublishVolumeRequest {
+        volume_id: vol.into(),
+        target_path: target.into(),
+        volume_capability: Some(pb::VolumeCapability {
+            access_type: Some(pb::volume_capability::AccessType::Mount(Default::default())),
+            access_mode: Some(pb::volume_capability::AccessMode { mode: 1 }),
+        }),
+        volume_context: ctx
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<HashMap<_, _>>(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn validation_names_the_bad_field() {
+    let pod = (CTX_POD_NAMESPACE, "ns");
+    let ok = publish_request(
+        "v",
+        "/var/lib/kubelet/pods/u/volumes/x/mount",
+        &[(ATTR_CACHE, "c"), (ATTR_NAMESPACE, "ns"), pod],
+    );
+    assert_eq!(validate_publish(&ok).unwrap().cache, ns_key("ns", "c"));
+    let cluster = publish_request("v", "/t", &[(ATTR_CACHE, "c"), pod]);
+    assert_eq!(
+        validate_publish(&cluster).unwrap().cache,
+        cluster_key("c"),
+        "no namespace: the cluster cache"
+    );
+
+    let cases: Vec<(pb::NodePublishVolumeRequest, &str)> = vec![
+        (
+            publish_request("", "/t", &[(ATTR_CACHE, "c"), pod]),
+            "volume_id",
+        ),
+        (
+            publish_request("v", "", &[(ATTR_CACHE, "c"), pod]),
+            "target_path",
+        ),
+        (
+            publish_request("v", "relative/t", &[(ATTR_CACHE, "c"), pod]),
+            "not absolute",
+        ),
+        (
+            publish_request("v", "/a/../t", &[(ATTR_CACHE, "c"), pod]),
+            "not normalised",
+        ),
+        (
+            publish_request("v", "/a//t", &[(ATTR_CACHE, "c"), pod]),
+            "not normalised",
+        ),
+        (
+            publish_request("v", "/a/t/", &[(ATTR_CACHE, "c"), pod]),
+            "not normalised",
+        ),
+        (publish_request("v", "/t", &[pod]), "is required"),
+        (
+            publish_request(
+                "v",
+                "/t",
+                &[(ATTR_CACHE, "c"), (ATTR_CLUSTER_CACHE, "d"), pod],
+            ),
+            "not both",
+        ),
+        (
+            publish_request(
+                "v",
+                "/t",
+                &[(ATTR_CLUSTER_CACHE, "d"), (ATTR_NAMESPACE, "x"), pod],
+            ),
+            "does not apply",
+        ),
+        (
+            publish_request("v", "/t", &[(ATTR_CACHE, "c")]),
+            "pod.namespace",
+        ),
+        (
+            pb::NodePublishVolumeRequest {
+                volume_capability: None,
+                ..publish_request("v", "/t", &[(ATTR_CACHE, "c"), pod])
+            },
+            "volume_capability",
+        ),
+        (
+            pb::NodePublishVolumeRequest {
+                volume_capability: Some(pb::VolumeCapability {
+                    access_type: Some(pb::volume_capability::AccessType::Block(Default::default())),
+                    access_mode: Some(pb::volume_capability::AccessMode { mode: 1 }),
+                }),
+                ..publish_request("v", "/t", &[(ATTR_CACHE, "c"), pod])
+            },
+            "block",
+        ),
+    ];
+    for (req, words) in cases {
+        let err = validate_publish(&req).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        assert!(
+            err.to_string().contains(words),
+            "{err:?} should mention {words:?}"
+        );
+    }
+}

@@ -1,0 +1,453 @@
+//! The CSI plugin with real mounts (root), driven over its unix socket the way kubelet
+//! drives it for an inline ephemeral volume, against a real API server and registry.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gkm::api::{ClusterGKMCache, GKMCache, RESOLVED_DIGEST_ANNOTATION};
+use gkm::csi::pb::node_client::NodeClient;
+use gkm::csi::pb::{self, identity_client::IdentityClient};
+use gkm::csi::{
+    ATTR_CACHE, ATTR_CLUSTER_CACHE, ATTR_NAMESPACE, CTX_POD_NAME, CTX_POD_NAMESPACE, CTX_POD_UID,
+};
+use gkm_testenv::image::{CacheKind, Compression, ImageBuilder, PushedImage, Target};
+use gkm_testenv::{shared_cluster, shared_registry, unique_name};
+use kube::api::{Api, ObjectMeta, PostParams};
+use tonic::Code;
+
+const GPUS: &str = "gpus:\n  - uuid: GPU-sim-h100\n    productName: NVIDIA H100\n    backend: cuda\n    arch: \"90\"\n";
+
+/// A `gkm-agent` process with its own store and socket.
+struct Agent {
+    child: Child,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl Agent {
+    fn start_in(dir: tempfile::TempDir) -> Agent {
+        let socket = dir.path().join("csi/csi.sock");
+        std::fs::write(dir.path().join("gpus.yaml"), GPUS).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_gkm-agent"))
+            .arg("--node-name=node-1")
+            .arg(format!("--csi-endpoint=unix://{}", socket.display()))
+            .arg(format!(
+                "--store-root={}",
+                dir.path().join("store").display()
+            ))
+            .arg(format!(
+                "--gpus-file={}",
+                dir.path().join("gpus.yaml").display()
+            ))
+            .arg(format!("--insecure-registry={}", shared_registry().host()))
+            .arg(format!(
+                "--kubeconfig={}",
+                shared_cluster().admin_kubeconfig().display()
+            ))
+            .arg("--log=gkm=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
+            .spawn()
+            .unwrap();
+        Agent { child, dir, socket }
+    }
+
+    fn start() -> Agent {
+        Self::start_in(tempfile::tempdir().unwrap())
+    }
+
+    async fn node(&self) -> NodeClient<tonic::transport::Channel> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(ch) = gkm::csi::server::connect(&self.socket).await {
+                let mut id = IdentityClient::new(ch.clone());
+                if let Ok(r) = id.probe(pb::ProbeRequest {}).await
+                    && r.get_ref().ready == Some(true)
+                {
+                    return NodeClient::new(ch);
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// Kills the agent (no chance to clean up) and returns its folder for a restart.
+    fn kill(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        std::mem::forget(self);
+        dir
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// A kubelet-style target path for a volume.
+    fn target(&self, pod_uid: &str, vol: &str) -> PathBuf {
+        let dir = self.dir.path().join(format!(
+            "kubelet/pods/{pod_uid}/volumes/kubernetes.io~csi/{vol}"
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("mount")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        unmount_below(self.dir.path());
+    }
+}
+
+/// Lazily unmounts anything still mounted below `dir` (a failed test must not leave
+/// mounts behind).
+fn unmount_below(dir: &Path) {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let prefix = dir.display().to_string();
+    for line in info.lines() {
+        if let Some(mp) = line.split(' ').nth(4)
+            && mp.starts_with(&prefix)
+        {
+            let _ = rustix::mount::unmount(mp, rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+}
+
+/// The mount options of `target` from the mount table (one look, for assertions).
+fn mount_options(target: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let t = target.display().to_string();
+    info.lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(t.as_str()))
+        .map(|l| l.split(' ').nth(5).unwrap().to_string())
+}
+
+/// What kubelet sends for an inline ephemeral volume with podInfoOnMount.
+fn kubelet_publish(
+    vol: &str,
+    target: &Path,
+    attrs: &[(&str, &str)],
+    pod_ns: &str,
+    pod: &str,
+) -> pb::NodePublishVolumeRequest {
+    let mut ctx: HashMap<String, String> = attrs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    ctx.insert(CTX_POD_NAME.into(), pod.into());
+    ctx.insert(CTX_POD_NAMESPACE.into(), pod_ns.into());
+    ctx.insert(CTX_POD_UID.into(), format!("uid-{pod}"));
+    ctx.insert(
+        "csi.storage.k8s.io/serviceAccount.name".into(),
+        "default".into(),
+    );
+    ctx.insert("csi.storage.k8s.io/ephemeral".into(), "true".into());
+    pb::NodePublishVolumeRequest {
+        volume_id: vol.into(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(pb::VolumeCapability {
+            access_type: Some(pb::volume_capability::AccessType::Mount(
+                pb::volume_capability::MountVolume::default(),
+            )),
+            access_mode: Some(pb::volume_capability::AccessMode {
+                mode: pb::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+            }),
+        }),
+        readonly: false,
+        volume_context: ctx,
+        ..Default::default()
+    }
+}
+
+fn unpublish(vol: &str, target: &Path) -> pb::NodeUnpublishVolumeRequest {
+    pb::NodeUnpublishVolumeRequest {
+        volume_id: vol.into(),
+        target_path: target.display().to_string(),
+    }
+}
+
+struct Fixture {
+    src: tempfile::TempDir,
+    image: PushedImage,
+}
+
+async fn push_cache(targets: &[Target]) -> Fixture {
+    let src = tempfile::tempdir().unwrap();
+    for d in ["0a1b", "ffee"] {
+        std::fs::create_dir_all(src.path().join(d)).unwrap();
+        std::fs::write(
+            src.path().join(d).join("kernel.cubin"),
+            format!("cubin {d}"),
+        )
+        .unwrap();
+        std::fs::write(
+            src.path().join(d).join("kernel.json"),
+            format!("{{\"name\":\"{d}\"}}"),
+        )
+        .unwrap();
+    }
+    let image = ImageBuilder::mcv(CacheKind::Triton, src.path(), targets, Compression::Gzip)
+        .unwrap()
+        .push(shared_registry(), &unique_name("csi/cache"), Some("v1"))
+        .await
+        .unwrap();
+    Fixture { src, image }
+}
+
+/// A GKMCache as the webhook would leave it: image by tag, verified digest annotated.
+async fn create_cache(ns: &str, name: &str, f: &Fixture) {
+    let api: Api<GKMCache> = Api::namespaced(shared_cluster().admin_client().await.unwrap(), ns);
+    let mut c = GKMCache::new(name, Default::default());
+    c.spec.image = f.image.by_tag();
+    c.metadata.annotations = Some(
+        [(
+            RESOLVED_DIGEST_ANNOTATION.to_string(),
+            f.image.digest.clone(),
+        )]
+        .into(),
+    );
+    api.create(&PostParams::default(), &c).await.unwrap();
+}
+
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for d in std::fs::read_dir(dir).unwrap() {
+        let p = d.unwrap().path();
+        if p.is_dir() {
+            for (n, c) in files(&p) {
+                out.push((
+                    format!("{}/{n}", p.file_name().unwrap().to_string_lossy()),
+                    c,
+                ));
+            }
+        } else {
+            out.push((
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn pods_see_the_cache_read_only_share_one_digest_and_stay_in_their_namespace() {
+    let cluster = shared_cluster();
+    let ns = cluster.new_namespace("csi-a").await.unwrap();
+    let fx = push_cache(&[Target::new("cuda", "90", 32)]).await;
+    create_cache(&ns, "llama", &fx).await;
+    let agent = Agent::start();
+    let mut node = agent.node().await;
+    let attrs = [(ATTR_CACHE, "llama"), (ATTR_NAMESPACE, ns.as_str())];
+
+    // Pod 1: the target holds the cache tree, read-only, nosuid, nodev.
+    let t1 = agent.target("uid-p1", "cache");
+    node.node_publish_volume(kubelet_publish("csi-vol-1", &t1, &attrs, &ns, "p1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        files(&t1),
+        files(fx.src.path()),
+        "the pod sees io.triton.cache/ at its mount path"
+    );
+    let err = std::fs::write(t1.join("0a1b/evil"), b"x").unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(rustix::io::Errno::ROFS.raw_os_error()),
+        "{err}"
+    );
+    let opts = mount_options(&t1).expect("the target is a mount point");
+    for o in ["ro", "nosuid", "nodev"] {
+        assert!(opts.split(',').any(|x| x == o), "{o} missing in {opts}");
+    }
+    assert!(
+        !opts.split(',').any(|x| x == "noexec"),
+        "caches hold dlopen'ed objects: {opts}"
+    );
+
+    // Idempotent: kubelet's retry of the same call succeeds and changes nothing.
+    node.node_publish_volume(kubelet_publish("csi-vol-1", &t1, &attrs, &ns, "p1"))
+        .await
+        .unwrap();
+
+    // Pod 2 shares the one extracted digest.
+    let t2 = agent.target("uid-p2", "cache");
+    node.node_publish_volume(kubelet_publish("csi-vol-2", &t2, &attrs, &ns, "p2"))
+        .await
+        .unwrap();
+    let ino = |p: &Path| {
+        std::fs::metadata(p.join("0a1b/kernel.cubin"))
+            .unwrap()
+            .ino()
+    };
+    assert_eq!(ino(&t1), ino(&t2), "one extracted tree serves both pods");
+    let digests = std::fs::read_dir(agent.store().join("store/sha256"))
+        .unwrap()
+        .count();
+    assert_eq!(digests, 1);
+
+    // A pod of another namespace is refused, and nothing is mounted for it.
+    let other = cluster.new_namespace("csi-b").await.unwrap();
+    let t3 = agent.target("uid-p3", "cache");
+    let err = node
+        .node_publish_volume(kubelet_publish("csi-vol-3", &t3, &attrs, &other, "p3"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(mount_options(&t3).is_none());
+
+    // An unknown cache.
+    let err = node
+        .node_publish_volume(kubelet_publish(
+            "csi-vol-4",
+            &t3,
+            &[(ATTR_CACHE, "nope"), (ATTR_NAMESPACE, &ns)],
+            &ns,
+            "p4",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    // Unpublish removes the mount and the target; the digest stays while pod 2 uses it.
+    node.node_unpublish_volume(unpublish("csi-vol-1", &t1))
+        .await
+        .unwrap();
+    assert!(!t1.exists() && mount_options(&t1).is_none());
+    node.node_unpublish_volume(unpublish("csi-vol-1", &t1))
+        .await
+        .unwrap();
+    assert!(!t2.join("0a1b/kernel.cubin").exists() || mount_options(&t2).is_some());
+    let store = agent.store();
+    let agent_dir = agent.kill();
+    assert!(gc(&store).is_empty(), "in use by pod 2: nothing to collect");
+
+    // After the last unpublish, GC reclaims the digest.
+    let agent = Agent::start_in(agent_dir);
+    let mut node = agent.node().await;
+    node.node_unpublish_volume(unpublish("csi-vol-2", &t2))
+        .await
+        .unwrap();
+    assert!(mount_options(&t2).is_none());
+    let store = agent.store();
+    let _dir = agent.kill();
+    assert_eq!(gc(&store), std::slice::from_ref(&fx.image.digest));
+}
+
+/// `gkm gc --store DIR` (the agent holds the store's lock while it runs).
+fn gc(store: &Path) -> Vec<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_gkm"))
+        .args(["gc", "--store"])
+        .arg(store)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("removed ").map(str::to_string))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_restarted_agent_unpublishes_what_it_mounted_before() {
+    let cluster = shared_cluster();
+    let fx = push_cache(&[Target::new("cuda", "sm_90", 32)]).await;
+    let name = unique_name("shared-cache");
+    let api: Api<ClusterGKMCache> = Api::all(cluster.admin_client().await.unwrap());
+    let mut c = ClusterGKMCache::new(&name, Default::default());
+    c.spec.image = fx.image.by_tag();
+    c.metadata = ObjectMeta {
+        name: Some(name.clone()),
+        annotations: Some(
+            [(
+                RESOLVED_DIGEST_ANNOTATION.to_string(),
+                fx.image.digest.clone(),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    api.create(&PostParams::default(), &c).await.unwrap();
+
+    let agent = Agent::start();
+    let mut node = agent.node().await;
+    let (ta, tb) = (agent.target("uid-a", "c"), agent.target("uid-b", "c"));
+    for (vol, t, pod) in [("vol-a", &ta, "a"), ("vol-b", &tb, "b")] {
+        node.node_publish_volume(kubelet_publish(
+            vol,
+            t,
+            &[(ATTR_CLUSTER_CACHE, &name)],
+            "anywhere",
+            pod,
+        ))
+        .await
+        .unwrap();
+    }
+    // The agent dies with live mounts; one of them is then unmounted behind its back.
+    let dir = agent.kill();
+    rustix::mount::unmount(&tb, rustix::mount::UnmountFlags::empty()).unwrap();
+
+    let agent = Agent::start_in(dir);
+    let mut node = agent.node().await;
+    node.node_unpublish_volume(unpublish("vol-a", &ta))
+        .await
+        .unwrap();
+    node.node_unpublish_volume(unpublish("vol-b", &tb))
+        .await
+        .unwrap();
+    assert!(!ta.exists() && !tb.exists());
+    assert!(mount_options(&ta).is_none());
+    let records = std::fs::read_dir(agent.store().join("volumes"))
+        .unwrap()
+        .count();
+    assert_eq!(records, 0, "refcounts exact: no record left");
+}
+
+#[tokio::test]
+async fn a_cache_for_other_gpus_fails_the_precondition() {
+    let cluster = shared_cluster();
+    let ns = cluster.new_namespace("csi-gpu").await.unwrap();
+    let fx = push_cache(&[Target::new("hip", "gfx942", 64)]).await;
+    create_cache(&ns, "amd-only", &fx).await;
+    let agent = Agent::start();
+    let mut node = agent.node().await;
+    let t = agent.target("uid-x", "c");
+    let err = node
+        .node_publish_volume(kubelet_publish(
+            "vol-x",
+            &t,
+            &[(ATTR_CACHE, "amd-only"), (ATTR_NAMESPACE, &ns)],
+            &ns,
+            "x",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("GPU-sim-h100") && err.message().contains("gfx942"),
+        "{}",
+        err.message()
+    );
+    assert!(mount_options(&t).is_none());
+}
