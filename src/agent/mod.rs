@@ -62,7 +62,8 @@ pub async fn run(
         KernelMounter,
         gpus,
     ));
-    info!(socket = %cfg.socket.display(), "serving CSI");
+    let dropped = plugin.reconcile_records()?;
+    info!(socket = %cfg.socket.display(), stale_records = dropped, "serving CSI");
     csi::server::serve(plugin, &cfg.socket, shutdown).await?;
     Ok(())
 }

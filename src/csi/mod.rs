@@ -378,6 +378,31 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
             .map_err(|e| io("bind-mounting onto", e))
     }
 
+    /// At start: drops the records of volumes whose mount is gone (the node rebooted, or
+    /// someone unmounted it), so they pin no digest. Kubelet publishes again any volume it
+    /// still wants. Returns how many were dropped.
+    pub fn reconcile_records(&self) -> Result<usize, CsiError> {
+        let mut dropped = 0;
+        for rec in self.store.volumes() {
+            let state = self
+                .mounter
+                .state(&rec.target_path, None)
+                .map_err(|e| CsiError::Io {
+                    op: "inspecting",
+                    path: rec.target_path.clone(),
+                    source: e,
+                })?;
+            if matches!(state, MountState::Absent | MountState::NotMounted) {
+                warn!(volume_id = %rec.volume_id, target = %rec.target_path.display(), digest = %rec.digest, "dropping the record of a volume whose mount is gone");
+                self.store
+                    .remove_volume(&rec.volume_id)
+                    .map_err(|e| CsiError::Records(Box::new(e)))?;
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
+    }
+
     /// NodeUnpublishVolume after validation. Idempotent: an unknown volume, a missing
     /// target and a mount that vanished are all fine.
     pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), CsiError> {

@@ -495,3 +495,17 @@ fn validation_names_the_bad_field() {
         );
     }
 }
+
+#[tokio::test]
+async fn records_of_vanished_mounts_are_dropped_at_start() {
+    let e = env();
+    let live = e.req("vol-live", ns_key("team-a", "llama"), "team-a");
+    let gone = e.req("vol-gone", ns_key("team-a", "llama"), "team-a");
+    e.plugin.publish(&live).await.unwrap();
+    e.plugin.publish(&gone).await.unwrap();
+    e.plugin.mounter().vanish(&gone.target_path);
+    assert_eq!(e.plugin.reconcile_records().unwrap(), 1);
+    assert!(e.plugin.store().volume("vol-live").is_some());
+    assert!(e.plugin.store().volume("vol-gone").is_none());
+    assert_eq!(e.plugin.store().refcount(DIGEST), 1);
+}

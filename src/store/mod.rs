@@ -7,7 +7,10 @@
 //! - `store/tmp/`: extractions in progress and trees being deleted. A tree becomes visible
 //!   only complete, by one rename from here; whatever is left here at start is removed.
 //! - `volumes/<volume id>.json`: one record per published volume, written atomically
-//!   (write, fsync, rename, fsync the folder), so a restarted agent knows every mount.
+//!   (a temporary file, fsync, rename), so a restarted agent knows every mount it made.
+//!   The folder is not fsynced: a rename lost to a power failure loses a record whose
+//!   mount did not survive the reboot either, and the agent drops records whose mount is
+//!   gone when it starts. An unreadable record is set aside, not fatal.
 //! - `lock`: held (flock) by the one agent that owns this root.
 //!
 //! Garbage collection removes a digest only when no volume references it, no cache on this
@@ -66,6 +69,8 @@ pub struct StoreConfig {
     /// Flush the filesystem before a tree becomes visible, so a power loss cannot leave a
     /// visible tree with missing data.
     pub sync: bool,
+    /// fsync each volume record before it is renamed into place.
+    pub sync_records: bool,
 }
 
 impl Default for StoreConfig {
@@ -75,6 +80,7 @@ impl Default for StoreConfig {
             limits: Limits::default(),
             gc_grace: Duration::from_secs(600),
             sync: true,
+            sync_records: true,
         }
     }
 }
@@ -143,6 +149,8 @@ pub struct Store {
     cfg: StoreConfig,
     _lock: OwnedFd,
     state: Mutex<State>,
+    /// Extracted digests already read from disk: a publish does not re-read meta.json.
+    extracted: Mutex<HashMap<String, Extracted>>,
     /// One lock per digest: extraction and GC of a digest never overlap, and concurrent
     /// requests for one digest extract it once.
     digest_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -200,18 +208,24 @@ impl Store {
                 continue;
             }
             let text = fs::read_to_string(&path).map_err(io_err("reading", &path))?;
-            let rec: VolumeRecord =
-                serde_json::from_str(&text).map_err(|e| StoreError::BadRecord {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-            state.volumes.insert(rec.volume_id.clone(), rec);
+            match serde_json::from_str::<VolumeRecord>(&text) {
+                Ok(rec) => {
+                    state.volumes.insert(rec.volume_id.clone(), rec);
+                }
+                Err(e) => {
+                    // Only a power failure leaves one; its mount is gone with the reboot.
+                    let aside = vdir.join(format!(".corrupt-{name}"));
+                    warn!(path = %path.display(), error = %e, "setting an unreadable volume record aside");
+                    fs::rename(&path, &aside).map_err(io_err("setting aside", &path))?;
+                }
+            }
         }
         info!(root = %root.display(), volumes = state.volumes.len(), "store opened");
         Ok(Self {
             cfg,
             _lock: lock,
             state: Mutex::new(state),
+            extracted: Mutex::new(HashMap::new()),
             digest_locks: Mutex::new(HashMap::new()),
         })
     }
@@ -233,6 +247,14 @@ impl Store {
 
     /// The extracted image for `digest`, if the store has it.
     pub fn get(&self, digest: &str) -> Result<Option<Extracted>> {
+        if let Some(e) = self
+            .extracted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(digest)
+        {
+            return Ok(Some(e.clone()));
+        }
         let dir = self.digest_dir(digest)?;
         let meta_path = dir.join("meta.json");
         let text = match fs::read_to_string(&meta_path) {
@@ -244,11 +266,20 @@ impl Store {
             path: meta_path,
             reason: e.to_string(),
         })?;
-        Ok(Some(Extracted {
+        let e = Extracted {
             digest: digest.to_string(),
             dir,
             meta,
-        }))
+        };
+        self.remember(&e);
+        Ok(Some(e))
+    }
+
+    fn remember(&self, e: &Extracted) {
+        self.extracted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(e.digest.clone(), e.clone());
     }
 
     /// Every digest the store holds.
@@ -336,7 +367,8 @@ impl Store {
             entries: totals.entries,
         };
         let meta_path = tmp.path().join("meta.json");
-        write_durable(
+        write_atomic(
+            false,
             &meta_path,
             &serde_json::to_vec_pretty(&meta).expect("meta serialises"),
         )?;
@@ -382,11 +414,13 @@ impl Store {
         if !published {
             remove_tree(&tmp_path)?;
         }
-        Ok(Extracted {
+        let e = Extracted {
             digest: digest.to_string(),
             dir: final_dir,
             meta,
-        })
+        };
+        self.remember(&e);
+        Ok(e)
     }
 
     /// Marks a digest as just used, restarting its GC grace period.
@@ -401,7 +435,8 @@ impl Store {
     /// Durably records a published volume (before its mount is made).
     pub fn record_volume(&self, rec: &VolumeRecord) -> Result<()> {
         let path = self.record_path(&rec.volume_id);
-        write_durable(
+        write_atomic(
+            self.cfg.sync_records,
             &path,
             &serde_json::to_vec_pretty(rec).expect("record serialises"),
         )?;
@@ -415,7 +450,7 @@ impl Store {
     pub fn remove_volume(&self, volume_id: &str) -> Result<Option<VolumeRecord>> {
         let path = self.record_path(volume_id);
         match fs::remove_file(&path) {
-            Ok(()) => fsync_dir(path.parent().expect("records have a parent"))?,
+            Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("removing", &path)(e)),
         }
@@ -504,6 +539,10 @@ impl Store {
                 "gc-{}",
                 dir.file_name().and_then(OsStr::to_str).unwrap_or("x")
             ));
+            self.extracted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&digest);
             // Disappear atomically, then delete at leisure (a crash leaves it in tmp/).
             fs::rename(&dir, &grave).map_err(io_err("moving aside", &dir))?;
             let g = grave.clone();
@@ -526,9 +565,9 @@ impl Store {
     }
 }
 
-/// Writes `path` atomically and durably: a temporary file in the same folder, fsync,
-/// rename over `path`, fsync the folder.
-pub(crate) fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes `path` atomically: a temporary file in the same folder (fsynced when `sync`),
+/// renamed over `path`. Readers see the old content or the new, never a part.
+pub(crate) fn write_atomic(sync: bool, path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().expect("records live in a folder");
     let name = path.file_name().and_then(OsStr::to_str).unwrap_or("record");
     let mut tmp = tempfile::Builder::new()
@@ -536,10 +575,12 @@ pub(crate) fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
         .tempfile_in(dir)
         .map_err(io_err("creating a temporary file in", dir))?;
     tmp.write_all(bytes).map_err(io_err("writing", path))?;
-    tmp.as_file().sync_all().map_err(io_err("syncing", path))?;
+    if sync {
+        tmp.as_file().sync_data().map_err(io_err("syncing", path))?;
+    }
     tmp.persist(path)
         .map_err(|e| io_err("renaming into place", path)(e.error))?;
-    fsync_dir(dir)
+    Ok(())
 }
 
 fn fsync_dir(dir: &Path) -> Result<()> {
@@ -644,6 +685,20 @@ mod tests {
             None,
             "unknown is not an error"
         );
+    }
+
+    #[test]
+    fn an_unreadable_record_is_set_aside_not_fatal() {
+        let root = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(cfg(root.path())).unwrap();
+            store.record_volume(&record("good", D1)).unwrap();
+        }
+        // What a power failure can leave: a record renamed into place before its data.
+        fs::write(root.path().join("volumes/bad.json"), b"").unwrap();
+        let store = Store::open(cfg(root.path())).unwrap();
+        assert_eq!(store.volumes().len(), 1);
+        assert!(root.path().join("volumes/.corrupt-bad.json").exists());
     }
 
     #[test]
