@@ -133,12 +133,39 @@ debian_packages() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+# go-containerregistry's registry with the OCI 1.1 referrers API on (crane's `registry serve`
+# leaves it off), from testenv/referrers-registry. The cached name carries the ggcr version
+# and a hash of the program's source, so a change to it rebuilds.
+referrers_registry() {
+  local src
+  src=$(cd "$(dirname "${BASH_SOURCE[0]}")/../testenv/referrers-registry" && pwd)
+  local hash
+  hash=$(cat "$src/main.go" "$src/go.mod" "$src/go.sum" | sha256sum | cut -c1-12)
+  local v=$CRANE_VERSION-$hash
+  local target=$BIN/referrers-registry-$v
+  step referrers-registry "go-containerregistry pkg/registry@$CRANE_VERSION with referrers"
+  if [ -x "$target" ]; then
+    echo "    cached: $target"
+  else
+    local t0 dir
+    t0=$(now)
+    # Build from a copy: GOFLAGS=-mod=mod may rewrite go.mod/go.sum, never in the checkout.
+    dir=$(mktemp -d)
+    cp "$src/main.go" "$src/go.mod" "$src/go.sum" "$dir/"
+    (cd "$dir" && go build -trimpath -o "$target" .)
+    rm -rf "$dir"
+    echo "    built in $(($(now) - t0))s"
+  fi
+  ln -sfn "referrers-registry-$v" "$BIN/referrers-registry"
+}
+
 T_ALL=$(now)
 kube_tools
 go_tool cosign github.com/sigstore/cosign/v3/cmd/cosign "$COSIGN_VERSION"
 go_tool crane github.com/google/go-containerregistry/cmd/crane "$CRANE_VERSION"
 go_tool csi-sanity github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity "$CSI_SANITY_VERSION"
 debian_packages
+referrers_registry
 
 step versions "installed into $BIN"
 STEP=versions

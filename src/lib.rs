@@ -7,6 +7,7 @@
 //! - [`gpu`]: this node's GPUs (NVML, KFD sysfs, simulated) and cache compatibility.
 //! - [`oci`]: image references, credentials, digest-pinned pulls, hardened extraction.
 //! - [`store`]: the node's content-addressed store, volume records, refcounts and GC.
+//! - [`trust`]: the trust policy and signature verification of images, fail-closed.
 //! - [`csi`]: the CSI node plugin `csi.gkm.io` (Identity and Node services).
 //! - [`cli`]: what the `gkm` commands do.
 
@@ -17,6 +18,7 @@ pub mod csi;
 pub mod gpu;
 pub mod oci;
 pub mod store;
+pub mod trust;
 
 /// Installs ring as the process's TLS crypto provider (kube's choice), so every TLS client
 /// in the process (kube, the registry client) agrees. Idempotent; binaries call it first.
@@ -26,4 +28,22 @@ pub fn install_crypto() {
         // Err only if a provider was installed already, which serves as well.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
+}
+
+/// Logs to stderr (stdout stays for a command's output), as text or JSON lines, filtered
+/// by `filter` (e.g. `info` or `info,gkm=debug`).
+pub fn init_logging(
+    filter: &str,
+    json: bool,
+) -> Result<(), tracing_subscriber::filter::ParseError> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)?;
+    let fmt = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    if json {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
+    Ok(())
 }

@@ -14,15 +14,7 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::new(&cfg.log);
-    if cfg.log_json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    gkm::init_logging(&cfg.log, cfg.log_json)?;
     agent::run(cfg, shutdown_signal()).await
 }
 

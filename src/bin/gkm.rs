@@ -111,10 +111,7 @@ impl From<GpuArgs> for Inventory {
 async fn main() -> Result<()> {
     gkm::install_crypto();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
-        .with_writer(std::io::stderr)
-        .init();
+    gkm::init_logging(&cli.log, false).context("--log")?;
     match cli.command {
         Command::Gpus { gpu, json } => print!("{}", cli::gpus(&gpu.into(), json)?),
         Command::Inspect {

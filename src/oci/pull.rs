@@ -569,3 +569,139 @@ impl Read for ChannelReader {
         Ok(n)
     }
 }
+
+/// Raw access for signature verification (`gkm::trust`): manifests by tag or digest as the
+/// registry's exact bytes, small blobs read whole under a size bound, and referrers.
+/// Every call runs under the same overall timeout as the other registry calls.
+impl Puller {
+    /// Fetches the manifest or index that `reference` (tag or digest) names, as the exact
+    /// bytes the registry served, with their digest; `Ok(None)` when the registry says it
+    /// does not exist. A by-digest reference is checked against its digest; either way the
+    /// returned digest is computed from the bytes, never taken from a header. Fails when the
+    /// manifest is larger than `max_bytes` (oci-client buffers the response first, so the
+    /// timeout is what bounds the transfer itself).
+    pub async fn fetch_manifest_bytes(
+        &self,
+        reference: &oci_client::Reference,
+        max_bytes: usize,
+    ) -> Result<Option<(Vec<u8>, String)>, PullError> {
+        let name = reference.whole();
+        let auth = self.creds.for_registry(reference.registry());
+        let fetch = self
+            .client
+            .pull_manifest_raw(reference, &auth, image::ACCEPTED_MANIFESTS);
+        let body = match self.bounded(&name, "fetching a manifest", fetch).await {
+            Ok((body, _)) => body,
+            Err(PullError::Registry { source, .. }) if Self::is_not_found(&source) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        if body.len() > max_bytes {
+            return Err(PullError::SizeMismatch {
+                image: name,
+                what: "manifest (limit)".into(),
+                expected: max_bytes as u64,
+                actual: body.len() as u64,
+            });
+        }
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
+        if let Some(expected) = reference.digest() {
+            check_digest(&name, "manifest", expected, &body)?;
+        }
+        Ok(Some((body.to_vec(), digest)))
+    }
+
+    /// Reads the blob `digest` of `size` bytes from `image`'s repository into memory,
+    /// refusing it when `size` is over `max_bytes` and stopping as soon as the registry sends
+    /// more than `size` bytes; the bytes are checked against `digest`.
+    pub async fn fetch_blob_bytes(
+        &self,
+        image: &PinnedRef,
+        digest: &str,
+        size: u64,
+        max_bytes: u64,
+    ) -> Result<Vec<u8>, PullError> {
+        let name = image.to_string();
+        let what = format!("blob {digest}");
+        if size > max_bytes {
+            return Err(PullError::SizeMismatch {
+                image: name,
+                what: format!("{what} (limit)"),
+                expected: max_bytes,
+                actual: size,
+            });
+        }
+        let auth = self.creds.for_registry(image.registry());
+        self.client
+            .store_auth_if_needed(image.as_reference().resolve_registry(), &auth)
+            .await;
+        let desc = OciDescriptor {
+            digest: digest.to_string(),
+            size: size as i64,
+            ..Default::default()
+        };
+        let read = async {
+            let mut stream = self
+                .client
+                .pull_blob_stream(image.as_reference(), &desc)
+                .await?;
+            let mut buf = Vec::with_capacity(size as usize);
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(OciDistributionError::IoError)?;
+                if (buf.len() + chunk.len()) as u64 > size {
+                    // Longer than its descriptor: stop reading, the size check below fails.
+                    buf.extend_from_slice(&chunk[..(size as usize - buf.len())]);
+                    return Ok((buf, true));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok((buf, false))
+        };
+        let (buf, overlong) = self.bounded(&name, "fetching a blob", read).await?;
+        if overlong || buf.len() as u64 != size {
+            return Err(PullError::SizeMismatch {
+                image: name,
+                what,
+                expected: size,
+                actual: if overlong { size + 1 } else { buf.len() as u64 },
+            });
+        }
+        check_digest(&name, &what, digest, &buf)?;
+        Ok(buf)
+    }
+
+    /// The referrers of `image`: the OCI 1.1 referrers API where the registry has it, else
+    /// the referrers tag schema (tag `sha256-<hex>`), as oci-client implements both. An empty
+    /// index when there are none.
+    pub async fn list_referrers(
+        &self,
+        image: &PinnedRef,
+    ) -> Result<oci_client::manifest::OciImageIndex, PullError> {
+        let auth = self.creds.for_registry(image.registry());
+        self.client
+            .store_auth_if_needed(image.as_reference().resolve_registry(), &auth)
+            .await;
+        let list = self.client.pull_referrers(image.as_reference(), None);
+        self.bounded(&image.to_string(), "listing referrers", list)
+            .await
+    }
+
+    /// Whether the registry answered that the manifest (or repository) does not exist.
+    fn is_not_found(e: &OciDistributionError) -> bool {
+        use oci_client::errors::OciErrorCode;
+        match e {
+            OciDistributionError::ImageManifestNotFoundError(_) => true,
+            OciDistributionError::ServerError { code, .. } => *code == 404,
+            OciDistributionError::RegistryError { envelope, .. } => {
+                envelope.errors.iter().any(|e| {
+                    matches!(
+                        e.code,
+                        OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown
+                    )
+                })
+            }
+            _ => false,
+        }
+    }
+}

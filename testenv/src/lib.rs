@@ -18,7 +18,7 @@ pub mod cosign;
 pub mod faulty;
 pub mod fixtures;
 pub mod image;
-mod pki;
+pub mod pki;
 pub mod process;
 pub mod registry;
 pub mod tools;

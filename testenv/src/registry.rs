@@ -31,36 +31,7 @@ impl Registry {
             }
             None => process::free_port()?,
         };
-        let dir = process::work_dir("registry")?;
-        let blobs = dir.join("blobs");
-        // crane writes uploads into this folder but does not create it.
-        std::fs::create_dir_all(&blobs)
-            .map_err(|e| Error::io(format!("creating {}", blobs.display()), e))?;
-        let host = format!("127.0.0.1:{port}");
-        let args = vec![
-            "registry".to_string(),
-            "serve".into(),
-            format!("--address={host}"),
-            format!("--disk={}", blobs.display()),
-        ];
-        let process = ServerProcess::start("registry", &crane, &args, &[], &dir)?;
-        let http = crate::http_builder()
-            .timeout(Duration::from_secs(2))
-            .build()
-            .map_err(|e| Error::Other(format!("HTTP client: {e}")))?;
-        let url = format!("http://{host}/v2/");
-        process
-            .wait_ready(
-                "/v2/",
-                &[(port, "listen port")],
-                Duration::from_secs(20),
-                || {
-                    let req = http.get(&url);
-                    async move { matches!(req.send().await, Ok(r) if r.status().is_success()) }
-                },
-            )
-            .await?;
-        Ok(Self { host, dir, process })
+        Self::launch("registry", &crane, &["registry", "serve"], port).await
     }
 
     /// `127.0.0.1:<port>`, the registry part of an image reference.
@@ -100,5 +71,55 @@ pub fn shared_registry() -> &'static Registry {
     match started {
         Ok(r) => r,
         Err(e) => panic!("the shared test registry did not start: {e}"),
+    }
+}
+
+impl Registry {
+    /// Starts go-containerregistry's registry with the OCI 1.1 referrers API on (built by
+    /// `scripts/install-tools.sh` as `referrers-registry` from `testenv/referrers-registry`),
+    /// on a free port. cosign attaches Sigstore bundles to it as referrers, without the
+    /// fallback tag that `crane registry serve` (no referrers API) gets.
+    pub async fn start_with_referrers() -> Result<Self, Error> {
+        let bin = tools::tools_bin_dir().join("referrers-registry");
+        if !bin.is_file() {
+            return Err(Error::ToolMissing {
+                tool: "referrers-registry",
+                looked_at: bin,
+                hint: "run scripts/install-tools.sh (or set GKM_TOOLS_DIR)".into(),
+            });
+        }
+        Self::launch("referrers-registry", &bin, &[], process::free_port()?).await
+    }
+
+    /// Runs `bin ARGS --address=127.0.0.1:PORT --disk=DIR` and waits for `/v2/`.
+    async fn launch(
+        name: &str,
+        bin: &std::path::Path,
+        args: &[&str],
+        port: u16,
+    ) -> Result<Self, Error> {
+        let dir = process::work_dir("registry")?;
+        let blobs = dir.join("blobs");
+        // The registries write uploads into this folder but do not create it.
+        std::fs::create_dir_all(&blobs)
+            .map_err(|e| Error::io(format!("creating {}", blobs.display()), e))?;
+        let host = format!("127.0.0.1:{port}");
+        let mut argv: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        argv.push(format!("--address={host}"));
+        argv.push(format!("--disk={}", blobs.display()));
+        let process = ServerProcess::start(name, bin, &argv, &[], &dir)?;
+        let http = crate::http_builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .map_err(|e| Error::Other(format!("HTTP client: {e}")))?;
+        let url = format!("http://{host}/v2/");
+        let ports = [(port, "listen port")];
+        process
+            .wait_ready("/v2/", &ports, Duration::from_secs(20), || {
+                let req = http.get(&url);
+                async move { matches!(req.send().await, Ok(r) if r.status().is_success()) }
+            })
+            .await?;
+        Ok(Self { host, dir, process })
     }
 }

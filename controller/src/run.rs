@@ -1,0 +1,185 @@
+//! Configuration (parsed and checked in one place) and the wiring of the admission server,
+//! the trust policy (reloaded when its file changes) and the status controller.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tracing::{info, warn};
+
+use crate::admission::Admission;
+use crate::verify::TrustVerifier;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "gkm-controller",
+    version,
+    about = "GKM admission webhook and status controller"
+)]
+pub struct Args {
+    /// Address of the HTTPS admission server.
+    #[arg(long, env = "GKM_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: String,
+    /// Serving certificate (PEM chain) and key of the admission server.
+    #[arg(long, env = "GKM_TLS_CERT", default_value = "/etc/gkm/tls/tls.crt")]
+    pub tls_cert: PathBuf,
+    #[arg(long, env = "GKM_TLS_KEY", default_value = "/etc/gkm/tls/tls.key")]
+    pub tls_key: PathBuf,
+    /// The trust policy (a mounted ConfigMap); reloaded when it changes.
+    #[arg(
+        long,
+        env = "GKM_POLICY",
+        default_value = "/etc/gkm/policy/policy.yaml"
+    )]
+    pub policy: PathBuf,
+    /// Usernames exempt from the annotation rules (GKM's own automation). Repeatable.
+    #[arg(
+        long = "trusted-user",
+        env = "GKM_TRUSTED_USERS",
+        value_delimiter = ','
+    )]
+    pub trusted_users: Vec<String>,
+    /// Registries (host[:port]) spoken to over plain HTTP. Repeatable.
+    #[arg(
+        long = "insecure-registry",
+        env = "GKM_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    pub insecure_registries: Vec<String>,
+    /// Registry credentials: a docker config file.
+    #[arg(long, env = "GKM_REGISTRY_AUTH")]
+    pub registry_auth: Option<PathBuf>,
+    /// Kubeconfig (default: in-cluster, then $KUBECONFIG).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Serve admission only (no status controller).
+    #[arg(long, default_value_t = false)]
+    pub webhook_only: bool,
+    #[arg(long, env = "GKM_LOG", default_value = "info")]
+    pub log: String,
+    #[arg(long, env = "GKM_LOG_JSON", default_value_t = false)]
+    pub log_json: bool,
+}
+
+/// A checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub args: Args,
+    pub policy: gkm::trust::TrustPolicy,
+}
+
+impl Args {
+    /// Checks everything at once; the error lists every problem.
+    pub fn check(self) -> Result<Config, Vec<String>> {
+        let mut errs = Vec::new();
+        let listen = self
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| errs.push(format!("--listen {:?}: {e}", self.listen)))
+            .ok();
+        for (flag, f) in [("--tls-cert", &self.tls_cert), ("--tls-key", &self.tls_key)] {
+            if !f.is_file() {
+                errs.push(format!("{flag} {}: no such file", f.display()));
+            }
+        }
+        let policy = match gkm::trust::TrustPolicy::load(&self.policy) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                errs.push(format!("--policy {}: {e}", self.policy.display()));
+                None
+            }
+        };
+        for u in &self.trusted_users {
+            if u.trim().is_empty() {
+                errs.push("--trusted-user: empty name".into());
+            }
+        }
+        match (listen, policy) {
+            (Some(listen), Some(policy)) if errs.is_empty() => Ok(Config {
+                listen,
+                args: self,
+                policy,
+            }),
+            _ => Err(errs),
+        }
+    }
+}
+
+/// Runs the admission server and (unless webhook-only) the status controller until
+/// `shutdown` completes.
+pub async fn run(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> Result<()> {
+    gkm::install_crypto();
+    let creds = match &cfg.args.registry_auth {
+        Some(f) => gkm::oci::Credentials::from_file(f)?,
+        None => gkm::oci::Credentials::anonymous(),
+    };
+    let pull = gkm::oci::PullConfig {
+        insecure_registries: cfg.args.insecure_registries.clone(),
+        ..Default::default()
+    };
+    let puller = gkm::oci::Puller::new(pull, creds);
+    let trust = Arc::new(gkm::trust::Verifier::new(
+        cfg.policy.clone(),
+        puller.clone(),
+    ));
+    let admission = Arc::new(Admission::new(
+        TrustVerifier::new(trust.clone(), puller),
+        cfg.args.trusted_users.clone(),
+    ));
+    let tls = crate::server::tls_config(&cfg.args.tls_cert, &cfg.args.tls_key)?;
+    let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
+
+    tokio::spawn(reload_policy(cfg.args.policy.clone(), trust));
+    let server = crate::server::serve(admission, cfg.listen, tls, shutdown.clone());
+    info!(listen = %cfg.listen, "serving admission");
+    if cfg.args.webhook_only {
+        server.await?;
+        return Ok(());
+    }
+    let client = kube_client(cfg.args.kubeconfig.as_ref()).await?;
+    let (served, ()) = tokio::join!(server, crate::controller::run(client, shutdown));
+    served?;
+    Ok(())
+}
+
+/// Re-reads the policy file every few seconds (a ConfigMap update replaces it) and puts a
+/// changed, valid policy in force; an invalid one is logged and the old one kept.
+async fn reload_policy(path: PathBuf, trust: Arc<gkm::trust::Verifier>) {
+    let mut last = std::fs::read(&path).ok();
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let now = std::fs::read(&path).ok();
+        if now == last {
+            continue;
+        }
+        match gkm::trust::TrustPolicy::load(&path) {
+            Ok(p) => {
+                trust.set_policy(p);
+                info!(path = %path.display(), "trust policy reloaded");
+            }
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "new trust policy is invalid; keeping the old one")
+            }
+        }
+        last = now;
+    }
+}
+
+async fn kube_client(path: Option<&PathBuf>) -> Result<kube::Client> {
+    let config = match path {
+        Some(p) => {
+            let kc = kube::config::Kubeconfig::read_from(p)
+                .with_context(|| format!("reading {}", p.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => kube::Config::infer().await.context("finding the cluster")?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}

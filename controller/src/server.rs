@@ -1,0 +1,163 @@
+//! The HTTPS admission server (rustls): `POST /mutate`, `POST /validate`, `GET /healthz`,
+//! `GET /readyz`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::admission::Admission;
+use crate::verify::ImageVerifier;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("reading TLS material {path}: {reason}")]
+    Tls { path: String, reason: String },
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Loads a PEM certificate chain and private key into a rustls server configuration.
+pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, ServerError> {
+    let err = |p: &Path, reason: String| ServerError::Tls {
+        path: p.display().to_string(),
+        reason,
+    };
+    let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(cert).map_err(|e| err(cert, e.to_string()))?,
+    ))
+    .collect::<Result<_, _>>()
+    .map_err(|e| err(cert, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err(cert, "no certificate in the file".into()));
+    }
+    let key_der = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key).map_err(|e| err(key, e.to_string()))?,
+    ))
+    .map_err(|e| err(key, e.to_string()))?
+    .ok_or_else(|| err(key, "no private key in the file".into()))?;
+    let mut cfg = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| err(cert, e.to_string()))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Serves admission on `addr` until `shutdown` completes.
+pub async fn serve<V: ImageVerifier>(
+    admission: Arc<Admission<V>>,
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Listen { addr, source })?;
+    let acceptor = TlsAcceptor::from(tls);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let (acceptor, admission) = (acceptor.clone(), admission.clone());
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(tcp).await {
+                Ok(t) => t,
+                Err(e) => {
+                    debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+            };
+            let service = hyper::service::service_fn(move |req| handle(admission.clone(), req));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+        });
+    }
+}
+
+async fn handle<V: ImageVerifier>(
+    admission: Arc<Admission<V>>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let reply = |status: StatusCode, body: Vec<u8>| {
+        Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid response")
+    };
+    let path = req.uri().path().to_string();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/healthz" | "/readyz") => Ok(reply(StatusCode::OK, b"ok".to_vec())),
+        (&Method::POST, "/mutate" | "/validate") => {
+            let body = match req.into_body().collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return Ok(reply(StatusCode::BAD_REQUEST, e.to_string().into_bytes())),
+            };
+            let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return Ok(reply(
+                        StatusCode::BAD_REQUEST,
+                        format!("not an AdmissionReview: {e}").into_bytes(),
+                    ));
+                }
+            };
+            let request: AdmissionRequest<DynamicObject> = match review.try_into() {
+                Ok(r) => r,
+                Err(e) => {
+                    let resp = AdmissionResponse::invalid(format!("not an admission request: {e}"));
+                    return Ok(reply(
+                        StatusCode::OK,
+                        serde_json::to_vec(&resp.into_review()).unwrap_or_default(),
+                    ));
+                }
+            };
+            let span = info_span!(
+                "admission",
+                endpoint = %path,
+                op = ?request.operation,
+                kind = %request.kind.kind,
+                cache = %format!("{}/{}", request.namespace.clone().unwrap_or_default(), request.name),
+                user = %request.user_info.username.clone().unwrap_or_default(),
+            );
+            let decision = async {
+                if path == "/mutate" {
+                    admission.mutate(&request).await
+                } else {
+                    admission.validate(&request).await
+                }
+            }
+            .instrument(span)
+            .await;
+            let review = decision.into_response(&request).into_review();
+            Ok(reply(
+                StatusCode::OK,
+                serde_json::to_vec(&review).unwrap_or_default(),
+            ))
+        }
+        _ => Ok(reply(StatusCode::NOT_FOUND, b"not found".to_vec())),
+    }
+}

@@ -1,0 +1,553 @@
+//! The admission webhook and status controller behind a real kube-apiserver (webhook
+//! configurations with `clientConfig.url` and `caBundle`), a real registry, and images
+//! signed with real cosign; requests made through `kube` clients of different identities.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use gkm::api::{GKMCache, RESOLVED_DIGEST_ANNOTATION};
+use gkm_testenv::image::{CacheKind, Compression, ImageBuilder, PushedImage, Target};
+use gkm_testenv::pki::Ca;
+use gkm_testenv::{Cluster, Cosign, shared_cluster, shared_registry, unique_name};
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ValidatingWebhook,
+    ValidatingWebhookConfiguration, WebhookClientConfig,
+};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+
+/// What every test shares: signing key, webhook address, the CA the apiserver trusts it by.
+struct Env {
+    cosign: Cosign,
+    ca: Ca,
+    dir: tempfile::TempDir,
+    repo_prefix: String,
+}
+
+const SELECTOR: &str = "gkm-webhook-test";
+const TRUSTED_SA: (&str, &str) = ("gkm-system", "promoter");
+
+fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| {
+        std::thread::spawn(|| {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let cosign = rt.block_on(Cosign::generate()).unwrap();
+            let ca = Ca::new("webhook-test-ca").unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let repo_prefix = format!("{}/trusted", shared_registry().host());
+            Env {
+                cosign,
+                ca,
+                dir,
+                repo_prefix,
+            }
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+fn policy(env: &Env) -> String {
+    let pem = env.cosign.public_key_pem().unwrap();
+    let indented: String = pem.lines().map(|l| format!("      {l}\n")).collect();
+    format!(
+        "authorities:\n  - name: test-key\n    key: |\n{indented}trustedRegistries:\n  - {}\nverification:\n  timeoutSeconds: 8\n",
+        env.repo_prefix
+    )
+}
+
+/// Starts a gkm-controller process serving admission on a free port; returns it with its
+/// port. The status controller runs in it too, as the admin.
+fn start_controller(env: &Env, tag: &str) -> (std::process::Child, u16) {
+    let port = gkm_testenv::process::free_port().unwrap();
+    let serving = env.ca.server("gkm-webhook", &[]).unwrap();
+    let d = env.dir.path().join(tag);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("tls.crt"), &serving.cert_pem).unwrap();
+    std::fs::write(d.join("tls.key"), &serving.key_pem).unwrap();
+    std::fs::write(d.join("policy.yaml"), policy(env)).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_gkm-controller"))
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(format!("--tls-cert={}", d.join("tls.crt").display()))
+        .arg(format!("--tls-key={}", d.join("tls.key").display()))
+        .arg(format!("--policy={}", d.join("policy.yaml").display()))
+        .arg(format!(
+            "--trusted-user=system:serviceaccount:{}:{}",
+            TRUSTED_SA.0, TRUSTED_SA.1
+        ))
+        .arg(format!("--insecure-registry={}", shared_registry().host()))
+        .arg(format!(
+            "--kubeconfig={}",
+            shared_cluster().admin_kubeconfig().display()
+        ))
+        .arg("--log=gkm=debug,gkm_controller=debug")
+        .stderr(std::fs::File::create(d.join("controller.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "controller did not listen: {}",
+            std::fs::read_to_string(d.join("controller.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, port)
+}
+
+/// Registers the webhooks for namespaces labelled `gkm-webhook-test=<value>`.
+async fn register(cluster: &Cluster, env: &Env, value: &str, port: u16) {
+    let client = cluster.admin_client().await.unwrap();
+    let ca_bundle = k8s_openapi::ByteString(env.ca.cert_pem.clone().into_bytes());
+    let rules = vec![RuleWithOperations {
+        api_groups: Some(vec!["gkm.io".into()]),
+        api_versions: Some(vec!["v1alpha1".into()]),
+        operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
+        resources: Some(vec!["gkmcaches".into(), "clustergkmcaches".into()]),
+        scope: None,
+    }];
+    let selector = LabelSelector {
+        match_labels: Some([(SELECTOR.to_string(), value.to_string())].into()),
+        ..Default::default()
+    };
+    let cc = |path: &str| WebhookClientConfig {
+        url: Some(format!("https://127.0.0.1:{port}/{path}")),
+        ca_bundle: Some(ca_bundle.clone()),
+        service: None,
+    };
+    let name = format!("gkm-test-{value}");
+    let m = MutatingWebhookConfiguration {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
+        webhooks: Some(vec![MutatingWebhook {
+            name: "mutate.gkm.io".into(),
+            admission_review_versions: vec!["v1".into()],
+            client_config: cc("mutate"),
+            failure_policy: Some("Fail".into()),
+            side_effects: "None".into(),
+            timeout_seconds: Some(10),
+            namespace_selector: Some(selector.clone()),
+            rules: Some(rules.clone()),
+            ..Default::default()
+        }]),
+    };
+    let v = ValidatingWebhookConfiguration {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
+        webhooks: Some(vec![ValidatingWebhook {
+            name: "validate.gkm.io".into(),
+            admission_review_versions: vec!["v1".into()],
+            client_config: cc("validate"),
+            failure_policy: Some("Fail".into()),
+            side_effects: "None".into(),
+            timeout_seconds: Some(10),
+            namespace_selector: Some(selector),
+            rules: Some(rules),
+            ..Default::default()
+        }]),
+    };
+    let pp = PatchParams::apply("gkm-test").force();
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .patch(&name, &pp, &Patch::Apply(&m))
+        .await
+        .unwrap();
+    Api::<ValidatingWebhookConfiguration>::all(client)
+        .patch(&name, &pp, &Patch::Apply(&v))
+        .await
+        .unwrap();
+}
+
+/// A namespace the webhooks of `value` apply to, where alice may write caches (not status).
+async fn namespace(cluster: &Cluster, value: &str) -> String {
+    let name = unique_name("wh");
+    let client = cluster.admin_client().await.unwrap();
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            labels: Some([(SELECTOR.to_string(), value.to_string())].into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let role = Role {
+        metadata: ObjectMeta {
+            name: Some("cache-editor".into()),
+            ..Default::default()
+        },
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec!["gkm.io".into()]),
+            resources: Some(vec!["gkmcaches".into()]),
+            verbs: vec![
+                "create".into(),
+                "get".into(),
+                "list".into(),
+                "update".into(),
+                "patch".into(),
+            ],
+            ..Default::default()
+        }]),
+    };
+    Api::<Role>::namespaced(client.clone(), &name)
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    let sa_user = format!("system:serviceaccount:{}:{}", TRUSTED_SA.0, TRUSTED_SA.1);
+    for (binding, kind, subject) in [
+        ("alice", "User", "alice"),
+        ("promoter", "User", sa_user.as_str()),
+    ] {
+        let rb = RoleBinding {
+            metadata: ObjectMeta {
+                name: Some(binding.into()),
+                ..Default::default()
+            },
+            role_ref: RoleRef {
+                api_group: Some("rbac.authorization.k8s.io".into()),
+                kind: "Role".into(),
+                name: "cache-editor".into(),
+            },
+            subjects: Some(vec![Subject {
+                kind: kind.into(),
+                name: subject.into(),
+                api_group: Some("rbac.authorization.k8s.io".into()),
+                namespace: None,
+            }]),
+        };
+        Api::<RoleBinding>::namespaced(client.clone(), &name)
+            .create(&PostParams::default(), &rb)
+            .await
+            .unwrap();
+    }
+    name
+}
+
+/// The shared webhook (started once per test binary).
+fn main_webhook() -> u16 {
+    static PORT: OnceLock<u16> = OnceLock::new();
+    *PORT.get_or_init(|| {
+        let (child, port) = start_controller(env(), "main");
+        std::mem::forget(child); // lives as long as the test binary; dies with its cluster
+        std::thread::spawn(move || {
+            tokio::runtime::Runtime::new().unwrap().block_on(register(
+                shared_cluster(),
+                env(),
+                "main",
+                port,
+            ))
+        })
+        .join()
+        .unwrap();
+        port
+    })
+}
+
+async fn push(repo: &str, tag: &str, seed: &str) -> PushedImage {
+    let src = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(src.path().join("k")).unwrap();
+    std::fs::write(src.path().join("k/kernel.json"), seed).unwrap();
+    ImageBuilder::mcv(
+        CacheKind::Triton,
+        src.path(),
+        &[Target::new("cuda", "90", 32)],
+        Compression::Gzip,
+    )
+    .unwrap()
+    .push(shared_registry(), repo, Some(tag))
+    .await
+    .unwrap()
+}
+
+fn cache(name: &str, image: &str, annotation: Option<&str>) -> GKMCache {
+    let mut c = GKMCache::new(name, Default::default());
+    c.spec.image = image.into();
+    c.metadata.annotations =
+        annotation.map(|d| [(RESOLVED_DIGEST_ANNOTATION.to_string(), d.to_string())].into());
+    c
+}
+
+fn annotation(c: &GKMCache) -> Option<String> {
+    c.metadata
+        .annotations
+        .as_ref()?
+        .get(RESOLVED_DIGEST_ANNOTATION)
+        .cloned()
+}
+
+/// Creates, retrying while the apiserver has not picked up a new webhook configuration.
+async fn create(api: &Api<GKMCache>, c: &GKMCache) -> Result<GKMCache, kube::Error> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match api.create(&PostParams::default(), c).await {
+            Err(kube::Error::Api(e))
+                if e.message.contains("no endpoints") && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            r => return r,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_signed_image_by_tag_is_pinned_verified_and_promoted() {
+    main_webhook();
+    let cluster = shared_cluster();
+    let ns = namespace(cluster, "main").await;
+    let repo = format!("trusted/{}", unique_name("signed"));
+    let img = push(&repo, "v1", "one").await;
+    env().cosign.sign(&img.by_digest()).await.unwrap();
+
+    let alice: Api<GKMCache> = Api::namespaced(cluster.user_client("alice").await.unwrap(), &ns);
+    // Alice tries to smuggle in a digest of her own: the webhook overwrites it.
+    let forged = "sha256:".to_string() + &"0".repeat(64);
+    let created = create(&alice, &cache("llama", &img.by_tag(), Some(&forged)))
+        .await
+        .unwrap();
+    assert_eq!(
+        annotation(&created).as_deref(),
+        Some(img.digest.as_str()),
+        "the digest the registry serves for the tag"
+    );
+
+    // The controller promotes it to status.
+    let admin: Api<GKMCache> = Api::namespaced(cluster.admin_client().await.unwrap(), &ns);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let c = admin.get("llama").await.unwrap();
+        if let Some(s) = c.status.filter(|s| s.resolved_digest.is_some()) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "status not promoted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status.resolved_digest.as_deref(), Some(img.digest.as_str()));
+    assert!(status.last_updated.is_some());
+    let verified = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Verified")
+        .unwrap();
+    assert_eq!(verified.status, "True");
+
+    // Moving the tag afterwards does not change the cache's digest.
+    let moved = push(&repo, "v1", "two").await;
+    env().cosign.sign(&moved.by_digest()).await.unwrap();
+    let mut c = alice.get("llama").await.unwrap();
+    c.metadata.labels = Some([("touched".to_string(), "yes".to_string())].into());
+    let updated = alice
+        .replace("llama", &PostParams::default(), &c)
+        .await
+        .unwrap();
+    assert_eq!(annotation(&updated).as_deref(), Some(img.digest.as_str()));
+}
+
+#[tokio::test]
+async fn bad_images_are_denied_with_a_clear_message_and_nothing_is_stored() {
+    main_webhook();
+    let cluster = shared_cluster();
+    let ns = namespace(cluster, "main").await;
+    let unsigned = push(&format!("trusted/{}", unique_name("unsigned")), "v1", "u").await;
+    let other_key = push(&format!("trusted/{}", unique_name("otherkey")), "v1", "o").await;
+    Cosign::generate()
+        .await
+        .unwrap()
+        .sign(&other_key.by_digest())
+        .await
+        .unwrap();
+    let untrusted = push(&unique_name("elsewhere/signed"), "v1", "e").await;
+    env().cosign.sign(&untrusted.by_digest()).await.unwrap();
+
+    let alice: Api<GKMCache> = Api::namespaced(cluster.user_client("alice").await.unwrap(), &ns);
+    for (name, image, words) in [
+        (
+            "unsigned",
+            unsigned.by_tag(),
+            vec![unsigned.repository.clone()],
+        ),
+        (
+            "other-key",
+            other_key.by_tag(),
+            vec![other_key.repository.clone()],
+        ),
+        (
+            "untrusted",
+            untrusted.by_tag(),
+            vec![untrusted.repository.clone(), "trusted registry".into()],
+        ),
+        (
+            "unparsable",
+            "Not A Reference!!".to_string(),
+            vec!["not a valid image reference".into()],
+        ),
+    ] {
+        let err = create(&alice, &cache(name, &image, None))
+            .await
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("denied the request"), "{name}: {msg}");
+        for w in words {
+            assert!(msg.contains(&w), "{name}: {msg} should name {w}");
+        }
+        assert!(
+            alice.get_opt(name).await.unwrap().is_none(),
+            "{name} was stored"
+        );
+    }
+}
+
+#[tokio::test]
+async fn only_the_trusted_service_account_may_touch_the_annotation_or_anyone_the_status() {
+    main_webhook();
+    let cluster = shared_cluster();
+    let ns = namespace(cluster, "main").await;
+    let img = push(&format!("trusted/{}", unique_name("guarded")), "v1", "g").await;
+    env().cosign.sign(&img.by_digest()).await.unwrap();
+    let alice: Api<GKMCache> = Api::namespaced(cluster.user_client("alice").await.unwrap(), &ns);
+    create(&alice, &cache("guarded", &img.by_tag(), None))
+        .await
+        .unwrap();
+
+    let other = "sha256:".to_string() + &"f".repeat(64);
+    let key = RESOLVED_DIGEST_ANNOTATION;
+    // Change and remove by merge patch; change by update.
+    for patch in [
+        serde_json::json!({"metadata": {"annotations": {key: other}}}),
+        serde_json::json!({"metadata": {"annotations": {key: null}}}),
+    ] {
+        let err = alice
+            .patch("guarded", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("may not be added, changed or removed"),
+            "{err}"
+        );
+    }
+    let mut c = alice.get("guarded").await.unwrap();
+    c.metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert(key.to_string(), other.clone());
+    let err = alice
+        .replace("guarded", &PostParams::default(), &c)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("may not be added, changed or removed"),
+        "{err}"
+    );
+    // Status is not alice's to write (RBAC on the subresource).
+    let status = serde_json::json!({"status": {"resolvedDigest": other}});
+    let err = alice
+        .patch_status("guarded", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(e) if e.code == 403),
+        "{err}"
+    );
+    assert_eq!(
+        annotation(&alice.get("guarded").await.unwrap()).as_deref(),
+        Some(img.digest.as_str())
+    );
+
+    // The trusted service account may.
+    let promoter: Api<GKMCache> = Api::namespaced(
+        cluster
+            .service_account_client(TRUSTED_SA.0, TRUSTED_SA.1)
+            .await
+            .unwrap(),
+        &ns,
+    );
+    let patch = serde_json::json!({"metadata": {"annotations": {key: other}}});
+    let done = promoter
+        .patch("guarded", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    assert_eq!(annotation(&done).as_deref(), Some(other.as_str()));
+}
+
+#[tokio::test]
+async fn with_the_webhook_down_creates_fail_and_recover_when_it_returns() {
+    let cluster = shared_cluster();
+    let env = env();
+    let (mut child, port) = start_controller(env, "down");
+    register(cluster, env, "down", port).await;
+    let ns = namespace(cluster, "down").await;
+    let img = push(&format!("trusted/{}", unique_name("downtest")), "v1", "d").await;
+    env.cosign.sign(&img.by_digest()).await.unwrap();
+    let alice: Api<GKMCache> = Api::namespaced(cluster.user_client("alice").await.unwrap(), &ns);
+    create(&alice, &cache("before", &img.by_tag(), None))
+        .await
+        .unwrap();
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let err = alice
+        .create(
+            &PostParams::default(),
+            &cache("during", &img.by_tag(), None),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("failed calling webhook"),
+        "fails closed: {err}"
+    );
+    assert!(alice.get_opt("during").await.unwrap().is_none());
+
+    // Back on the same port: creates work again.
+    let (child2, port2) = restart_on(env, port);
+    assert_eq!(port2, port);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match alice
+            .create(&PostParams::default(), &cache("after", &img.by_tag(), None))
+            .await
+        {
+            Ok(c) => {
+                assert_eq!(annotation(&c).as_deref(), Some(img.digest.as_str()));
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "did not recover: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let mut child2 = child2;
+    let _ = child2.kill();
+    let _ = child2.wait();
+}
+
+/// Starts the "down" controller again on `port`.
+fn restart_on(env: &Env, port: u16) -> (std::process::Child, u16) {
+    let d: PathBuf = env.dir.path().join("down");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_gkm-controller"))
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(format!("--tls-cert={}", d.join("tls.crt").display()))
+        .arg(format!("--tls-key={}", d.join("tls.key").display()))
+        .arg(format!("--policy={}", d.join("policy.yaml").display()))
+        .arg(format!("--insecure-registry={}", shared_registry().host()))
+        .arg("--webhook-only")
+        .stderr(std::fs::File::create(d.join("controller2.log")).unwrap())
+        .spawn()
+        .unwrap();
+    (child, port)
+}

@@ -1,0 +1,654 @@
+//! The [`Verifier`]: finds an image's signatures in its registry, in both formats, and
+//! decides under the current [`TrustPolicy`]; shared by concurrent admission requests.
+//!
+//! Owns discovery (the `.sig` tag, referrers or their fallback tag), the decision (accept
+//! when any signature verifies under any authority), the cache of successes and the overall
+//! timeout. Fails closed: a timeout, an unreachable registry or a bad signature all deny,
+//! with a message that names the image and says why, signature by signature.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use oci_client::Reference;
+use serde::Deserialize;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::bundle::{BUNDLE_MEDIA_TYPE_PREFIX, Bundle, Material};
+use super::keyless::{self, LogEntry, Signed};
+use super::policy::{AuthorityKind, TrustPolicy};
+use super::tag::{self, BUNDLE_ANNOTATION, CERTIFICATE_ANNOTATION, SIGNATURE_ANNOTATION};
+use crate::oci::{Credentials, PinnedRef, PullConfig, PullError, Puller, RefError};
+
+/// Largest manifest read (a `.sig` manifest grows by one layer per signature).
+pub const MAX_MANIFEST_BYTES: usize = 2 << 20;
+/// Largest payload or bundle blob read.
+pub const MAX_BLOB_BYTES: u64 = 1 << 20;
+/// Most signatures examined per format; the rest are reported as skipped.
+pub const MAX_SIGNATURES: usize = 64;
+/// Most successful verifications remembered.
+const MAX_CACHE_ENTRIES: usize = 10_000;
+
+/// Where a verified signature was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureFormat {
+    /// cosign's tag format: a simple-signing layer of `<repo>:sha256-<hex>.sig`.
+    Tag,
+    /// A Sigstore bundle attached as an OCI referrer (or under the referrers fallback tag).
+    Bundle,
+}
+
+impl fmt::Display for SignatureFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SignatureFormat::Tag => "cosign tag format",
+            SignatureFormat::Bundle => "Sigstore bundle",
+        })
+    }
+}
+
+/// A successful verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The image digest the signature binds (`sha256:…`).
+    pub digest: String,
+    /// The name of the authority it verified under.
+    pub authority: String,
+    pub format: SignatureFormat,
+}
+
+/// One signature found, and why it did not verify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// Where it was found, in words (`tag-format signature 2 (sha256-….sig layer 1)`).
+    pub signature: String,
+    /// Why not: claim problems, then one reason per authority (`authority "ci": …`).
+    pub reasons: Vec<String>,
+}
+
+impl fmt::Display for Rejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.signature, self.reasons.join("; "))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Reference(#[from] RefError),
+    #[error("{image} is not in a trusted registry (trusted: {trusted})")]
+    UntrustedRegistry { image: String, trusted: String },
+    #[error("no signatures found for {image}")]
+    NoSignatures { image: String },
+    #[error("could not read the signatures of {image}: {}", problems.join("; "))]
+    Registry {
+        image: String,
+        problems: Vec<String>,
+    },
+    #[error(
+        "no signature of {image} verified under the trust policy:{}{}",
+        rejected.iter().map(|r| format!("\n  - {r}")).collect::<String>(),
+        problems.iter().map(|p| format!("\n  - also: {p}")).collect::<String>()
+    )]
+    NotVerified {
+        image: String,
+        rejected: Vec<Rejected>,
+        /// Signatures that could not be read at all (registry errors).
+        problems: Vec<String>,
+    },
+    #[error("verifying the signatures of {image} timed out after {after:?}; denied")]
+    Timeout { image: String, after: Duration },
+}
+
+struct Loaded {
+    policy: Arc<TrustPolicy>,
+    generation: u64,
+}
+
+struct CacheEntry {
+    verified: Verified,
+    generation: u64,
+    at: Instant,
+}
+
+/// Verifies image signatures under a trust policy. `Send + Sync`; share one (`Arc`) across
+/// requests. Successful verifications are cached by digest for the policy's TTL; a new
+/// policy ([`Verifier::set_policy`]) starts a new generation, so nothing verified under an
+/// older policy is served from the cache.
+pub struct Verifier {
+    puller: Puller,
+    loaded: RwLock<Arc<Loaded>>,
+    cache: Mutex<HashMap<String, CacheEntry>>,
+}
+
+impl Verifier {
+    /// A verifier that reaches registries through `puller`.
+    pub fn new(policy: TrustPolicy, puller: Puller) -> Self {
+        Self {
+            puller,
+            loaded: RwLock::new(Arc::new(Loaded {
+                policy: Arc::new(policy),
+                generation: 1,
+            })),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A verifier with its own registry client, configured like the node's pulls.
+    pub fn with_config(policy: TrustPolicy, config: PullConfig, credentials: Credentials) -> Self {
+        Self::new(policy, Puller::new(config, credentials))
+    }
+
+    fn loaded(&self) -> Arc<Loaded> {
+        self.loaded
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<TrustPolicy> {
+        self.loaded().policy.clone()
+    }
+
+    /// The policy generation: 1 at construction, one more for each [`Verifier::set_policy`].
+    pub fn generation(&self) -> u64 {
+        self.loaded().generation
+    }
+
+    /// Puts a new policy in force (a reloaded ConfigMap) and forgets every cached result.
+    pub fn set_policy(&self, policy: TrustPolicy) {
+        let mut loaded = self.loaded.write().unwrap_or_else(|e| e.into_inner());
+        let generation = loaded.generation + 1;
+        *loaded = Arc::new(Loaded {
+            policy: Arc::new(policy),
+            generation,
+        });
+        drop(loaded);
+        self.clear_cache();
+        info!(generation, "trust policy replaced");
+    }
+
+    /// Forgets every cached verification.
+    pub fn clear_cache(&self) {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Parses `image` (which must be pinned: `repo@sha256:…`) and verifies it.
+    pub async fn verify_reference(&self, image: &str) -> Result<Verified, VerifyError> {
+        let pinned = PinnedRef::parse(image)?;
+        self.verify(&pinned).await
+    }
+
+    /// Verifies `image` under the policy in force: its repository must be in a trusted
+    /// registry, and at least one of its signatures must verify under an authority.
+    pub async fn verify(&self, image: &PinnedRef) -> Result<Verified, VerifyError> {
+        let span = info_span!("verify_signatures", image = %image, digest = %image.digest());
+        async {
+            let loaded = self.loaded();
+            let policy = &loaded.policy;
+            // The registry check comes before the cache: a digest verified in one
+            // repository must not be admitted from an untrusted one.
+            if policy.trusted_registry_for(image.as_reference()).is_none() {
+                return Err(VerifyError::UntrustedRegistry {
+                    image: image.to_string(),
+                    trusted: policy
+                        .trusted_registries
+                        .iter()
+                        .map(|p| p.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+            let ttl = policy.verification.cache_ttl;
+            if let Some(v) = self.cached(image.digest(), loaded.generation, ttl) {
+                debug!(authority = %v.authority, "verified (cached)");
+                return Ok(v);
+            }
+            let after = policy.verification.timeout;
+            let result = tokio::time::timeout(after, self.verify_uncached(policy, image))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(VerifyError::Timeout {
+                        image: image.to_string(),
+                        after,
+                    })
+                });
+            match &result {
+                Ok(v) => {
+                    info!(authority = %v.authority, format = %v.format, "signature verified");
+                    if !ttl.is_zero() {
+                        self.remember(v, loaded.generation);
+                    }
+                }
+                Err(e) => warn!(error = %e, "signature verification denied"),
+            }
+            result
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn cached(&self, digest: &str, generation: u64, ttl: Duration) -> Option<Verified> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .get(digest)
+            .filter(|e| e.generation == generation && e.at.elapsed() < ttl)
+            .map(|e| e.verified.clone())
+    }
+
+    fn remember(&self, v: &Verified, generation: u64) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= MAX_CACHE_ENTRIES {
+            // Drop the stale generation first, then the oldest entry; the cache only saves
+            // registry round trips, so losing an entry costs one re-verification.
+            cache.retain(|_, e| e.generation == generation);
+            if cache.len() >= MAX_CACHE_ENTRIES
+                && let Some(oldest) = cache
+                    .iter()
+                    .min_by_key(|(_, e)| e.at)
+                    .map(|(k, _)| k.clone())
+            {
+                cache.remove(&oldest);
+            }
+        }
+        cache.insert(
+            v.digest.clone(),
+            CacheEntry {
+                verified: v.clone(),
+                generation,
+                at: Instant::now(),
+            },
+        );
+    }
+
+    async fn verify_uncached(
+        &self,
+        policy: &TrustPolicy,
+        image: &PinnedRef,
+    ) -> Result<Verified, VerifyError> {
+        let (tag, bundles) = futures::join!(
+            self.tag_signatures(policy, image),
+            self.bundle_signatures(policy, image)
+        );
+        let mut found = Found::default();
+        for part in [tag, bundles] {
+            if let Some(v) = part.verified {
+                return Ok(v);
+            }
+            found.rejected.extend(part.rejected);
+            found.problems.extend(part.problems);
+        }
+        let name = image.to_string();
+        Err(
+            match (found.rejected.is_empty(), found.problems.is_empty()) {
+                (true, true) => VerifyError::NoSignatures { image: name },
+                (true, false) => VerifyError::Registry {
+                    image: name,
+                    problems: found.problems,
+                },
+                (false, _) => VerifyError::NotVerified {
+                    image: name,
+                    rejected: found.rejected,
+                    problems: found.problems,
+                },
+            },
+        )
+    }
+
+    /// The tag format: every layer of `<repo>:sha256-<hex>.sig`.
+    async fn tag_signatures(&self, policy: &TrustPolicy, image: &PinnedRef) -> Found {
+        let mut found = Found::default();
+        let tag_name = tag::signature_tag(image.digest());
+        let reference = Reference::with_tag(
+            image.registry().to_string(),
+            image.repository().to_string(),
+            tag_name.clone(),
+        );
+        let manifest = match self
+            .puller
+            .fetch_manifest_bytes(&reference, MAX_MANIFEST_BYTES)
+            .await
+        {
+            Ok(None) => return found,
+            Ok(Some((bytes, _))) => bytes,
+            Err(e) => {
+                found
+                    .problems
+                    .push(format!("signature tag {tag_name}: {e}"));
+                return found;
+            }
+        };
+        let manifest: SignatureManifest = match serde_json::from_slice(&manifest) {
+            Ok(m) => m,
+            Err(e) => {
+                found.rejected.push(Rejected {
+                    signature: format!("signature tag {tag_name}"),
+                    reasons: vec![format!("not an image manifest: {e}")],
+                });
+                return found;
+            }
+        };
+        let total = manifest.layers.len();
+        // Identical payloads share one blob; fetch each blob once.
+        let mut blobs: HashMap<String, Result<Vec<u8>, String>> = HashMap::new();
+        for (i, layer) in manifest.layers.iter().enumerate() {
+            let signature = format!(
+                "tag-format signature {} of {total} ({tag_name} layer {i})",
+                i + 1
+            );
+            if i >= MAX_SIGNATURES {
+                found.rejected.push(Rejected {
+                    signature,
+                    reasons: vec![format!("not examined: only the first {MAX_SIGNATURES} are")],
+                });
+                continue;
+            }
+            let reasons = match self.tag_layer(policy, image, layer, &mut blobs).await {
+                Ok(authority) => {
+                    found.verified = Some(Verified {
+                        digest: image.digest().to_string(),
+                        authority,
+                        format: SignatureFormat::Tag,
+                    });
+                    return found;
+                }
+                Err(reasons) => reasons,
+            };
+            found.rejected.push(Rejected { signature, reasons });
+        }
+        found
+    }
+
+    /// One tag-format layer: Ok with the authority it verifies under, or the reasons why not.
+    async fn tag_layer(
+        &self,
+        policy: &TrustPolicy,
+        image: &PinnedRef,
+        layer: &Layer,
+        blobs: &mut HashMap<String, Result<Vec<u8>, String>>,
+    ) -> Result<String, Vec<String>> {
+        if layer.media_type != tag::SIMPLE_SIGNING_MEDIA_TYPE {
+            return Err(vec![format!(
+                "media type {:?} is not a cosign simple-signing payload",
+                layer.media_type
+            )]);
+        }
+        let Some(sig_b64) = layer.annotations.get(SIGNATURE_ANNOTATION) else {
+            return Err(vec![format!("no {SIGNATURE_ANNOTATION} annotation")]);
+        };
+        let sig = decode_b64(sig_b64).map_err(|_| vec!["the signature is not base64".into()])?;
+        if !blobs.contains_key(&layer.digest) {
+            let got = self.small_blob(image, &layer.digest, layer.size).await;
+            blobs.insert(layer.digest.clone(), got);
+        }
+        let payload = match &blobs[&layer.digest] {
+            Ok(p) => p,
+            Err(e) => return Err(vec![format!("payload unreadable: {e}")]),
+        };
+        let claim = tag::check_payload(payload, image.digest());
+        let cert = layer
+            .annotations
+            .get(CERTIFICATE_ANNOTATION)
+            .filter(|c| !c.is_empty());
+        let rekor = layer
+            .annotations
+            .get(BUNDLE_ANNOTATION)
+            .filter(|b| !b.is_empty());
+        let mut reasons = Vec::new();
+        let mut verified_by = None;
+        for authority in &policy.authorities {
+            let outcome = match &authority.kind {
+                AuthorityKind::Key(key) => key.verify(payload, &sig),
+                AuthorityKind::Keyless(id) => (|| {
+                    let cert = cert.ok_or(keyless::KeylessError::NoCertificate)?;
+                    let cert_der = keyless::cert_from_pem(cert)?;
+                    let entry =
+                        LogEntry::from_annotation(rekor.ok_or(keyless::KeylessError::NoBundle)?)?;
+                    id.verify(Signed::Payload(payload), &sig, &cert_der, &entry)
+                })()
+                .map_err(|e| e.to_string()),
+            };
+            match outcome {
+                Ok(()) if claim.is_ok() => return Ok(authority.name.clone()),
+                Ok(()) => verified_by = Some(authority.name.clone()),
+                Err(e) => reasons.push(format!("authority {:?}: {e}", authority.name)),
+            }
+        }
+        if let Err(e) = claim {
+            let mut out = vec![e.to_string()];
+            if let Some(name) = verified_by {
+                out.push(format!(
+                    "(its signature does verify under authority {name:?}, but it signs another claim)"
+                ));
+            }
+            return Err(out);
+        }
+        Err(reasons)
+    }
+
+    /// The bundle format: every Sigstore-bundle referrer of the image.
+    async fn bundle_signatures(&self, policy: &TrustPolicy, image: &PinnedRef) -> Found {
+        let mut found = Found::default();
+        let index = match self.puller.list_referrers(image).await {
+            Ok(i) => i,
+            Err(e) => {
+                found.problems.push(format!("referrers: {e}"));
+                return found;
+            }
+        };
+        let candidates: Vec<_> = index
+            .manifests
+            .iter()
+            .filter(|m| {
+                // Other referrers (SBOMs, attestations) are not signatures. Some registries
+                // report the config's empty type as artifactType, so those are opened too.
+                m.artifact_type.as_deref().is_none_or(|t| {
+                    t.starts_with(BUNDLE_MEDIA_TYPE_PREFIX)
+                        || t == "application/vnd.oci.empty.v1+json"
+                })
+            })
+            .collect();
+        let total = candidates.len();
+        for (i, entry) in candidates.into_iter().enumerate() {
+            let signature = format!("bundle {} of {total} (referrer {})", i + 1, entry.digest);
+            if i >= MAX_SIGNATURES {
+                found.rejected.push(Rejected {
+                    signature,
+                    reasons: vec![format!("not examined: only the first {MAX_SIGNATURES} are")],
+                });
+                continue;
+            }
+            match self.bundle_referrer(policy, image, &entry.digest).await {
+                Ok(Some(authority)) => {
+                    found.verified = Some(Verified {
+                        digest: image.digest().to_string(),
+                        authority,
+                        format: SignatureFormat::Bundle,
+                    });
+                    return found;
+                }
+                Ok(None) => {}
+                Err(reasons) => found.rejected.push(Rejected { signature, reasons }),
+            }
+        }
+        found
+    }
+
+    /// One referrer: Ok(Some(authority)) when it verifies, Ok(None) when it is not a
+    /// Sigstore bundle at all, or the reasons why it does not verify.
+    async fn bundle_referrer(
+        &self,
+        policy: &TrustPolicy,
+        image: &PinnedRef,
+        digest: &str,
+    ) -> Result<Option<String>, Vec<String>> {
+        let one = |e: String| vec![e];
+        if crate::oci::sha256_hex(digest).is_none() {
+            return Err(one(format!("referrer digest {digest:?} is not sha256")));
+        }
+        let reference = Reference::with_digest(
+            image.registry().to_string(),
+            image.repository().to_string(),
+            digest.to_string(),
+        );
+        let bytes = match self
+            .puller
+            .fetch_manifest_bytes(&reference, MAX_MANIFEST_BYTES)
+            .await
+        {
+            Ok(Some((b, _))) => b,
+            Ok(None) => return Err(one("the referrer manifest does not exist".into())),
+            Err(e) => return Err(one(format!("referrer manifest unreadable: {e}"))),
+        };
+        let manifest: SignatureManifest = serde_json::from_slice(&bytes)
+            .map_err(|e| one(format!("referrer is not an image manifest: {e}")))?;
+        let bundle_layers: Vec<&Layer> = manifest
+            .layers
+            .iter()
+            .filter(|l| l.media_type.starts_with(BUNDLE_MEDIA_TYPE_PREFIX))
+            .collect();
+        let [layer] = bundle_layers[..] else {
+            if bundle_layers.is_empty() {
+                return Ok(None);
+            }
+            return Err(one(format!(
+                "{} bundle layers; a signature referrer has one",
+                bundle_layers.len()
+            )));
+        };
+        // The referrers list says this manifest refers to the image; its own subject must
+        // agree (the statement's subject is checked again below, and that one is signed).
+        let subject = manifest.subject.as_ref().map(|s| s.digest.as_str());
+        if subject != Some(image.digest()) {
+            return Err(one(format!(
+                "the referrer's subject is {}, not this image",
+                subject.unwrap_or("missing")
+            )));
+        }
+        let blob = self
+            .small_blob(image, &layer.digest, layer.size)
+            .await
+            .map_err(|e| one(format!("bundle unreadable: {e}")))?;
+        let bundle = Bundle::parse(&blob).map_err(|e| one(e.to_string()))?;
+        let claim = bundle.check_statement(image.digest());
+        let pae = bundle.pae();
+        let entries = bundle.log_entries();
+        let mut reasons = Vec::new();
+        let mut verified_by = None;
+        for authority in &policy.authorities {
+            let outcome = match &authority.kind {
+                AuthorityKind::Key(key) => {
+                    // Any of the envelope's signatures will do.
+                    let mut last = String::from("no signature");
+                    let mut ok = false;
+                    for sig in &bundle.signatures {
+                        match key.verify(&pae, sig) {
+                            Ok(()) => {
+                                ok = true;
+                                break;
+                            }
+                            Err(e) => last = e,
+                        }
+                    }
+                    if ok { Ok(()) } else { Err(last) }
+                }
+                AuthorityKind::Keyless(id) => match (&bundle.material, &entries) {
+                    (Material::PublicKey, _) => {
+                        Err(keyless::KeylessError::NoCertificate.to_string())
+                    }
+                    (_, Err(e)) => Err(e.to_string()),
+                    (Material::Certificate { cert_der, .. }, Ok(entries)) => {
+                        if entries.is_empty() {
+                            Err(keyless::KeylessError::NoBundle.to_string())
+                        } else {
+                            let mut last = String::new();
+                            let mut ok = false;
+                            'outer: for sig in &bundle.signatures {
+                                for entry in entries {
+                                    let s = Signed::Dsse {
+                                        payload: &bundle.payload,
+                                        pae: &pae,
+                                    };
+                                    match id.verify(s, sig, cert_der, entry) {
+                                        Ok(()) => {
+                                            ok = true;
+                                            break 'outer;
+                                        }
+                                        Err(e) => last = e.to_string(),
+                                    }
+                                }
+                            }
+                            if ok { Ok(()) } else { Err(last) }
+                        }
+                    }
+                },
+            };
+            match outcome {
+                Ok(()) if claim.is_ok() => return Ok(Some(authority.name.clone())),
+                Ok(()) => verified_by = Some(authority.name.clone()),
+                Err(e) => reasons.push(format!("authority {:?}: {e}", authority.name)),
+            }
+        }
+        if let Err(e) = claim {
+            let mut out = vec![e.to_string()];
+            if let Some(name) = verified_by {
+                out.push(format!(
+                    "(its signature does verify under authority {name:?}, but it signs another claim)"
+                ));
+            }
+            return Err(out);
+        }
+        Err(reasons)
+    }
+
+    async fn small_blob(
+        &self,
+        image: &PinnedRef,
+        digest: &str,
+        size: u64,
+    ) -> Result<Vec<u8>, String> {
+        if crate::oci::sha256_hex(digest).is_none() {
+            return Err(format!("blob digest {digest:?} is not sha256"));
+        }
+        self.puller
+            .fetch_blob_bytes(image, digest, size, MAX_BLOB_BYTES)
+            .await
+            .map_err(|e: PullError| e.to_string())
+    }
+}
+
+/// What one format turned up.
+#[derive(Default)]
+struct Found {
+    verified: Option<Verified>,
+    rejected: Vec<Rejected>,
+    problems: Vec<String>,
+}
+
+fn decode_b64(s: &str) -> Result<Vec<u8>, base64::DecodeError> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s.trim())
+}
+
+/// A `.sig` manifest or a referrer manifest, as far as verification reads it.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SignatureManifest {
+    #[serde(default)]
+    layers: Vec<Layer>,
+    #[serde(default)]
+    subject: Option<Layer>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Layer {
+    #[serde(default)]
+    media_type: String,
+    digest: String,
+    size: u64,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
