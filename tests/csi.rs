@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use gkm::api::{ClusterGKMCache, GKMCache, RESOLVED_DIGEST_ANNOTATION};
@@ -14,6 +14,7 @@ use gkm::csi::{
     ATTR_CACHE, ATTR_CLUSTER_CACHE, ATTR_NAMESPACE, CTX_POD_NAME, CTX_POD_NAMESPACE, CTX_POD_UID,
 };
 use gkm_testenv::image::{CacheKind, Compression, ImageBuilder, PushedImage, Target};
+use gkm_testenv::process::ServerProcess;
 use gkm_testenv::{shared_cluster, shared_registry, unique_name};
 use kube::api::{Api, ObjectMeta, PostParams};
 use tonic::Code;
@@ -22,7 +23,7 @@ const GPUS: &str = "gpus:\n  - uuid: GPU-sim-h100\n    productName: NVIDIA H100\
 
 /// A `gkm-agent` process with its own store and socket.
 struct Agent {
-    child: Child,
+    process: ServerProcess,
     dir: tempfile::TempDir,
     socket: PathBuf,
 }
@@ -31,28 +32,26 @@ impl Agent {
     fn start_in(dir: tempfile::TempDir) -> Agent {
         let socket = dir.path().join("csi/csi.sock");
         std::fs::write(dir.path().join("gpus.yaml"), GPUS).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_gkm-agent"))
-            .arg("--node-name=node-1")
-            .arg(format!("--csi-endpoint=unix://{}", socket.display()))
-            .arg(format!(
-                "--store-root={}",
-                dir.path().join("store").display()
-            ))
-            .arg(format!(
-                "--gpus-file={}",
-                dir.path().join("gpus.yaml").display()
-            ))
-            .arg(format!("--insecure-registry={}", shared_registry().host()))
-            .arg(format!(
+        let args = vec![
+            "--node-name=node-1".to_string(),
+            format!("--csi-endpoint=unix://{}", socket.display()),
+            format!("--store-root={}", dir.path().join("store").display()),
+            format!("--gpus-file={}", dir.path().join("gpus.yaml").display()),
+            format!("--insecure-registry={}", shared_registry().host()),
+            format!(
                 "--kubeconfig={}",
                 shared_cluster().admin_kubeconfig().display()
-            ))
-            .arg("--log=gkm=debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
-            .spawn()
-            .unwrap();
-        Agent { child, dir, socket }
+            ),
+            "--log=gkm=debug".to_string(),
+        ];
+        // Tied to the test process: a killed test run leaves no agent behind.
+        let bin = PathBuf::from(env!("CARGO_BIN_EXE_gkm-agent"));
+        let process = ServerProcess::start("agent", &bin, &args, &[], dir.path()).unwrap();
+        Agent {
+            process,
+            dir,
+            socket,
+        }
     }
 
     fn start() -> Agent {
@@ -80,13 +79,12 @@ impl Agent {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+        self.process.log_tail()
     }
 
     /// Kills the agent (no chance to clean up) and returns its folder for a restart.
     fn kill(mut self) -> tempfile::TempDir {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.stop();
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
         std::mem::forget(self);
         dir
@@ -108,8 +106,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.stop();
         unmount_below(self.dir.path());
     }
 }

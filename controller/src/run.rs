@@ -10,8 +10,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use tracing::{info, warn};
 
-use crate::admission::Admission;
 use crate::verify::TrustVerifier;
+use crate::webhook::Admission;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -133,11 +133,11 @@ pub async fn run(
         TrustVerifier::new(trust.clone(), puller),
         cfg.args.trusted_users.clone(),
     ));
-    let tls = crate::server::tls_config(&cfg.args.tls_cert, &cfg.args.tls_key)?;
+    let tls = crate::webhook::server::tls_config(&cfg.args.tls_cert, &cfg.args.tls_key)?;
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
 
     tokio::spawn(reload_policy(cfg.args.policy.clone(), trust));
-    let server = crate::server::serve(admission, cfg.listen, tls, shutdown.clone());
+    let server = crate::webhook::server::serve(admission, cfg.listen, tls, shutdown.clone());
     info!(listen = %cfg.listen, "serving admission");
     if cfg.args.webhook_only {
         server.await?;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use gkm::api::{GKMCache, RESOLVED_DIGEST_ANNOTATION};
 use gkm_testenv::image::{CacheKind, Compression, ImageBuilder, PushedImage, Target};
 use gkm_testenv::pki::Ca;
+use gkm_testenv::process::ServerProcess;
 use gkm_testenv::{Cluster, Cosign, shared_cluster, shared_registry, unique_name};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ValidatingWebhook,
@@ -60,44 +61,54 @@ fn policy(env: &Env) -> String {
     )
 }
 
-/// Starts a gkm-controller process serving admission on a free port; returns it with its
-/// port. The status controller runs in it too, as the admin.
-fn start_controller(env: &Env, tag: &str) -> (std::process::Child, u16) {
-    let port = gkm_testenv::process::free_port().unwrap();
-    let serving = env.ca.server("gkm-webhook", &[]).unwrap();
+/// Starts a gkm-controller process serving admission on `port` (a free one when None),
+/// with the status controller too unless `webhook_only`. It dies with the test process.
+fn start_controller(
+    env: &Env,
+    tag: &str,
+    port: Option<u16>,
+    webhook_only: bool,
+) -> (ServerProcess, u16) {
+    let port = port.unwrap_or_else(|| gkm_testenv::process::free_port().unwrap());
     let d = env.dir.path().join(tag);
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("tls.crt"), &serving.cert_pem).unwrap();
-    std::fs::write(d.join("tls.key"), &serving.key_pem).unwrap();
-    std::fs::write(d.join("policy.yaml"), policy(env)).unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_gkm-controller"))
-        .arg(format!("--listen=127.0.0.1:{port}"))
-        .arg(format!("--tls-cert={}", d.join("tls.crt").display()))
-        .arg(format!("--tls-key={}", d.join("tls.key").display()))
-        .arg(format!("--policy={}", d.join("policy.yaml").display()))
-        .arg(format!(
+    if !d.join("tls.crt").exists() {
+        let serving = env.ca.server("gkm-webhook", &[]).unwrap();
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("tls.crt"), &serving.cert_pem).unwrap();
+        std::fs::write(d.join("tls.key"), &serving.key_pem).unwrap();
+        std::fs::write(d.join("policy.yaml"), policy(env)).unwrap();
+    }
+    let mut args = vec![
+        format!("--listen=127.0.0.1:{port}"),
+        format!("--tls-cert={}", d.join("tls.crt").display()),
+        format!("--tls-key={}", d.join("tls.key").display()),
+        format!("--policy={}", d.join("policy.yaml").display()),
+        format!(
             "--trusted-user=system:serviceaccount:{}:{}",
             TRUSTED_SA.0, TRUSTED_SA.1
-        ))
-        .arg(format!("--insecure-registry={}", shared_registry().host()))
-        .arg(format!(
+        ),
+        format!("--insecure-registry={}", shared_registry().host()),
+        format!(
             "--kubeconfig={}",
             shared_cluster().admin_kubeconfig().display()
-        ))
-        .arg("--log=gkm=debug,gkm_controller=debug")
-        .stderr(std::fs::File::create(d.join("controller.log")).unwrap())
-        .spawn()
-        .unwrap();
+        ),
+        "--log=gkm=debug,gkm_controller=debug".to_string(),
+    ];
+    if webhook_only {
+        args.push("--webhook-only".into());
+    }
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_gkm-controller"));
+    let process = ServerProcess::start("gkm-controller", &bin, &args, &[], &d).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
-            Instant::now() < deadline,
+            process.exited().is_none() && Instant::now() < deadline,
             "controller did not listen: {}",
-            std::fs::read_to_string(d.join("controller.log")).unwrap_or_default()
+            process.log_tail()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    (child, port)
+    (process, port)
 }
 
 /// Registers the webhooks for namespaces labelled `gkm-webhook-test=<value>`.
@@ -236,10 +247,10 @@ async fn namespace(cluster: &Cluster, value: &str) -> String {
 
 /// The shared webhook (started once per test binary).
 fn main_webhook() -> u16 {
-    static PORT: OnceLock<u16> = OnceLock::new();
-    *PORT.get_or_init(|| {
-        let (child, port) = start_controller(env(), "main");
-        std::mem::forget(child); // lives as long as the test binary; dies with its cluster
+    static MAIN: OnceLock<(ServerProcess, u16)> = OnceLock::new();
+    MAIN.get_or_init(|| {
+        // Kept for the whole test binary; it dies with the test process.
+        let (process, port) = start_controller(env(), "main", None, false);
         std::thread::spawn(move || {
             tokio::runtime::Runtime::new().unwrap().block_on(register(
                 shared_cluster(),
@@ -250,8 +261,9 @@ fn main_webhook() -> u16 {
         })
         .join()
         .unwrap();
-        port
+        (process, port)
     })
+    .1
 }
 
 async fn push(repo: &str, tag: &str, seed: &str) -> PushedImage {
@@ -487,7 +499,7 @@ async fn only_the_trusted_service_account_may_touch_the_annotation_or_anyone_the
 async fn with_the_webhook_down_creates_fail_and_recover_when_it_returns() {
     let cluster = shared_cluster();
     let env = env();
-    let (mut child, port) = start_controller(env, "down");
+    let (controller, port) = start_controller(env, "down", None, true);
     register(cluster, env, "down", port).await;
     let ns = namespace(cluster, "down").await;
     let img = push(&format!("trusted/{}", unique_name("downtest")), "v1", "d").await;
@@ -497,8 +509,7 @@ async fn with_the_webhook_down_creates_fail_and_recover_when_it_returns() {
         .await
         .unwrap();
 
-    child.kill().unwrap();
-    child.wait().unwrap();
+    controller.stop();
     let err = alice
         .create(
             &PostParams::default(),
@@ -513,8 +524,7 @@ async fn with_the_webhook_down_creates_fail_and_recover_when_it_returns() {
     assert!(alice.get_opt("during").await.unwrap().is_none());
 
     // Back on the same port: creates work again.
-    let (child2, port2) = restart_on(env, port);
-    assert_eq!(port2, port);
+    let (_again, _) = start_controller(env, "down", Some(port), true);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match alice
@@ -531,23 +541,4 @@ async fn with_the_webhook_down_creates_fail_and_recover_when_it_returns() {
             }
         }
     }
-    let mut child2 = child2;
-    let _ = child2.kill();
-    let _ = child2.wait();
-}
-
-/// Starts the "down" controller again on `port`.
-fn restart_on(env: &Env, port: u16) -> (std::process::Child, u16) {
-    let d: PathBuf = env.dir.path().join("down");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_gkm-controller"))
-        .arg(format!("--listen=127.0.0.1:{port}"))
-        .arg(format!("--tls-cert={}", d.join("tls.crt").display()))
-        .arg(format!("--tls-key={}", d.join("tls.key").display()))
-        .arg(format!("--policy={}", d.join("policy.yaml").display()))
-        .arg(format!("--insecure-registry={}", shared_registry().host()))
-        .arg("--webhook-only")
-        .stderr(std::fs::File::create(d.join("controller2.log")).unwrap())
-        .spawn()
-        .unwrap();
-    (child, port)
 }

@@ -73,8 +73,9 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Starts `program` with `args`, output appended to `<dir>/<name>.log`.
-    pub(crate) fn start(
+    /// Starts `program` with `args`, output appended to `<dir>/<name>.log`. The process
+    /// dies with this one, however this one dies.
+    pub fn start(
         name: &str,
         program: &Path,
         args: &[String],

@@ -18,6 +18,8 @@ use tracing::{info, warn};
 
 use crate::verify::{ImageVerifier, VerifiedImage};
 
+pub mod server;
+
 /// What admission decided, before it becomes a response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {

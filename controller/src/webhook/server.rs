@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::admission::Admission;
+use super::Admission;
 use crate::verify::ImageVerifier;
 
 #[derive(Debug, thiserror::Error)]
