@@ -5,8 +5,10 @@
 //!   answers, and the HTTPS server that serves them.
 //! - [`verify`]: what admission asks of signature verification.
 //! - [`controller`]: status promotion and node aggregation.
+//! - [`certs`]: self-minted serving certificates and the webhooks' `caBundle`.
 //! - [`run`]: configuration and wiring of the `gkm-controller` binary.
 
+pub mod certs;
 pub mod controller;
 pub mod run;
 pub mod verify;

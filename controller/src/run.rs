@@ -55,6 +55,24 @@ pub struct Args {
     /// Kubeconfig (default: in-cluster, then $KUBECONFIG).
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// Mint the serving certificate at start (no cert-manager needed) and write its CA into
+    /// the webhook configurations named by --webhook-config. --tls-cert/--tls-key are
+    /// then where the minted pair is written.
+    #[arg(long, env = "GKM_SELF_SIGNED_CERTS", default_value_t = false)]
+    pub self_signed_certs: bool,
+    /// The Service the API server reaches the webhook through (its DNS names go into the
+    /// minted certificate).
+    #[arg(long, env = "GKM_SERVICE", default_value = "gkm-controller")]
+    pub service: String,
+    /// This pod's namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "gkm-system")]
+    pub namespace: String,
+    /// Extra names (DNS or IP) for the minted certificate. Repeatable.
+    #[arg(long = "cert-host", value_delimiter = ',')]
+    pub cert_hosts: Vec<String>,
+    /// Name of the Mutating- and ValidatingWebhookConfiguration whose caBundle is written.
+    #[arg(long, env = "GKM_WEBHOOK_CONFIG", default_value = "gkm")]
+    pub webhook_config: String,
     /// Serve admission only (no status controller).
     #[arg(long, default_value_t = false)]
     pub webhook_only: bool,
@@ -82,7 +100,7 @@ impl Args {
             .map_err(|e| errs.push(format!("--listen {:?}: {e}", self.listen)))
             .ok();
         for (flag, f) in [("--tls-cert", &self.tls_cert), ("--tls-key", &self.tls_key)] {
-            if !f.is_file() {
+            if !self.self_signed_certs && !f.is_file() {
                 errs.push(format!("{flag} {}: no such file", f.display()));
             }
         }
@@ -133,17 +151,38 @@ pub async fn run(
         TrustVerifier::new(trust.clone(), puller),
         cfg.args.trusted_users.clone(),
     ));
+    let client = if cfg.args.self_signed_certs || !cfg.args.webhook_only {
+        Some(kube_client(cfg.args.kubeconfig.as_ref()).await?)
+    } else {
+        None
+    };
+    if let (true, Some(client)) = (cfg.args.self_signed_certs, &client) {
+        let mut hosts = crate::certs::service_names(&cfg.args.service, &cfg.args.namespace);
+        hosts.extend(cfg.args.cert_hosts.iter().cloned());
+        let dir = cfg
+            .args
+            .tls_cert
+            .parent()
+            .unwrap_or(std::path::Path::new("."));
+        let minted = crate::certs::mint(dir, &hosts)?;
+        if minted.cert != cfg.args.tls_cert || minted.key != cfg.args.tls_key {
+            std::fs::rename(&minted.cert, &cfg.args.tls_cert)?;
+            std::fs::rename(&minted.key, &cfg.args.tls_key)?;
+        }
+        crate::certs::inject_ca_bundle(client.clone(), &cfg.args.webhook_config, &minted.ca_pem)
+            .await?;
+        info!(webhook_config = %cfg.args.webhook_config, hosts = ?hosts, "minted serving certificate; caBundle written");
+    }
     let tls = crate::webhook::server::tls_config(&cfg.args.tls_cert, &cfg.args.tls_key)?;
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
 
     tokio::spawn(reload_policy(cfg.args.policy.clone(), trust));
     let server = crate::webhook::server::serve(admission, cfg.listen, tls, shutdown.clone());
     info!(listen = %cfg.listen, "serving admission");
-    if cfg.args.webhook_only {
+    let Some(client) = client.filter(|_| !cfg.args.webhook_only) else {
         server.await?;
         return Ok(());
-    }
-    let client = kube_client(cfg.args.kubeconfig.as_ref()).await?;
+    };
     let (served, ()) = tokio::join!(server, crate::controller::run(client, shutdown));
     served?;
     Ok(())

@@ -542,3 +542,71 @@ async fn with_the_webhook_down_creates_fail_and_recover_when_it_returns() {
         }
     }
 }
+
+#[tokio::test]
+async fn self_minted_certificates_are_trusted_through_the_ca_bundle_they_write() {
+    let cluster = shared_cluster();
+    let env = env();
+    let port = gkm_testenv::process::free_port().unwrap();
+    // Registered with the test CA: the controller must replace it with its own.
+    register(cluster, env, "selfsigned", port).await;
+    let d = env.dir.path().join("selfsigned");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("policy.yaml"), policy(env)).unwrap();
+    let args = vec![
+        format!("--listen=127.0.0.1:{port}"),
+        "--self-signed-certs".to_string(),
+        "--cert-host=127.0.0.1".to_string(),
+        "--webhook-config=gkm-test-selfsigned".to_string(),
+        format!("--tls-cert={}", d.join("tls/tls.crt").display()),
+        format!("--tls-key={}", d.join("tls/tls.key").display()),
+        format!("--policy={}", d.join("policy.yaml").display()),
+        format!("--insecure-registry={}", shared_registry().host()),
+        format!("--kubeconfig={}", cluster.admin_kubeconfig().display()),
+        "--webhook-only".to_string(),
+    ];
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_gkm-controller"));
+    let _controller = ServerProcess::start("gkm-controller", &bin, &args, &[], &d).unwrap();
+
+    let ns = namespace(cluster, "selfsigned").await;
+    let img = push(&format!("trusted/{}", unique_name("selfsigned")), "v1", "s").await;
+    env.cosign.sign(&img.by_digest()).await.unwrap();
+    let alice: Api<GKMCache> = Api::namespaced(cluster.user_client("alice").await.unwrap(), &ns);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match alice
+            .create(
+                &PostParams::default(),
+                &cache("minted", &img.by_tag(), None),
+            )
+            .await
+        {
+            Ok(c) => {
+                assert_eq!(annotation(&c).as_deref(), Some(img.digest.as_str()));
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "never trusted: {e}\n{}",
+                    _controller.log_tail()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let m = Api::<MutatingWebhookConfiguration>::all(cluster.admin_client().await.unwrap())
+        .get("gkm-test-selfsigned")
+        .await
+        .unwrap();
+    let bundle = m.webhooks.unwrap()[0]
+        .client_config
+        .ca_bundle
+        .clone()
+        .unwrap();
+    assert_ne!(
+        bundle.0,
+        env.ca.cert_pem.as_bytes(),
+        "the caBundle is the controller's own CA"
+    );
+}
