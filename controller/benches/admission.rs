@@ -19,14 +19,7 @@ use gkm_testenv::image::{CacheKind, Compression, ImageBuilder, PushedImage, Targ
 use gkm_testenv::pki::Ca;
 use gkm_testenv::process::ServerProcess;
 use gkm_testenv::{Cluster, Cosign, Registry, unique_name};
-use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ValidatingWebhook,
-    ValidatingWebhookConfiguration, WebhookClientConfig,
-};
-use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 
 const SELECTOR: &str = "gkm-webhook-bench";
 
@@ -87,125 +80,22 @@ async fn start_controller(
 
 /// Registers both webhooks for namespaces labelled `SELECTOR=on`.
 async fn register(cluster: &Cluster, ca: &Ca, port: u16) {
-    let client = cluster.admin_client().await.unwrap();
-    let ca_bundle = k8s_openapi::ByteString(ca.cert_pem.clone().into_bytes());
-    let rules = vec![RuleWithOperations {
-        api_groups: Some(vec!["gkm.io".into()]),
-        api_versions: Some(vec!["v1alpha1".into()]),
-        operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
-        resources: Some(vec!["gkmcaches".into(), "clustergkmcaches".into()]),
-        scope: None,
-    }];
-    let selector = LabelSelector {
-        match_labels: Some([(SELECTOR.to_string(), "on".to_string())].into()),
-        ..Default::default()
-    };
-    let cc = |path: &str| WebhookClientConfig {
-        url: Some(format!("https://127.0.0.1:{port}/{path}")),
-        ca_bundle: Some(ca_bundle.clone()),
-        service: None,
-    };
-    let meta = ObjectMeta {
-        name: Some("gkm-bench".into()),
-        ..Default::default()
-    };
-    let m = MutatingWebhookConfiguration {
-        metadata: meta.clone(),
-        webhooks: Some(vec![MutatingWebhook {
-            name: "mutate.gkm.io".into(),
-            admission_review_versions: vec!["v1".into()],
-            client_config: cc("mutate"),
-            failure_policy: Some("Fail".into()),
-            side_effects: "None".into(),
-            timeout_seconds: Some(10),
-            namespace_selector: Some(selector.clone()),
-            rules: Some(rules.clone()),
-            ..Default::default()
-        }]),
-    };
-    let v = ValidatingWebhookConfiguration {
-        metadata: meta,
-        webhooks: Some(vec![ValidatingWebhook {
-            name: "validate.gkm.io".into(),
-            admission_review_versions: vec!["v1".into()],
-            client_config: cc("validate"),
-            failure_policy: Some("Fail".into()),
-            side_effects: "None".into(),
-            timeout_seconds: Some(10),
-            namespace_selector: Some(selector),
-            rules: Some(rules),
-            ..Default::default()
-        }]),
-    };
-    let pp = PatchParams::apply("gkm-bench").force();
-    Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .patch("gkm-bench", &pp, &Patch::Apply(&m))
-        .await
-        .unwrap();
-    Api::<ValidatingWebhookConfiguration>::all(client)
-        .patch("gkm-bench", &pp, &Patch::Apply(&v))
+    gkm_testenv::webhooks::register(cluster, "gkm-bench", port, &ca.cert_pem, (SELECTOR, "on"))
         .await
         .unwrap();
 }
 
 /// A namespace (selected by the webhooks or not) where alice may create caches.
 async fn namespace(cluster: &Cluster, selected: bool) -> String {
-    let name = unique_name(if selected { "wh" } else { "nowh" });
-    let client = cluster.admin_client().await.unwrap();
-    let labels = selected.then(|| [(SELECTOR.to_string(), "on".to_string())].into());
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            labels,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let pp = PostParams::default();
-    Api::<Namespace>::all(client.clone())
-        .create(&pp, &ns)
-        .await
-        .unwrap();
-    let role = Role {
-        metadata: ObjectMeta {
-            name: Some("cache-editor".into()),
-            ..Default::default()
-        },
-        rules: Some(vec![PolicyRule {
-            api_groups: Some(vec!["gkm.io".into()]),
-            resources: Some(vec!["gkmcaches".into()]),
-            verbs: ["create", "get", "list", "update", "patch"]
-                .map(String::from)
-                .into(),
-            ..Default::default()
-        }]),
-    };
-    Api::<Role>::namespaced(client.clone(), &name)
-        .create(&pp, &role)
-        .await
-        .unwrap();
-    let rb = RoleBinding {
-        metadata: ObjectMeta {
-            name: Some("alice".into()),
-            ..Default::default()
-        },
-        role_ref: RoleRef {
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            kind: "Role".into(),
-            name: "cache-editor".into(),
-        },
-        subjects: Some(vec![Subject {
-            kind: "User".into(),
-            name: "alice".into(),
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            namespace: None,
-        }]),
-    };
-    Api::<RoleBinding>::namespaced(client, &name)
-        .create(&pp, &rb)
-        .await
-        .unwrap();
-    name
+    let labels: &[(&str, &str)] = if selected { &[(SELECTOR, "on")] } else { &[] };
+    gkm_testenv::webhooks::editor_namespace(
+        cluster,
+        if selected { "wh" } else { "nowh" },
+        labels,
+        &["alice"],
+    )
+    .await
+    .unwrap()
 }
 
 async fn push(registry: &Registry, repo: &str, seed: &str) -> PushedImage {

@@ -2,7 +2,7 @@
 //! certificate for its Service's DNS names at start, serves with them, and writes the CA
 //! into the `caBundle` of its webhook configurations. Every start mints a new pair (valid a
 //! year), so a rollout rotates them. One replica per pair: with several replicas, use
-//! cert-manager (see docs/operations.md) instead.
+//! cert-manager (see docs/trust.md) instead.
 
 use std::path::{Path, PathBuf};
 

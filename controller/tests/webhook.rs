@@ -11,14 +11,8 @@ use gkm_testenv::image::{CacheKind, Compression, ImageBuilder, PushedImage, Targ
 use gkm_testenv::pki::Ca;
 use gkm_testenv::process::ServerProcess;
 use gkm_testenv::{Cluster, Cosign, shared_cluster, shared_registry, unique_name};
-use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ValidatingWebhook,
-    ValidatingWebhookConfiguration, WebhookClientConfig,
-};
-use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 
 /// What every test shares: signing key, webhook address, the CA the apiserver trusts it by.
 struct Env {
@@ -113,136 +107,24 @@ fn start_controller(
 
 /// Registers the webhooks for namespaces labelled `gkm-webhook-test=<value>`.
 async fn register(cluster: &Cluster, env: &Env, value: &str, port: u16) {
-    let client = cluster.admin_client().await.unwrap();
-    let ca_bundle = k8s_openapi::ByteString(env.ca.cert_pem.clone().into_bytes());
-    let rules = vec![RuleWithOperations {
-        api_groups: Some(vec!["gkm.io".into()]),
-        api_versions: Some(vec!["v1alpha1".into()]),
-        operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
-        resources: Some(vec!["gkmcaches".into(), "clustergkmcaches".into()]),
-        scope: None,
-    }];
-    let selector = LabelSelector {
-        match_labels: Some([(SELECTOR.to_string(), value.to_string())].into()),
-        ..Default::default()
-    };
-    let cc = |path: &str| WebhookClientConfig {
-        url: Some(format!("https://127.0.0.1:{port}/{path}")),
-        ca_bundle: Some(ca_bundle.clone()),
-        service: None,
-    };
     let name = format!("gkm-test-{value}");
-    let m = MutatingWebhookConfiguration {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            ..Default::default()
-        },
-        webhooks: Some(vec![MutatingWebhook {
-            name: "mutate.gkm.io".into(),
-            admission_review_versions: vec!["v1".into()],
-            client_config: cc("mutate"),
-            failure_policy: Some("Fail".into()),
-            side_effects: "None".into(),
-            timeout_seconds: Some(10),
-            namespace_selector: Some(selector.clone()),
-            rules: Some(rules.clone()),
-            ..Default::default()
-        }]),
-    };
-    let v = ValidatingWebhookConfiguration {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            ..Default::default()
-        },
-        webhooks: Some(vec![ValidatingWebhook {
-            name: "validate.gkm.io".into(),
-            admission_review_versions: vec!["v1".into()],
-            client_config: cc("validate"),
-            failure_policy: Some("Fail".into()),
-            side_effects: "None".into(),
-            timeout_seconds: Some(10),
-            namespace_selector: Some(selector),
-            rules: Some(rules),
-            ..Default::default()
-        }]),
-    };
-    let pp = PatchParams::apply("gkm-test").force();
-    Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .patch(&name, &pp, &Patch::Apply(&m))
-        .await
-        .unwrap();
-    Api::<ValidatingWebhookConfiguration>::all(client)
-        .patch(&name, &pp, &Patch::Apply(&v))
+    gkm_testenv::webhooks::register(cluster, &name, port, &env.ca.cert_pem, (SELECTOR, value))
         .await
         .unwrap();
 }
 
-/// A namespace the webhooks of `value` apply to, where alice may write caches (not status).
+/// A namespace the webhooks of `value` apply to, where alice and the trusted service
+/// account may write caches (not status).
 async fn namespace(cluster: &Cluster, value: &str) -> String {
-    let name = unique_name("wh");
-    let client = cluster.admin_client().await.unwrap();
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            labels: Some([(SELECTOR.to_string(), value.to_string())].into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap();
-    let role = Role {
-        metadata: ObjectMeta {
-            name: Some("cache-editor".into()),
-            ..Default::default()
-        },
-        rules: Some(vec![PolicyRule {
-            api_groups: Some(vec!["gkm.io".into()]),
-            resources: Some(vec!["gkmcaches".into()]),
-            verbs: vec![
-                "create".into(),
-                "get".into(),
-                "list".into(),
-                "update".into(),
-                "patch".into(),
-            ],
-            ..Default::default()
-        }]),
-    };
-    Api::<Role>::namespaced(client.clone(), &name)
-        .create(&PostParams::default(), &role)
-        .await
-        .unwrap();
     let sa_user = format!("system:serviceaccount:{}:{}", TRUSTED_SA.0, TRUSTED_SA.1);
-    for (binding, kind, subject) in [
-        ("alice", "User", "alice"),
-        ("promoter", "User", sa_user.as_str()),
-    ] {
-        let rb = RoleBinding {
-            metadata: ObjectMeta {
-                name: Some(binding.into()),
-                ..Default::default()
-            },
-            role_ref: RoleRef {
-                api_group: Some("rbac.authorization.k8s.io".into()),
-                kind: "Role".into(),
-                name: "cache-editor".into(),
-            },
-            subjects: Some(vec![Subject {
-                kind: kind.into(),
-                name: subject.into(),
-                api_group: Some("rbac.authorization.k8s.io".into()),
-                namespace: None,
-            }]),
-        };
-        Api::<RoleBinding>::namespaced(client.clone(), &name)
-            .create(&PostParams::default(), &rb)
-            .await
-            .unwrap();
-    }
-    name
+    gkm_testenv::webhooks::editor_namespace(
+        cluster,
+        "wh",
+        &[(SELECTOR, value)],
+        &["alice", &sa_user],
+    )
+    .await
+    .unwrap()
 }
 
 /// The shared webhook (started once per test binary).

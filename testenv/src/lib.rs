@@ -22,6 +22,7 @@ pub mod pki;
 pub mod process;
 pub mod registry;
 pub mod tools;
+pub mod webhooks;
 
 use std::path::PathBuf;
 use std::time::Duration;
