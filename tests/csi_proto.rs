@@ -206,7 +206,7 @@ fn index(
 }
 
 fn our_proto_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("proto")
+    gkm_testenv::workspace_root().join("proto")
 }
 
 #[test]

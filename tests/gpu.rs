@@ -9,7 +9,7 @@ use gkm::api::{GpuBackend, GpuInfo, GpuSource};
 use gkm::gpu::{self, Inventory, Summary, Verdict};
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    gkm_testenv::workspace_root()
         .join("tests/fixtures")
         .join(rel)
 }

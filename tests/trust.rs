@@ -29,7 +29,7 @@ const WORKFLOW: &str =
     "https://github.com/gkm-dev/kernels/.github/workflows/build.yaml@refs/heads/main";
 
 fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    gkm_testenv::workspace_root()
         .join("tests/fixtures/trust")
         .join(name)
 }

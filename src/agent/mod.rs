@@ -1,7 +1,8 @@
-//! The node agent: configuration, and the wiring of store, GPU inventory, registry access
-//! and CSI plugin into one running process.
+//! The node agent: configuration, the watch cache the CSI plugin resolves caches from, and
+//! the wiring of store, GPU inventory, registry access and CSI plugin into one process.
 
 pub mod config;
+pub mod watch;
 
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use tracing::info;
 
 pub use config::{AgentArgs, AgentConfig, ConfigErrors};
 
-use crate::csi::{self, ApiResolver, KernelMounter, Plugin, PluginConfig};
+use crate::csi::{self, KernelMounter, Plugin, PluginConfig};
 use crate::gpu::Inventory;
 use crate::oci::{Credentials, PullConfig, Puller};
 use crate::store::{Store, StoreConfig};
@@ -58,7 +59,7 @@ pub async fn run(
         },
         store,
         puller,
-        Arc::new(ApiResolver::new(client)),
+        Arc::new(watch::WatchResolver::start(client)),
         KernelMounter,
         gpus,
     ));

@@ -110,12 +110,20 @@ pub fn http_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
 }
 
-/// The workspace root (where `deploy/` lives).
+/// The workspace root (where `deploy/` lives), found at run time: cargo sets
+/// `CARGO_MANIFEST_DIR` for test and bench processes; otherwise the working directory.
+/// Never a path baked in at compile time: builds are shared between clones through the
+/// target directory, and a baked-in path would point at another checkout.
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("testenv lives one level below the workspace root")
-        .to_path_buf()
+    let start = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::current_dir().ok())
+        .unwrap_or_default();
+    start
+        .ancestors()
+        .find(|d| d.join("deploy/crds").is_dir() && d.join("Cargo.toml").is_file())
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or(start)
 }
 
 /// A name unique within this machine, for namespaces and repositories: `<prefix>-<suffix>`.
