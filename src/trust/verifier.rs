@@ -416,16 +416,11 @@ impl Verifier {
                 Err(e) => reasons.push(format!("authority {:?}: {e}", authority.name)),
             }
         }
-        if let Err(e) = claim {
-            let mut out = vec![e.to_string()];
-            if let Some(name) = verified_by {
-                out.push(format!(
-                    "(its signature does verify under authority {name:?}, but it signs another claim)"
-                ));
-            }
-            return Err(out);
-        }
-        Err(reasons)
+        Err(rejection(
+            claim.err().map(|e| e.to_string()),
+            verified_by,
+            reasons,
+        ))
     }
 
     /// The bundle format: every Sigstore-bundle referrer of the image.
@@ -591,16 +586,11 @@ impl Verifier {
                 Err(e) => reasons.push(format!("authority {:?}: {e}", authority.name)),
             }
         }
-        if let Err(e) = claim {
-            let mut out = vec![e.to_string()];
-            if let Some(name) = verified_by {
-                out.push(format!(
-                    "(its signature does verify under authority {name:?}, but it signs another claim)"
-                ));
-            }
-            return Err(out);
-        }
-        Err(reasons)
+        Err(rejection(
+            claim.err().map(|e| e.to_string()),
+            verified_by,
+            reasons,
+        ))
     }
 
     async fn small_blob(
@@ -651,4 +641,23 @@ struct Layer {
     size: u64,
     #[serde(default)]
     annotations: BTreeMap<String, String>,
+}
+
+/// Why a signature was rejected: a wrong claim (the payload or statement names another
+/// image) outranks the per-authority reasons, noting when the signature itself verified.
+fn rejection(
+    claim_error: Option<String>,
+    verified_by: Option<String>,
+    reasons: Vec<String>,
+) -> Vec<String> {
+    let Some(e) = claim_error else {
+        return reasons;
+    };
+    let mut out = vec![e];
+    if let Some(name) = verified_by {
+        out.push(format!(
+            "(its signature does verify under authority {name:?}, but it signs another claim)"
+        ));
+    }
+    out
 }
