@@ -39,7 +39,7 @@ YAML
 SOCK=$WORK/plugin/csi.sock
 "$BIN/gkm-agent" --node-name=csi-sanity-node --csi-endpoint="unix://$SOCK" \
   --store-root="$WORK/store" --gpus-file="$WORK/gpus.yaml" --kubeconfig="$KUBECONFIG_PATH" \
-  --log=warn 2>"$WORK/agent.log" &
+  --health-addr=127.0.0.1:0 --log=warn 2>"$WORK/agent.log" &
 PIDS+=($!)
 for _ in $(seq 200); do [ -S "$SOCK" ] && break; sleep 0.05; done
 [ -S "$SOCK" ] || { echo "csi-sanity: gkm-agent did not open its socket:" >&2; cat "$WORK/agent.log" >&2; exit 1; }

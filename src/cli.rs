@@ -224,3 +224,120 @@ pub async fn gc(store_dir: PathBuf) -> Result<Vec<String>> {
     })?;
     Ok(store.gc(&HashSet::new()).await?)
 }
+
+/// What `gkm build` was asked to do.
+#[derive(Clone, Debug)]
+pub struct BuildRequest {
+    /// The cache directory.
+    pub dir: PathBuf,
+    /// `triton` or `vllm`.
+    pub kind: String,
+    /// `-t`: the registry reference to push to (a tag), or with `oci_layout` the name the
+    /// image gets in the layout's `index.json`.
+    pub reference: Option<String>,
+    /// `--target BACKEND:ARCH:WARP`: replaces the targets found in the cache.
+    pub targets: Vec<String>,
+    /// `--sign-key`: a cosign (or PKCS#8/SEC1 P-256) private key to sign the pushed digest.
+    pub sign_key: Option<PathBuf>,
+    /// `--oci-layout`: write an OCI image layout directory instead of pushing.
+    pub oci_layout: Option<PathBuf>,
+}
+
+/// `gkm build DIR --kind triton|vllm -t REF`: packages a kernel cache directory as an MCV
+/// image, pushes it (or writes an OCI layout) and signs it when asked. Progress goes to
+/// stderr; the returned line (`REPO@sha256:…`, or `PATH@sha256:…` for a layout) is what
+/// the command prints on stdout.
+pub async fn build(req: &BuildRequest, registry: &RegistryOptions) -> Result<String> {
+    use crate::build::{self as b, BuildOptions, Pusher};
+    use crate::trust::sign::{SigningKey, password_from_env};
+
+    let kind: b::CacheKind = req.kind.parse()?;
+    let targets = req
+        .targets
+        .iter()
+        .map(|t| b::parse_target(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Check everything that can be checked before the (possibly long) build.
+    let reference = match (&req.oci_layout, &req.reference) {
+        (Some(_), _) if req.sign_key.is_some() => anyhow::bail!(
+            "--sign-key signs a pushed image; it cannot be combined with --oci-layout \
+             (push the image with -t, or sign it after copying the layout to a registry)"
+        ),
+        (Some(_), _) => None,
+        (None, None) => anyhow::bail!("-t REF is required: the registry reference to push to"),
+        (None, Some(r)) => {
+            let r = oci::parse_reference(r)?;
+            if r.digest().is_some() {
+                anyhow::bail!(
+                    "-t {}: name the image by tag; its digest is what the build computes",
+                    r.whole()
+                );
+            }
+            Some(r)
+        }
+    };
+    let key = match &req.sign_key {
+        Some(path) => {
+            let path = path.clone();
+            // scrypt takes a moment; keep it off the async threads.
+            let key = tokio::task::spawn_blocking(move || {
+                SigningKey::from_file(&path, &password_from_env())
+            })
+            .await??;
+            Some(key)
+        }
+        None => None,
+    };
+
+    eprintln!("Building a {kind} cache image of {}", req.dir.display());
+    let dir = req.dir.clone();
+    let opts = BuildOptions { kind, targets };
+    let image = tokio::task::spawn_blocking(move || b::build(&dir, &opts)).await??;
+    let render = |ts: &[crate::gpu::CacheTarget]| {
+        ts.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if image.targets != image.found_targets && !image.found_targets.is_empty() {
+        eprintln!(
+            "  --target replaces the targets found in the cache: {}",
+            render(&image.found_targets)
+        );
+    }
+    eprintln!(
+        "  {} entries, {} files, {} bytes; targets: {}",
+        image.entry_count,
+        image.files,
+        image.size_bytes,
+        render(&image.targets)
+    );
+    eprintln!(
+        "  layer {} ({} bytes compressed); image {}",
+        image.layer.digest, image.layer.size, image.digest
+    );
+
+    let Some(reference) = reference else {
+        let layout = req.oci_layout.clone().expect("checked above");
+        let name = req.reference.clone();
+        let digest = image.digest.clone();
+        let shown = layout.display().to_string();
+        tokio::task::spawn_blocking(move || b::write_oci_layout(&image, &layout, name.as_deref()))
+            .await??;
+        eprintln!("Wrote OCI layout {shown}");
+        return Ok(format!("{shown}@{digest}"));
+    };
+
+    let creds = match &registry.auth_file {
+        Some(f) => Credentials::from_file(f)?,
+        None => Credentials::anonymous(),
+    };
+    let pusher = Pusher::new(registry.insecure.clone(), creds);
+    eprintln!("Pushing to {}", reference.whole());
+    let pinned = pusher.push(&image, &reference).await?;
+    if let Some(key) = key {
+        let sig = pusher.sign(&pinned, &key).await?;
+        eprintln!("Signed {} ({sig})", pinned.digest());
+    }
+    Ok(pinned.to_string())
+}

@@ -10,12 +10,15 @@
 //! - [`trust`]: the trust policy and signature verification of images, fail-closed.
 //! - [`csi`]: the CSI node plugin `csi.gkm.io` (Identity and Node services).
 //! - [`cli`]: what the `gkm` commands do.
+//! - [`metrics`]: the agent's Prometheus metrics.
 
 pub mod agent;
 pub mod api;
+pub mod build;
 pub mod cli;
 pub mod csi;
 pub mod gpu;
+pub mod metrics;
 pub mod oci;
 pub mod store;
 pub mod trust;

@@ -43,6 +43,8 @@ impl Agent {
                 shared_cluster().admin_kubeconfig().display()
             ),
             "--log=gkm=debug".to_string(),
+            // Many agents run at once here: each on a port of its own.
+            "--health-addr=127.0.0.1:0".to_string(),
         ];
         // Tied to the test process: a killed test run leaves no agent behind.
         let bin = PathBuf::from(env!("CARGO_BIN_EXE_gkm-agent"));

@@ -54,6 +54,17 @@ pub struct AgentArgs {
     /// Seconds an unused, unwanted digest stays before garbage collection.
     #[arg(long, env = "GKM_GC_GRACE_SECONDS", default_value_t = 600)]
     pub gc_grace_seconds: u64,
+    /// When to pull a cache's digest: `on-demand` reads only its manifest and config (to
+    /// report GPU compatibility) and extracts at the first publish; `eager` extracts every
+    /// compatible cache as soon as it has a trusted digest.
+    #[arg(long, env = "GKM_PULL_POLICY", value_enum, default_value_t = PullPolicy::OnDemand)]
+    pub pull_policy: PullPolicy,
+    /// Address of the plain-HTTP /healthz, /readyz and /metrics endpoints.
+    #[arg(long, env = "GKM_HEALTH_ADDR", default_value = DEFAULT_HEALTH_ADDR)]
+    pub health_addr: String,
+    /// Seconds between garbage-collection sweeps of the store (also run after unpublishes).
+    #[arg(long, env = "GKM_GC_INTERVAL_SECONDS", default_value_t = 60)]
+    pub gc_interval_seconds: u64,
     /// Refuse caches whose image carries no GPU targets.
     #[arg(long, env = "GKM_REQUIRE_GPU_CLAIMS", default_value_t = false)]
     pub require_gpu_claims: bool,
@@ -63,6 +74,19 @@ pub struct AgentArgs {
     /// Log filter, e.g. `info` or `gkm=debug`.
     #[arg(long, env = "GKM_LOG", default_value = "info")]
     pub log: String,
+}
+
+/// Where the agent serves /healthz, /readyz and /metrics unless told otherwise.
+pub const DEFAULT_HEALTH_ADDR: &str = "0.0.0.0:9810";
+
+/// When the agent pulls a cache's digest.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// At the first publish (the manifest and config are read at once, for GPU checks).
+    #[default]
+    OnDemand,
+    /// As soon as a compatible cache has a trusted digest.
+    Eager,
 }
 
 /// A checked configuration.
@@ -80,6 +104,9 @@ pub struct AgentConfig {
     pub publish_timeout: Duration,
     pub gc_grace: Duration,
     pub require_gpu_claims: bool,
+    pub pull_policy: PullPolicy,
+    pub health_addr: std::net::SocketAddr,
+    pub gc_interval: Duration,
     pub log_json: bool,
     pub log: String,
 }
@@ -137,6 +164,16 @@ impl AgentArgs {
                 errs.push(format!("--insecure-registry {r:?}: must be host[:port]"));
             }
         }
+        let health_addr = self.health_addr.parse().unwrap_or_else(|_| {
+            errs.push(format!(
+                "--health-addr {:?}: must be IP:PORT, e.g. {DEFAULT_HEALTH_ADDR}",
+                self.health_addr
+            ));
+            DEFAULT_HEALTH_ADDR.parse().expect("the default parses")
+        });
+        if self.gc_interval_seconds == 0 {
+            errs.push("--gc-interval-seconds 0: must be at least 1".to_string());
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log).is_err() {
             errs.push(format!("--log {:?}: not a log filter", self.log));
         }
@@ -156,6 +193,9 @@ impl AgentArgs {
             publish_timeout: Duration::from_secs(self.publish_timeout_seconds),
             gc_grace: Duration::from_secs(self.gc_grace_seconds),
             require_gpu_claims: self.require_gpu_claims,
+            pull_policy: self.pull_policy,
+            health_addr,
+            gc_interval: Duration::from_secs(self.gc_interval_seconds),
             log_json: self.log_json,
             log: self.log,
         })
@@ -177,10 +217,12 @@ mod tests {
             "--publish-timeout-seconds=300",
             "--insecure-registry=http://r/x",
             "--log=[[[",
+            "--health-addr=9810",
+            "--gc-interval-seconds=0",
         ])
         .unwrap();
         let err = args.check().unwrap_err();
-        assert_eq!(err.0.len(), 7, "{err}");
+        assert_eq!(err.0.len(), 9, "{err}");
         let text = err.to_string();
         for words in [
             "node name",
@@ -190,6 +232,8 @@ mod tests {
             "120",
             "--insecure-registry",
             "--log",
+            "--health-addr",
+            "--gc-interval-seconds",
         ] {
             assert!(text.contains(words), "{words}: {text}");
         }
@@ -204,5 +248,7 @@ mod tests {
         assert_eq!(cfg.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(cfg.store_root, PathBuf::from("/var/lib/gkm"));
         assert_eq!(cfg.publish_timeout, Duration::from_secs(90));
+        assert_eq!(cfg.pull_policy, PullPolicy::OnDemand);
+        assert_eq!(cfg.health_addr.to_string(), DEFAULT_HEALTH_ADDR);
     }
 }

@@ -1,7 +1,13 @@
-//! The node agent: configuration, the watch cache the CSI plugin resolves caches from, and
-//! the wiring of store, GPU inventory, registry access and CSI plugin into one process.
+//! The node agent: configuration, the watch cache the CSI plugin resolves caches from,
+//! the control loop that reports this node's state (node objects, Events, GC), the health
+//! and metrics endpoints, and the wiring of all of it with the store, GPU inventory,
+//! registry access and CSI plugin into one process.
 
 pub mod config;
+pub mod health;
+pub mod memory;
+pub mod reconcile;
+pub mod status;
 pub mod watch;
 
 use std::sync::Arc;
@@ -9,9 +15,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use tracing::info;
 
-pub use config::{AgentArgs, AgentConfig, ConfigErrors};
+pub use config::{AgentArgs, AgentConfig, ConfigErrors, PullPolicy};
 
-use crate::csi::{self, KernelMounter, Plugin, PluginConfig};
+use crate::csi::{self, CacheResolver, KernelMounter, Plugin, PluginConfig};
 use crate::gpu::Inventory;
 use crate::oci::{Credentials, PullConfig, Puller};
 use crate::store::{Store, StoreConfig};
@@ -50,6 +56,11 @@ pub async fn run(
         creds,
     );
     let client = kube_client(&cfg).await?;
+    let (queue, rx) = reconcile::WorkQueue::new();
+    let caches = Arc::new(watch::WatchResolver::start_notifying(client.clone(), {
+        let q = queue.clone();
+        move |scope| q.add(scope)
+    }));
     let plugin = Arc::new(Plugin::new(
         PluginConfig {
             node_name: cfg.node_name.clone(),
@@ -57,15 +68,86 @@ pub async fn run(
             allow_unclaimed: !cfg.require_gpu_claims,
             ..Default::default()
         },
+        store.clone(),
+        puller.clone(),
+        caches.clone(),
+        KernelMounter,
+        gpus.clone(),
+    ));
+    let ctx = Arc::new(reconcile::Context::new(
+        reconcile::LoopConfig {
+            node: cfg.node_name.clone(),
+            policy: cfg.pull_policy,
+            allow_unclaimed: !cfg.require_gpu_claims,
+            gc_interval: cfg.gc_interval,
+        },
+        client,
         store,
         puller,
-        Arc::new(watch::WatchResolver::start(client)),
-        KernelMounter,
+        caches.clone(),
         gpus,
+        queue.clone(),
     ));
+    plugin.on_volume_change(Box::new({
+        let (q, ctx) = (queue.clone(), Arc::downgrade(&ctx));
+        move |key| {
+            q.add(status::Scope::of(key));
+            if let Some(ctx) = ctx.upgrade() {
+                ctx.gc_nudge.notify_one();
+            }
+        }
+    }));
     let dropped = plugin.reconcile_records()?;
-    info!(socket = %cfg.socket.display(), stale_records = dropped, "serving CSI");
-    csi::server::serve(plugin, &cfg.socket, shutdown).await?;
+
+    let ready: health::Readiness = Arc::new({
+        let (plugin, caches) = (plugin.clone(), caches.clone());
+        move || {
+            if !caches.ready() {
+                return Err("the cache watch has not synced".into());
+            }
+            if !plugin.is_ready() {
+                return Err("the CSI plugin is not ready".into());
+            }
+            Ok(())
+        }
+    });
+    let health = health::bind(cfg.health_addr, ready)
+        .await
+        .with_context(|| format!("binding --health-addr {}", cfg.health_addr))?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let tasks = [
+        tokio::spawn(health),
+        tokio::spawn(reconcile::run_loop(ctx.clone(), rx, stopped())),
+        tokio::spawn(reconcile::gc_loop(ctx.clone())),
+        tokio::spawn({
+            let ctx = ctx.clone();
+            async move { reconcile::queue_startup_work(&ctx).await }
+        }),
+    ];
+    info!(
+        socket = %cfg.socket.display(),
+        health = %cfg.health_addr,
+        policy = ?cfg.pull_policy,
+        stale_records = dropped,
+        "serving CSI"
+    );
+    // The CSI server finishes the calls in flight before returning; the control loop
+    // stops between reconciles. Extractions cut short leave only temporaries, removed at
+    // the next start.
+    let served = csi::server::serve(plugin, &cfg.socket, shutdown).await;
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        t.abort();
+    }
+    served?;
+    info!("stopped");
     Ok(())
 }
 

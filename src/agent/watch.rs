@@ -11,6 +11,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tracing::{info, warn};
 
+use super::status::Scope;
 use crate::api::{ClusterGKMCache, GKMCache};
 use crate::csi::resolver::ResolveError;
 use crate::csi::{CacheKey, CacheResolver, ResolvedCache};
@@ -27,6 +28,16 @@ impl WatchResolver {
     /// Starts the watches on the current tokio runtime. The resolver is ready once both
     /// have listed everything once.
     pub fn start(client: kube::Client) -> Self {
+        Self::start_notifying(client, |_| {})
+    }
+
+    /// [`WatchResolver::start`], calling `changed` with the scope of every cache that is
+    /// listed, added, changed or deleted.
+    pub fn start_notifying(
+        client: kube::Client,
+        changed: impl Fn(Scope) + Send + Sync + 'static,
+    ) -> Self {
+        let changed = Arc::new(changed);
         let (namespaced, ns_writer) = reflector::store();
         let (cluster, cl_writer) = reflector::store();
         let ns_stream = reflector::reflector(
@@ -37,6 +48,7 @@ impl WatchResolver {
             ),
         )
         .default_backoff()
+        .modify(trim)
         .touched_objects();
         let cl_stream = reflector::reflector(
             cl_writer,
@@ -46,16 +58,24 @@ impl WatchResolver {
             ),
         )
         .default_backoff()
+        .modify(trim)
         .touched_objects();
-        tokio::spawn(ns_stream.for_each(|r| {
-            if let Err(e) = r {
-                warn!(error = %e, "GKMCache watch (retrying)");
+        let tell = changed.clone();
+        tokio::spawn(ns_stream.for_each(move |r| {
+            match r {
+                Ok(c) => {
+                    if let Some(ns) = c.metadata.namespace {
+                        tell(Scope::Namespace(ns));
+                    }
+                }
+                Err(e) => warn!(error = %e, "GKMCache watch (retrying)"),
             }
             futures::future::ready(())
         }));
-        tokio::spawn(cl_stream.for_each(|r| {
-            if let Err(e) = r {
-                warn!(error = %e, "ClusterGKMCache watch (retrying)");
+        tokio::spawn(cl_stream.for_each(move |r| {
+            match r {
+                Ok(_) => changed(Scope::Cluster),
+                Err(e) => warn!(error = %e, "ClusterGKMCache watch (retrying)"),
             }
             futures::future::ready(())
         }));
@@ -64,6 +84,8 @@ impl WatchResolver {
         tokio::spawn(async move {
             if a.wait_until_ready().await.is_ok() && b.wait_until_ready().await.is_ok() {
                 flag.store(true, Ordering::Relaxed);
+                // The initial lists were the biggest allocation burst the agent makes.
+                super::memory::trim();
                 info!(
                     namespaced = a.state().len(),
                     cluster = b.state().len(),
@@ -75,6 +97,104 @@ impl WatchResolver {
             namespaced,
             cluster,
             ready,
+        }
+    }
+}
+
+/// Drops what the agent never reads before an object enters the watch cache: with
+/// thousands of caches, managed fields, other annotations (kubectl's last-applied copy),
+/// labels and conditions are most of the memory the cache would hold.
+fn trim<K: kube::Resource + HasStatusDigest>(obj: &mut K) {
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    meta.labels = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.retain(|k, _| k == crate::api::RESOLVED_DIGEST_ANNOTATION);
+    }
+    obj.keep_only_digest();
+}
+
+/// Trims a cache's spec to what the agent reads and its status to the promoted digest.
+trait HasStatusDigest {
+    fn keep_only_digest(&mut self);
+}
+
+impl HasStatusDigest for GKMCache {
+    fn keep_only_digest(&mut self) {
+        self.spec.compat = Default::default();
+        if let Some(s) = self.status.as_mut() {
+            *s = crate::api::CacheStatus {
+                resolved_digest: s.resolved_digest.take(),
+                ..Default::default()
+            };
+        }
+    }
+}
+
+impl HasStatusDigest for ClusterGKMCache {
+    fn keep_only_digest(&mut self) {
+        self.spec.compat = Default::default();
+        if let Some(s) = self.status.as_mut() {
+            *s = crate::api::CacheStatus {
+                resolved_digest: s.resolved_digest.take(),
+                ..Default::default()
+            };
+        }
+    }
+}
+
+impl WatchResolver {
+    /// Every cache of `scope` in the watch cache.
+    pub fn caches_in(&self, scope: &Scope) -> Vec<ResolvedCache> {
+        match scope {
+            Scope::Cluster => self
+                .cluster
+                .state()
+                .iter()
+                .filter_map(|c| ResolvedCache::from_cluster(c))
+                .collect(),
+            Scope::Namespace(ns) => self
+                .namespaced
+                .state()
+                .iter()
+                .filter(|c| c.metadata.namespace.as_deref() == Some(ns))
+                .filter_map(|c| ResolvedCache::from_namespaced(c))
+                .collect(),
+        }
+    }
+
+    /// Every cache of both kinds.
+    pub fn all_caches(&self) -> Vec<ResolvedCache> {
+        let mut all: Vec<ResolvedCache> = self
+            .namespaced
+            .state()
+            .iter()
+            .filter_map(|c| ResolvedCache::from_namespaced(c))
+            .collect();
+        all.extend(
+            self.cluster
+                .state()
+                .iter()
+                .filter_map(|c| ResolvedCache::from_cluster(c)),
+        );
+        all
+    }
+
+    /// A reference to the cache object `key` names, for Events.
+    pub fn object_ref(
+        &self,
+        key: &CacheKey,
+    ) -> Option<k8s_openapi::api::core::v1::ObjectReference> {
+        use kube::Resource;
+        match key {
+            CacheKey::Namespaced { namespace, name } => self
+                .namespaced
+                .get(&ObjectRef::new(name).within(namespace))
+                .map(|c| c.object_ref(&())),
+            CacheKey::Cluster { name } => self
+                .cluster
+                .get(&ObjectRef::new(name))
+                .map(|c| c.object_ref(&())),
         }
     }
 }

@@ -4,8 +4,11 @@
 use clap::Parser;
 use gkm::agent::{self, AgentArgs};
 
-#[tokio::main]
+// Two workers whatever the node size: the agent waits on I/O, and each worker thread costs
+// memory (a malloc arena) on nodes with a hundred cores.
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
+    agent::memory::limit_arenas();
     gkm::install_crypto();
     let cfg = match AgentArgs::parse().check() {
         Ok(c) => c,

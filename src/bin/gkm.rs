@@ -75,6 +75,35 @@ enum Command {
         #[command(flatten)]
         registry: RegistryArgs,
     },
+    /// Package a Triton or vLLM cache directory as an OCI image (MCV layout) and push it.
+    Build {
+        /// The cache directory (TRITON_CACHE_DIR, or a vLLM cache root).
+        dir: PathBuf,
+        /// What the directory holds.
+        #[arg(long, value_parser = ["triton", "vllm"])]
+        kind: String,
+        /// Where to push: REGISTRY/REPO[:TAG]; with --oci-layout, the image's name there.
+        #[arg(
+            short = 't',
+            long = "tag",
+            value_name = "REF",
+            required_unless_present = "oci_layout"
+        )]
+        reference: Option<String>,
+        /// A GPU target BACKEND:ARCH:WARP (e.g. cuda:90:32), replacing those found in the
+        /// cache's kernel metadata. Repeatable.
+        #[arg(long = "target", value_name = "BACKEND:ARCH:WARP")]
+        targets: Vec<String>,
+        /// Sign the pushed digest (cosign tag format) with this private key: a cosign key
+        /// (password from COSIGN_PASSWORD) or a PKCS#8/SEC1 ECDSA P-256 PEM.
+        #[arg(long = "sign-key", value_name = "KEY")]
+        sign_key: Option<PathBuf>,
+        /// Write an OCI image layout directory instead of pushing.
+        #[arg(long = "oci-layout", value_name = "PATH")]
+        oci_layout: Option<PathBuf>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
     /// Remove every extracted image of a store that no volume uses.
     Gc {
         #[arg(long, value_name = "DIR", default_value = "/var/lib/gkm")]
@@ -137,6 +166,25 @@ async fn main() -> Result<()> {
                 "{}",
                 cli::pull(&image, store, !no_sync, &registry.into()).await?
             )
+        }
+        Command::Build {
+            dir,
+            kind,
+            reference,
+            targets,
+            sign_key,
+            oci_layout,
+            registry,
+        } => {
+            let req = cli::BuildRequest {
+                dir,
+                kind,
+                reference,
+                targets,
+                sign_key,
+                oci_layout,
+            };
+            println!("{}", cli::build(&req, &registry.into()).await?);
         }
         Command::Gc { store } => {
             for d in cli::gc(store).await? {

@@ -26,7 +26,7 @@ pub use mount::{KernelMounter, MountState, Mounter, RecordingMounter};
 pub use resolver::{ApiResolver, CacheKey, CacheResolver, ResolvedCache, StaticResolver};
 
 use crate::api::GpuInfo;
-use crate::gpu::{Summary, Verdict};
+use crate::gpu::Fitness;
 use crate::oci::{PinnedRef, Puller, parse_reference};
 use crate::store::{Extracted, Store, VolumeRecord};
 
@@ -93,7 +93,12 @@ pub struct Plugin<R: CacheResolver, M: Mounter> {
     gpus: RwLock<Vec<GpuInfo>>,
     busy: Mutex<HashSet<String>>,
     ready: AtomicBool,
+    on_change: std::sync::OnceLock<VolumeListener>,
 }
+
+/// Told which cache a volume belonged to after each publish and unpublish that changed
+/// something (the agent reconciles that cache's node object and runs its GC).
+pub type VolumeListener = Box<dyn Fn(&CacheKey) + Send + Sync>;
 
 /// Marks a volume busy for the duration of one call.
 struct VolumeGuard<'a> {
@@ -128,6 +133,21 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
             gpus: RwLock::new(gpus),
             busy: Mutex::new(HashSet::new()),
             ready: AtomicBool::new(true),
+            on_change: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Sets the listener told of every volume change (once; later calls are ignored).
+    pub fn on_volume_change(&self, listener: VolumeListener) {
+        let _ = self.on_change.set(listener);
+    }
+
+    fn changed(&self, key: &CacheKey) {
+        crate::metrics::global()
+            .volumes
+            .set(self.store.volumes().len() as i64);
+        if let Some(f) = self.on_change.get() {
+            f(key);
         }
     }
 
@@ -141,6 +161,11 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
 
     pub fn mounter(&self) -> &M {
         &self.mounter
+    }
+
+    /// The node's GPU inventory.
+    pub fn gpus(&self) -> Vec<GpuInfo> {
+        self.gpus.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Replaces the node's GPU inventory (e.g. after a rescan).
@@ -232,6 +257,7 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
                 return Err(e);
             }
             info!("published");
+            self.changed(&req.cache);
             Ok(())
         }
         .instrument(span)
@@ -326,39 +352,21 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
     }
 
     fn check_gpus(&self, cache: &CacheKey, e: &Extracted) -> Result<(), CsiError> {
-        let Some((kind, label)) = e.meta.image.summary_label() else {
-            return self.unclaimed(cache, e);
-        };
-        let summary = Summary::parse(label).map_err(|err| {
-            CsiError::BadAttributes(format!(
-                "cache {cache}: label cache.{kind}.image/summary: {err}"
-            ))
-        })?;
         let gpus = self.gpus.read().unwrap_or_else(|e| e.into_inner());
-        match summary.check(&gpus) {
-            Verdict::NoGpuClaim => self.unclaimed(cache, e),
-            Verdict::Checked(c) if c.any_compatible() => Ok(()),
-            Verdict::Checked(c) => Err(CsiError::Incompatible {
+        let fit = Fitness::of(&e.meta.image, &gpus, self.cfg.allow_unclaimed)
+            .map_err(|err| CsiError::BadAttributes(format!("cache {cache}: {err}")))?;
+        match (fit.usable, fit.claimed) {
+            (true, _) => Ok(()),
+            (false, true) => Err(CsiError::Incompatible {
                 cache: cache.to_string(),
                 digest: e.digest.clone(),
                 node: self.cfg.node_name.clone(),
-                reasons: if c.reasons.is_empty() {
-                    vec!["the node has no GPUs".into()]
-                } else {
-                    c.reasons
-                },
+                reasons: fit.reasons,
             }),
-        }
-    }
-
-    fn unclaimed(&self, cache: &CacheKey, e: &Extracted) -> Result<(), CsiError> {
-        if self.cfg.allow_unclaimed {
-            Ok(())
-        } else {
-            Err(CsiError::NoGpuClaim {
+            (false, false) => Err(CsiError::NoGpuClaim {
                 cache: cache.to_string(),
                 digest: e.digest.clone(),
-            })
+            }),
         }
     }
 
@@ -426,9 +434,12 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
                 Some(rec) if rec.target_path != target => {
                     warn!(recorded = %rec.target_path.display(), "unpublish of another target; keeping the record");
                 }
-                Some(_) => {
+                Some(rec) => {
                     self.store.remove_volume(volume_id).map_err(|e| CsiError::Records(Box::new(e)))?;
                     info!("unpublished");
+                    if let Some(key) = rec.cache_key() {
+                        self.changed(&key);
+                    }
                 }
                 None => {}
             }

@@ -51,16 +51,23 @@ fn statx(path: &Path) -> io::Result<Option<rustix::fs::Statx>> {
 
 impl Mounter for KernelMounter {
     fn bind_read_only(&self, source: &Path, target: &Path) -> io::Result<()> {
-        rustix::mount::mount_bind(source, target)?;
         // A bind mount takes no flags of its own: read-only, nosuid and nodev come with a
-        // remount of the bind. Never noexec: caches hold shared objects that are dlopen'ed.
+        // remount. But a remount changes only the mount it is made on, not the copies that
+        // propagation made of it (kubelet's pods folder is shared with the host, and the
+        // runtime binds the host's copy into the pod). So the read-only mount is made on a
+        // private staging point first and then bound onto the target: every copy of a new
+        // mount inherits its flags. Never noexec: caches hold shared objects that are
+        // dlopen'ed.
+        let stage = tempfile::Builder::new()
+            .prefix("gkm-stage-")
+            .tempdir_in(std::env::temp_dir())?;
+        rustix::mount::mount_bind(source, stage.path())?;
         let flags = MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
-        if let Err(e) = rustix::mount::mount_remount(target, flags, "") {
-            // Never leave a writable bind behind.
-            let _ = rustix::mount::unmount(target, UnmountFlags::DETACH);
-            return Err(e.into());
-        }
-        Ok(())
+        let result = rustix::mount::mount_remount(stage.path(), flags, "")
+            .and_then(|()| rustix::mount::mount_bind(stage.path(), target));
+        // The target keeps its own mount; the staging point goes either way.
+        let _ = rustix::mount::unmount(stage.path(), UnmountFlags::DETACH);
+        Ok(result?)
     }
 
     fn unmount(&self, target: &Path) -> io::Result<()> {
@@ -209,5 +216,45 @@ mod tests {
             KernelMounter.state(&t, Some(d.path())).unwrap(),
             MountState::NotMounted
         );
+    }
+
+    fn read_only(path: &Path) -> bool {
+        let st = rustix::fs::statvfs(path).unwrap();
+        st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY)
+    }
+
+    /// Kubelet's pods folder is shared with the host; the pod gets the host's copy of the
+    /// mount. A second peer of a shared mount stands in for the host's copy here.
+    #[test]
+    fn every_propagated_copy_of_a_publish_is_read_only() {
+        use rustix::mount::{MountPropagationFlags, mount_bind, mount_change, unmount};
+        let d = tempfile::tempdir().unwrap();
+        let (pods, host, src) = (
+            d.path().join("pods"),
+            d.path().join("host"),
+            d.path().join("src"),
+        );
+        for p in [&pods, &host, &src] {
+            std::fs::create_dir(p).unwrap();
+        }
+        std::fs::write(src.join("kernel.so"), b"x").unwrap();
+        mount_bind(&pods, &pods).unwrap();
+        mount_change(&pods, MountPropagationFlags::SHARED).unwrap();
+        mount_bind(&pods, &host).unwrap();
+        let target = pods.join("vol");
+        std::fs::create_dir(&target).unwrap();
+
+        KernelMounter.bind_read_only(&src, &target).unwrap();
+        let copy = host.join("vol");
+        let result = std::panic::catch_unwind(|| {
+            assert_eq!(std::fs::read(copy.join("kernel.so")).unwrap(), b"x");
+            assert!(read_only(&target), "the target is writable");
+            assert!(read_only(&copy), "the propagated copy is writable");
+            assert!(std::fs::write(copy.join("new"), b"y").is_err());
+        });
+        for m in [&target, &copy, &host, &pods] {
+            let _ = unmount(m, UnmountFlags::DETACH);
+        }
+        result.unwrap();
     }
 }

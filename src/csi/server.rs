@@ -53,8 +53,13 @@ impl<R: CacheResolver, M: Mounter> Node for NodeService<R, M> {
         &self,
         req: Request<NodePublishVolumeRequest>,
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
-        let v = validate_publish(req.get_ref())?;
-        self.0.publish(&v).await?;
+        let started = std::time::Instant::now();
+        let result = match validate_publish(req.get_ref()) {
+            Ok(v) => self.0.publish(&v).await,
+            Err(e) => Err(e),
+        };
+        observe("publish", started, &result);
+        result?;
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
 
@@ -62,12 +67,18 @@ impl<R: CacheResolver, M: Mounter> Node for NodeService<R, M> {
         &self,
         req: Request<NodeUnpublishVolumeRequest>,
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let started = std::time::Instant::now();
         let r = req.get_ref();
-        if r.volume_id.is_empty() {
-            return Err(CsiError::Missing("volume_id").into());
-        }
-        let target = validate_target(&r.target_path)?;
-        self.0.unpublish(&r.volume_id, &target).await?;
+        let result = if r.volume_id.is_empty() {
+            Err(CsiError::Missing("volume_id"))
+        } else {
+            match validate_target(&r.target_path) {
+                Ok(target) => self.0.unpublish(&r.volume_id, &target).await,
+                Err(e) => Err(e),
+            }
+        };
+        observe("unpublish", started, &result);
+        result?;
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
@@ -91,6 +102,41 @@ impl<R: CacheResolver, M: Mounter> Node for NodeService<R, M> {
             max_volumes_per_node: self.0.config().max_volumes_per_node,
             accessible_topology: None,
         }))
+    }
+}
+
+/// Counts a node call and its latency under its gRPC code.
+fn observe(op: &str, started: std::time::Instant, result: &Result<(), CsiError>) {
+    let code = match result {
+        Ok(()) => tonic::Code::Ok,
+        Err(e) => e.code(),
+    };
+    crate::metrics::global().csi_call(op, &code_name(code), started.elapsed().as_secs_f64());
+}
+
+/// The canonical gRPC name of a code (`OK`, `NOT_FOUND`, `FAILED_PRECONDITION`).
+fn code_name(code: tonic::Code) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn codes_have_their_canonical_names() {
+        use tonic::Code;
+        assert_eq!(super::code_name(Code::Ok), "OK");
+        assert_eq!(super::code_name(Code::NotFound), "NOT_FOUND");
+        assert_eq!(
+            super::code_name(Code::FailedPrecondition),
+            "FAILED_PRECONDITION"
+        );
     }
 }
 

@@ -100,6 +100,67 @@ impl Compatibility {
     }
 }
 
+/// Whether an image may be used on a node, and why not: the one rule the CSI publish and
+/// the agent's node status share.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fitness {
+    /// Whether a pod on this node may use the image.
+    pub usable: bool,
+    /// Whether the image names GPU targets at all.
+    pub claimed: bool,
+    pub compatible: Vec<String>,
+    pub incompatible: Vec<String>,
+    /// In words: why each incompatible GPU does not match, or why the image is refused.
+    pub reasons: Vec<String>,
+}
+
+impl Fitness {
+    /// Judges an image's labels against `gpus`. Without a summary label the image makes no
+    /// GPU claim, and `allow_unclaimed` decides. A summary that does not parse is an error.
+    pub fn of(
+        info: &crate::oci::ImageInfo,
+        gpus: &[GpuInfo],
+        allow_unclaimed: bool,
+    ) -> Result<Fitness, Error> {
+        let unclaimed = |kind: Option<&str>| Fitness {
+            usable: allow_unclaimed,
+            claimed: false,
+            reasons: if allow_unclaimed {
+                vec![]
+            } else {
+                vec![format!(
+                    "the image carries no GPU targets (no cache.{}.image/summary label) and this node requires them",
+                    kind.unwrap_or("<kind>")
+                )]
+            },
+            ..Default::default()
+        };
+        let Some((kind, label)) = info.summary_label() else {
+            return Ok(unclaimed(None));
+        };
+        let summary = Summary::parse(label).map_err(|e| match e {
+            Error::Summary { reason } => Error::Summary {
+                reason: format!("label cache.{kind}.image/summary: {reason}"),
+            },
+            other => other,
+        })?;
+        Ok(match summary.check(gpus) {
+            Verdict::NoGpuClaim => unclaimed(Some(kind)),
+            Verdict::Checked(c) => Fitness {
+                usable: c.any_compatible(),
+                claimed: true,
+                reasons: if c.compatible.is_empty() && c.incompatible.is_empty() {
+                    vec!["the node has no GPUs".into()]
+                } else {
+                    c.reasons
+                },
+                compatible: c.compatible,
+                incompatible: c.incompatible,
+            },
+        })
+    }
+}
+
 /// Checks each GPU against `targets`. An empty target list is [`Verdict::NoGpuClaim`].
 #[tracing::instrument(level = "debug", skip_all, fields(gpus = gpus.len(), targets = targets.len()))]
 pub fn check(gpus: &[GpuInfo], targets: &[CacheTarget]) -> Verdict {

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 use crate::api::{GpuBackend, GpuInfo, GpuSource};
 
-pub use compat::{CacheTarget, Compatibility, Summary, Verdict};
+pub use compat::{CacheTarget, Compatibility, Fitness, Summary, Verdict};
 
 /// Default root of sysfs, where the KFD topology lives.
 pub const DEFAULT_SYSFS_ROOT: &str = "/sys";

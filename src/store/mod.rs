@@ -137,6 +137,22 @@ pub struct VolumeRecord {
     pub pod_uid: String,
 }
 
+impl VolumeRecord {
+    /// The cache this volume mounts, or `None` for a record of an unknown kind.
+    pub fn cache_key(&self) -> Option<crate::csi::CacheKey> {
+        match self.cache_kind.as_str() {
+            "GKMCache" => Some(crate::csi::CacheKey::Namespaced {
+                namespace: self.cache_namespace.clone(),
+                name: self.cache_name.clone(),
+            }),
+            "ClusterGKMCache" => Some(crate::csi::CacheKey::Cluster {
+                name: self.cache_name.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     volumes: BTreeMap<String, VolumeRecord>,
@@ -322,12 +338,17 @@ impl Store {
         loop {
             match self.extract_once(image, puller, &info).await {
                 Ok(e) => {
+                    let seconds = started.elapsed().as_secs_f64();
                     info!(
                         files = e.meta.files,
                         bytes = e.meta.size_bytes,
-                        seconds = started.elapsed().as_secs_f64(),
+                        seconds,
                         "extracted"
                     );
+                    let m = crate::metrics::global();
+                    crate::metrics::Metrics::result(&m.pulls, "ok");
+                    m.extracted_bytes.inc_by(e.meta.size_bytes);
+                    m.extraction_seconds.observe(seconds);
                     return Ok(e);
                 }
                 Err(StoreError::Pull(e)) if e.is_retryable() && attempt < attempts => {
@@ -336,7 +357,10 @@ impl Store {
                     delay *= 2;
                     attempt += 1;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    crate::metrics::Metrics::result(&crate::metrics::global().pulls, "error");
+                    return Err(e);
+                }
             }
         }
     }
@@ -559,6 +583,7 @@ impl Store {
                 .idle_since
                 .remove(&digest);
             info!(%digest, "garbage-collected");
+            crate::metrics::global().gc_removed.inc();
             removed.push(digest);
         }
         Ok(removed)

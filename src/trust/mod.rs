@@ -23,6 +23,7 @@ pub mod keyless;
 pub mod keys;
 pub mod policy;
 pub mod root;
+pub mod sign;
 pub mod tag;
 mod verifier;
 

@@ -185,6 +185,17 @@ impl Cluster {
         self.client_from(&path).await
     }
 
+    /// A kubeconfig for service account `namespace/name` (created if missing), for a
+    /// process that should run as that identity.
+    pub async fn service_account_kubeconfig(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<PathBuf, Error> {
+        let token = self.service_account_token(namespace, name).await?;
+        self.write_kubeconfig(&format!("sa-{namespace}-{name}"), &token_auth(&token))
+    }
+
     /// A fresh token for service account `namespace/name` (created if missing).
     pub async fn service_account_token(
         &self,

@@ -24,6 +24,15 @@ pub type Content = (String, Vec<u8>);
 impl StaticRegistry {
     /// Starts serving `paths` on a free loopback port, on the current tokio runtime.
     pub async fn start(paths: HashMap<String, Content>) -> Result<Self, Error> {
+        Self::start_throttled(paths, None).await
+    }
+
+    /// [`StaticRegistry::start`], sending bodies at about `bytes_per_second` (so a pull can
+    /// be caught, and killed, halfway).
+    pub async fn start_throttled(
+        paths: HashMap<String, Content>,
+        bytes_per_second: Option<u64>,
+    ) -> Result<Self, Error> {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| Error::io("binding the static registry", e))?;
@@ -65,7 +74,21 @@ impl StaticRegistry {
                     );
                     let _ = conn.write_all(resp.as_bytes()).await;
                     if method != "HEAD" {
-                        let _ = conn.write_all(body).await;
+                        match bytes_per_second {
+                            None => {
+                                let _ = conn.write_all(body).await;
+                            }
+                            Some(rate) => {
+                                // Ten chunks a second.
+                                let chunk = (rate / 10).max(1) as usize;
+                                for part in body.chunks(chunk) {
+                                    if conn.write_all(part).await.is_err() {
+                                        return;
+                                    }
+                                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                                }
+                            }
+                        }
                     }
                     let _ = conn.shutdown().await;
                 });

@@ -1,0 +1,682 @@
+//! The agent's control loop. The objects it owns are this node's `ClusterGKMCacheNode` and
+//! its `GKMCacheNode` in each namespace with caches; each is reconciled on its own
+//! ([`Scope`]) when something it depends on changes: a cache of its scope (watch event),
+//! a volume of one of its caches (CSI publish or unpublish), or a digest one of its caches
+//! names (a pull finished). There is no periodic list-everything loop; failures are retried
+//! per scope with exponential backoff.
+//!
+//! A reconcile reads the caches from the watch cache, starts the work a digest still
+//! needs (reading its manifest and config for the GPU check, and extracting it under the
+//! eager pull policy), computes the node object's status ([`super::status`]) and applies it
+//! with server-side apply when it changed. The agent only ever acts on a cache's trusted
+//! digest (the webhook's annotation, or the controller's promoted status), never on a tag.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, mpsc};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::config::PullPolicy;
+use super::status::{CacheView, Phase, Scope, desired_caches};
+use super::watch::WatchResolver;
+use crate::api::{ClusterGKMCacheNode, GKMCacheNode, GpuInfo, NodeStatus};
+use crate::csi::{CacheKey, CacheResolver, ResolvedCache};
+use crate::gpu::Fitness;
+use crate::metrics::{Metrics, global as metrics};
+use crate::oci::{PinnedRef, Puller, parse_reference};
+use crate::store::{Store, StoreError, VolumeRecord};
+
+/// Field manager of the agent's server-side applies.
+pub const FIELD_MANAGER: &str = "gkm-agent";
+/// Label on node objects naming their node (for `kubectl get -l`).
+pub const NODE_LABEL: &str = "gkm.io/node";
+
+/// Why a reconcile failed. Each variant has a short metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what}: {source}")]
+    Kube {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "kube",
+            Error::Store(_) => "store",
+        }
+    }
+
+    fn kube(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Kube { what, source }
+    }
+}
+
+/// Scopes waiting for a reconcile: each is queued at most once at a time.
+#[derive(Clone)]
+pub struct WorkQueue {
+    tx: mpsc::UnboundedSender<Scope>,
+    queued: Arc<Mutex<HashSet<Scope>>>,
+}
+
+impl WorkQueue {
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<Scope>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let q = WorkQueue {
+            tx,
+            queued: Arc::default(),
+        };
+        (q, rx)
+    }
+
+    pub fn add(&self, scope: Scope) {
+        if self
+            .queued
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(scope.clone())
+        {
+            let _ = self.tx.send(scope);
+        }
+    }
+
+    pub fn add_after(&self, scope: Scope, delay: Duration) {
+        let q = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            q.add(scope);
+        });
+    }
+
+    /// Called as a scope is taken for a reconcile: changes from now on queue it again.
+    fn taken(&self, scope: &Scope) {
+        self.queued
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(scope);
+    }
+}
+
+/// How the reconciler behaves.
+#[derive(Clone, Debug)]
+pub struct LoopConfig {
+    pub node: String,
+    pub policy: PullPolicy,
+    pub allow_unclaimed: bool,
+    pub gc_interval: Duration,
+}
+
+/// Everything a reconcile needs.
+pub struct Context {
+    cfg: LoopConfig,
+    client: kube::Client,
+    store: Arc<Store>,
+    puller: Puller,
+    caches: Arc<WatchResolver>,
+    gpus: Vec<GpuInfo>,
+    queue: WorkQueue,
+    recorder: Recorder,
+    /// Wakes the GC loop (after an unpublish).
+    pub gc_nudge: Notify,
+    state: Mutex<LoopState>,
+}
+
+#[derive(Default)]
+struct LoopState {
+    /// What is known of each digest that is not simply "in the store".
+    phases: HashMap<String, Phase>,
+    /// Failed attempts per digest, for the retry backoff.
+    attempts: HashMap<String, u32>,
+    /// The status last applied per scope (`None`: known not to exist).
+    written: HashMap<Scope, Option<NodeStatus>>,
+    /// The last Event reason per cache and digest, so each transition is told once.
+    told: HashMap<(CacheKey, String), &'static str>,
+}
+
+impl Context {
+    pub fn new(
+        cfg: LoopConfig,
+        client: kube::Client,
+        store: Arc<Store>,
+        puller: Puller,
+        caches: Arc<WatchResolver>,
+        gpus: Vec<GpuInfo>,
+        queue: WorkQueue,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: Some(cfg.node.clone()),
+            },
+        );
+        Context {
+            cfg,
+            client,
+            store,
+            puller,
+            caches,
+            gpus,
+            queue,
+            recorder,
+            gc_nudge: Notify::new(),
+            state: Mutex::default(),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, LoopState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues the scopes whose status depends on `digest`.
+    fn requeue_digest(&self, digest: &str) {
+        let mut scopes: HashSet<Scope> = self
+            .caches
+            .all_caches()
+            .iter()
+            .filter(|c| c.digest.as_deref() == Some(digest))
+            .map(|c| Scope::of(&c.key))
+            .collect();
+        scopes.extend(
+            self.store
+                .volumes()
+                .iter()
+                .filter(|v| v.digest == digest)
+                .filter_map(|v| v.cache_key().map(|k| Scope::of(&k))),
+        );
+        for s in scopes {
+            self.queue.add(s);
+        }
+    }
+
+    /// What is known of `digest`: the store first (extracted is final), then the work in
+    /// flight or done.
+    fn phase(&self, digest: &str) -> Result<Option<Phase>, Error> {
+        if let Some(e) = self.store.get(digest)? {
+            let fit = Fitness::of(&e.meta.image, &self.gpus, self.cfg.allow_unclaimed);
+            return Ok(Some(match fit {
+                Ok(fit) => Phase::Extracted {
+                    size_bytes: e.meta.size_bytes,
+                    fit,
+                },
+                Err(err) => Phase::Failed(err.to_string()),
+            }));
+        }
+        Ok(self.state().phases.get(digest).cloned())
+    }
+
+    /// Starts the work `cache`'s digest still needs, unless it is under way or done.
+    fn start_work(self: &Arc<Self>, cache: &ResolvedCache, digest: &str) {
+        {
+            let mut st = self.state();
+            match st.phases.get(digest) {
+                Some(Phase::Pulling | Phase::Inspected(_) | Phase::Failed(_)) => return,
+                // Extracted once, collected since: a cache wants it again.
+                Some(Phase::Extracted { .. } | Phase::Pending) | None => {}
+            }
+            st.phases.insert(digest.to_string(), Phase::Pulling);
+        }
+        let (ctx, image, digest) = (self.clone(), cache.image.clone(), digest.to_string());
+        let span = info_span!("prepare", cache = %cache.key, digest = %digest);
+        tokio::spawn(async move { ctx.prepare(&image, &digest).await }.instrument(span));
+    }
+
+    /// Reads the digest's manifest and config, judges it against the node's GPUs, and
+    /// extracts it when the policy says so. Failures are retried with backoff.
+    async fn prepare(self: Arc<Self>, image: &str, digest: &str) {
+        let result: Result<Phase, String> = async {
+            let reference = parse_reference(image).map_err(|e| format!("image {image}: {e}"))?;
+            let pinned = PinnedRef::new(&reference, digest).map_err(|e| e.to_string())?;
+            let info = self
+                .puller
+                .resolve(&pinned)
+                .await
+                .map_err(|e| e.to_string())?;
+            let fit = Fitness::of(&info, &self.gpus, self.cfg.allow_unclaimed)
+                .map_err(|e| e.to_string())?;
+            if fit.usable && self.cfg.policy == PullPolicy::Eager {
+                let e = self
+                    .store
+                    .ensure(&pinned, &self.puller)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                return Ok(Phase::Extracted {
+                    size_bytes: e.meta.size_bytes,
+                    fit,
+                });
+            }
+            Ok(Phase::Inspected(fit))
+        }
+        .await;
+        let retry = {
+            let mut st = self.state();
+            match result {
+                Ok(phase) => {
+                    info!(?phase, "prepared");
+                    st.attempts.remove(digest);
+                    st.phases.insert(digest.to_string(), phase);
+                    None
+                }
+                Err(reason) => {
+                    let n = st.attempts.entry(digest.to_string()).or_insert(0);
+                    *n += 1;
+                    let delay = backoff(*n);
+                    warn!(%reason, attempt = *n, retry_in = ?delay, "preparing the digest failed");
+                    st.phases
+                        .insert(digest.to_string(), Phase::Failed(reason.clone()));
+                    Some(delay)
+                }
+            }
+        };
+        self.requeue_digest(digest);
+        if let Some(delay) = retry {
+            tokio::time::sleep(delay).await;
+            let mut st = self.state();
+            if matches!(st.phases.get(digest), Some(Phase::Failed(_))) {
+                st.phases.remove(digest);
+            }
+            drop(st);
+            self.requeue_digest(digest);
+        }
+    }
+
+    /// Publishes an Event on `key`'s cache, once per (cache, digest, reason).
+    async fn tell(
+        &self,
+        key: &CacheKey,
+        digest: &str,
+        reason: &'static str,
+        type_: EventType,
+        note: String,
+    ) {
+        {
+            let mut st = self.state();
+            let k = (key.clone(), digest.to_string());
+            if st.told.get(&k) == Some(&reason) {
+                return;
+            }
+            st.told.insert(k, reason);
+        }
+        let Some(reference) = self.caches.object_ref(key) else {
+            return;
+        };
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(truncate(note, 1000)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &reference).await {
+            warn!(cache = %key, error = %e, "publishing an Event");
+        }
+    }
+
+    /// The status last applied for `scope`, reading it from the API server the first time
+    /// (so a restarted agent keeps the `lastUpdated` of unchanged entries).
+    async fn previous(&self, scope: &Scope) -> Result<Option<NodeStatus>, Error> {
+        if let Some(w) = self.state().written.get(scope) {
+            return Ok(w.clone());
+        }
+        let node = &self.cfg.node;
+        let found = match scope {
+            Scope::Cluster => Api::<ClusterGKMCacheNode>::all(self.client.clone())
+                .get_opt(node)
+                .await
+                .map(|o| o.map(|o| o.status.unwrap_or_default())),
+            Scope::Namespace(ns) => Api::<GKMCacheNode>::namespaced(self.client.clone(), ns)
+                .get_opt(node)
+                .await
+                .map(|o| o.map(|o| o.status.unwrap_or_default())),
+        }
+        .map_err(Error::kube(format!("reading {scope} {node}")))?;
+        self.state().written.insert(scope.clone(), found.clone());
+        Ok(found)
+    }
+}
+
+/// 1 s, 2 s, 4 s, … up to 5 minutes.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_secs(1u64 << attempt.saturating_sub(1).min(8)).min(Duration::from_secs(300))
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// Brings one node object in line with the caches of its scope and this node's state.
+pub async fn reconcile(scope: &Scope, ctx: &Arc<Context>) -> Result<(), Error> {
+    let caches = ctx.caches.caches_in(scope);
+    let volumes = ctx.store.volumes();
+    let scope_volumes: Vec<&VolumeRecord> = volumes
+        .iter()
+        .filter(|v| v.cache_key().map(|k| Scope::of(&k)).as_ref() == Some(scope))
+        .collect();
+
+    let mut views = Vec::with_capacity(caches.len());
+    let mut phases = HashMap::new();
+    for c in &caches {
+        views.push(CacheView {
+            name: c.key.name().to_string(),
+            digest: c.digest.clone(),
+        });
+        let Some(digest) = &c.digest else {
+            ctx.tell(
+                &c.key,
+                "",
+                "NotVerified",
+                EventType::Warning,
+                format!(
+                    "node {}: the cache has no gkm.io/resolvedDigest annotation (the GKM webhook has not verified {}), so this node ignores it",
+                    ctx.cfg.node, c.image
+                ),
+            )
+            .await;
+            continue;
+        };
+        if ctx.phase(digest)?.is_none() {
+            ctx.start_work(c, digest);
+        }
+        if let Some(p) = ctx.phase(digest)? {
+            phases.insert(digest.clone(), p);
+        }
+    }
+    for v in &scope_volumes {
+        if !phases.contains_key(&v.digest)
+            && let Some(p) = ctx.phase(&v.digest)?
+        {
+            phases.insert(v.digest.clone(), p);
+        }
+    }
+
+    let previous = ctx.previous(scope).await?;
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let status = NodeStatus {
+        node_name: ctx.cfg.node.clone(),
+        gpus: ctx.gpus.clone(),
+        caches: desired_caches(
+            &views,
+            &phases,
+            &scope_volumes,
+            &previous
+                .as_ref()
+                .map(|p| p.caches.clone())
+                .unwrap_or_default(),
+            &now,
+        ),
+    };
+
+    for c in &caches {
+        let Some(digest) = &c.digest else { continue };
+        let Some(e) = status.caches.get(c.key.name()).and_then(|m| m.get(digest)) else {
+            continue;
+        };
+        use crate::api::CacheState::*;
+        let (reason, type_, note) = match e.state {
+            Extracted => (
+                "Extracted",
+                EventType::Normal,
+                format!(
+                    "node {}: {digest} extracted ({} bytes); compatible GPUs: {:?}",
+                    ctx.cfg.node,
+                    e.size_bytes.unwrap_or(0),
+                    e.compatible_gpus
+                ),
+            ),
+            Incompatible => (
+                "Incompatible",
+                EventType::Warning,
+                format!(
+                    "node {}: no GPU can use {digest}: {}",
+                    ctx.cfg.node,
+                    e.reasons.join("; ")
+                ),
+            ),
+            Error => (
+                "PullFailed",
+                EventType::Warning,
+                format!("node {}: {digest}: {}", ctx.cfg.node, e.reasons.join("; ")),
+            ),
+            _ => continue,
+        };
+        ctx.tell(&c.key, digest, reason, type_, note).await;
+    }
+
+    let node = &ctx.cfg.node;
+    let wanted = !caches.is_empty() || !scope_volumes.is_empty() || *scope == Scope::Cluster;
+    if !wanted {
+        if previous.is_some() {
+            info!(%node, %scope, "no caches left in scope: deleting the node object");
+            let dp = DeleteParams::default();
+            let r = match scope {
+                Scope::Namespace(ns) => Api::<GKMCacheNode>::namespaced(ctx.client.clone(), ns)
+                    .delete(node, &dp)
+                    .await
+                    .map(|_| ()),
+                Scope::Cluster => unreachable!("the cluster object is always wanted"),
+            };
+            match r {
+                Ok(()) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(Error::kube(format!("deleting {scope} {node}"))(e)),
+            }
+            ctx.state().written.insert(scope.clone(), None);
+        }
+        return Ok(());
+    }
+    if previous.as_ref() == Some(&status) {
+        debug!(%scope, "node status unchanged");
+        return Ok(());
+    }
+    let create = previous.is_none();
+    match scope {
+        Scope::Cluster => {
+            apply_status(
+                &Api::<ClusterGKMCacheNode>::all(ctx.client.clone()),
+                node,
+                create,
+                &status,
+            )
+            .await
+        }
+        Scope::Namespace(ns) => {
+            apply_status(
+                &Api::<GKMCacheNode>::namespaced(ctx.client.clone(), ns),
+                node,
+                create,
+                &status,
+            )
+            .await
+        }
+    }
+    .map_err(Error::kube(format!(
+        "applying the status of {scope} {node}"
+    )))?;
+    metrics().node_status_writes.inc();
+    info!(%scope, caches = status.caches.len(), "node status applied");
+    ctx.state().written.insert(scope.clone(), Some(status));
+    Ok(())
+}
+
+/// Server-side applies a node object's status, creating the object first if needed.
+async fn apply_status<K>(
+    api: &Api<K>,
+    node: &str,
+    create: bool,
+    status: &NodeStatus,
+) -> Result<(), kube::Error>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let (api_version, kind) = (K::api_version(&()), K::kind(&()));
+    if create {
+        let obj = serde_json::json!({
+            "apiVersion": api_version,
+            "kind": kind,
+            "metadata": { "name": node, "labels": { NODE_LABEL: node } },
+            "spec": {},
+        });
+        api.patch(node, &pp, &Patch::Apply(obj)).await?;
+    }
+    let patch = serde_json::json!({
+        "apiVersion": api_version,
+        "kind": kind,
+        "status": status,
+    });
+    api.patch_status(node, &pp, &Patch::Apply(patch)).await?;
+    Ok(())
+}
+
+/// Runs reconciles as scopes are queued, one at a time, until `shutdown` completes.
+pub async fn run_loop(
+    ctx: Arc<Context>,
+    mut rx: mpsc::UnboundedReceiver<Scope>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut failures: HashMap<Scope, u32> = HashMap::new();
+    let mut since_trim = 0;
+    tokio::pin!(shutdown);
+    loop {
+        let scope = tokio::select! {
+            _ = &mut shutdown => return,
+            s = rx.recv() => match s { Some(s) => s, None => return },
+        };
+        ctx.queue.taken(&scope);
+        if !ctx.caches.ready() {
+            // Reconciling before the watch synced would drop the entries of caches not yet
+            // listed: look again shortly.
+            ctx.queue.add_after(scope, Duration::from_millis(200));
+            continue;
+        }
+        let span = info_span!("reconcile", node = %ctx.cfg.node, scope = %scope);
+        match reconcile(&scope, &ctx).instrument(span).await {
+            Ok(()) => {
+                failures.remove(&scope);
+                Metrics::result(&metrics().reconciles, "ok");
+            }
+            Err(e) => {
+                let n = failures.entry(scope.clone()).or_insert(0);
+                *n += 1;
+                let delay = backoff(*n);
+                warn!(%scope, error = %e, retry_in = ?delay, "reconcile failed");
+                Metrics::result(&metrics().reconciles, e.metric_label());
+                ctx.queue.add_after(scope, delay);
+            }
+        }
+        // A burst (the start, many caches changed at once) is over.
+        since_trim += 1;
+        if rx.is_empty() && since_trim >= 8 {
+            super::memory::trim();
+            since_trim = 0;
+        }
+    }
+}
+
+/// Collects unreferenced, unwanted digests every `gc_interval` and when nudged.
+pub async fn gc_loop(ctx: Arc<Context>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(ctx.cfg.gc_interval) => {}
+            _ = ctx.gc_nudge.notified() => {}
+        }
+        // Before the watch synced, every digest would look unwanted.
+        if !ctx.caches.ready() {
+            continue;
+        }
+        let wanted: HashSet<String> = ctx
+            .caches
+            .all_caches()
+            .into_iter()
+            .filter_map(|c| c.digest)
+            .collect();
+        match ctx.store.gc(&wanted).await {
+            Ok(removed) => {
+                let mut st = ctx.state();
+                for d in &removed {
+                    st.phases.remove(d);
+                }
+            }
+            Err(e) => warn!(error = %e, "garbage collection"),
+        }
+        super::memory::trim();
+    }
+}
+
+/// Queues what a starting agent must look at: the cluster object, the scopes of the
+/// volumes it published before, and the namespaces where it left node objects (their
+/// caches may have gone while it was down).
+pub async fn queue_startup_work(ctx: &Context) {
+    ctx.queue.add(Scope::Cluster);
+    for v in ctx.store.volumes() {
+        if let Some(k) = v.cache_key() {
+            ctx.queue.add(Scope::of(&k));
+        }
+    }
+    let lp = ListParams::default().fields(&format!("metadata.name={}", ctx.cfg.node));
+    match Api::<GKMCacheNode>::all(ctx.client.clone()).list(&lp).await {
+        Ok(list) => {
+            for o in list.items {
+                if let Some(ns) = o.metadata.namespace {
+                    ctx.queue.add(Scope::Namespace(ns));
+                }
+            }
+        }
+        Err(e) => warn!(error = %e, "listing this node's GKMCacheNode objects"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_five_minutes() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(4), Duration::from_secs(8));
+        assert_eq!(backoff(30), Duration::from_secs(256));
+        assert_eq!(backoff(u32::MAX), Duration::from_secs(256));
+    }
+
+    #[tokio::test]
+    async fn a_scope_is_queued_once_until_taken() {
+        let (q, mut rx) = WorkQueue::new();
+        q.add(Scope::Cluster);
+        q.add(Scope::Cluster);
+        q.add(Scope::Namespace("a".into()));
+        assert_eq!(rx.recv().await, Some(Scope::Cluster));
+        assert_eq!(rx.recv().await, Some(Scope::Namespace("a".into())));
+        assert!(rx.try_recv().is_err());
+        q.taken(&Scope::Cluster);
+        q.add(Scope::Cluster);
+        assert_eq!(rx.recv().await, Some(Scope::Cluster));
+    }
+
+    #[test]
+    fn long_notes_are_cut_on_a_character_boundary() {
+        let s = truncate("é".repeat(600), 1001);
+        assert!(s.len() <= 1001);
+        assert!(s.chars().all(|c| c == 'é'));
+    }
+}

@@ -1,0 +1,335 @@
+//! What one node object reports, as a pure function of the caches in its scope, what this
+//! node knows about each digest, and the volumes it has published. No I/O here: the
+//! reconciler gathers the inputs and writes the result.
+
+use std::collections::{BTreeMap, HashMap};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::{CacheDigestStatus, CacheState};
+use crate::gpu::Fitness;
+use crate::store::VolumeRecord;
+
+/// The node object a change lands in: the node's `ClusterGKMCacheNode`, or its
+/// `GKMCacheNode` in one namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    Cluster,
+    Namespace(String),
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scope::Cluster => f.write_str("ClusterGKMCacheNode"),
+            Scope::Namespace(ns) => write!(f, "GKMCacheNode in {ns}"),
+        }
+    }
+}
+
+impl Scope {
+    pub fn of(key: &crate::csi::CacheKey) -> Scope {
+        match key {
+            crate::csi::CacheKey::Namespaced { namespace, .. } => {
+                Scope::Namespace(namespace.clone())
+            }
+            crate::csi::CacheKey::Cluster { .. } => Scope::Cluster,
+        }
+    }
+}
+
+/// What this node knows about one digest.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Phase {
+    /// Nothing done yet.
+    Pending,
+    /// Reading its manifest and config, or extracting it.
+    Pulling,
+    /// Manifest and config read (GPU verdict known), not extracted: on-demand pulls wait
+    /// for the first publish.
+    Inspected(Fitness),
+    /// In the node's store.
+    Extracted { size_bytes: u64, fit: Fitness },
+    /// The last attempt failed; retried with backoff.
+    Failed(String),
+}
+
+/// A cache of the scope, as the node sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CacheView {
+    pub name: String,
+    /// The trusted digest, if the cache has one.
+    pub digest: Option<String>,
+}
+
+/// The `caches` map of a node object's status. `previous` is what was last written:
+/// an entry that has not changed keeps its `lastUpdated`.
+pub fn desired_caches(
+    caches: &[CacheView],
+    phases: &HashMap<String, Phase>,
+    volumes: &[&VolumeRecord],
+    previous: &BTreeMap<String, BTreeMap<String, CacheDigestStatus>>,
+    now: &Time,
+) -> BTreeMap<String, BTreeMap<String, CacheDigestStatus>> {
+    let mut out = BTreeMap::new();
+    for cache in caches {
+        let Some(current) = &cache.digest else {
+            continue;
+        };
+        // Digest -> pods, for this cache's volumes.
+        let mut pods: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for v in volumes.iter().filter(|v| v.cache_name == cache.name) {
+            pods.entry(v.digest.as_str())
+                .or_default()
+                .push(format!("{}/{}", v.pod_namespace, v.pod_name));
+        }
+        let mut entries = BTreeMap::new();
+        let phase = phases.get(current).cloned().unwrap_or(Phase::Pending);
+        let in_use = pods.remove(current.as_str()).unwrap_or_default();
+        entries.insert(current.clone(), entry(&phase, in_use, false));
+        for (digest, pods) in pods {
+            let phase = phases.get(digest).cloned().unwrap_or(Phase::Pending);
+            entries.insert(digest.to_string(), entry(&phase, pods, true));
+        }
+        for (digest, e) in entries.iter_mut() {
+            let before = previous.get(&cache.name).and_then(|m| m.get(digest));
+            e.last_updated = match before {
+                Some(b) if same_but_time(b, e) => b.last_updated.clone(),
+                _ => Some(now.clone()),
+            };
+        }
+        out.insert(cache.name.clone(), entries);
+    }
+    out
+}
+
+fn entry(phase: &Phase, mut pods: Vec<String>, outdated: bool) -> CacheDigestStatus {
+    pods.sort();
+    pods.dedup();
+    let in_use = !pods.is_empty();
+    let (state, fit, size, error) = match phase {
+        Phase::Pending => (CacheState::Pending, None, None, None),
+        Phase::Pulling => (CacheState::Pulling, None, None, None),
+        Phase::Inspected(fit) => (
+            if fit.usable {
+                CacheState::Pending
+            } else {
+                CacheState::Incompatible
+            },
+            Some(fit),
+            None,
+            None,
+        ),
+        Phase::Extracted { size_bytes, fit } => (
+            if fit.usable {
+                CacheState::Extracted
+            } else {
+                CacheState::Incompatible
+            },
+            Some(fit),
+            Some(*size_bytes as i64),
+            None,
+        ),
+        Phase::Failed(reason) => (CacheState::Error, None, None, Some(reason.clone())),
+    };
+    // A mounted digest is in use whatever else is known; a superseded one is Outdated.
+    let state = match (outdated, in_use) {
+        (true, _) => CacheState::Outdated,
+        (false, true) => CacheState::InUse,
+        (false, false) => state,
+    };
+    CacheDigestStatus {
+        state,
+        compatible_gpus: fit.map(|f| f.compatible.clone()).unwrap_or_default(),
+        incompatible_gpus: fit.map(|f| f.incompatible.clone()).unwrap_or_default(),
+        reasons: match error {
+            Some(e) => vec![e],
+            None => fit.map(|f| f.reasons.clone()).unwrap_or_default(),
+        },
+        size_bytes: size,
+        pods,
+        last_updated: None,
+    }
+}
+
+fn same_but_time(a: &CacheDigestStatus, b: &CacheDigestStatus) -> bool {
+    let strip = |s: &CacheDigestStatus| CacheDigestStatus {
+        last_updated: None,
+        ..s.clone()
+    };
+    strip(a) == strip(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+    fn now(s: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(s).unwrap())
+    }
+
+    fn fit(usable: bool) -> Fitness {
+        Fitness {
+            usable,
+            claimed: true,
+            compatible: if usable { vec!["GPU-a".into()] } else { vec![] },
+            incompatible: vec!["GPU-b".into()],
+            reasons: vec!["GPU-b: arch 80 is not among the targets [90]".into()],
+        }
+    }
+
+    fn vol(cache: &str, digest: &str, pod: &str) -> VolumeRecord {
+        VolumeRecord {
+            volume_id: format!("v-{pod}"),
+            target_path: format!("/t/{pod}").into(),
+            digest: digest.into(),
+            cache_kind: "GKMCache".into(),
+            cache_namespace: "ns".into(),
+            cache_name: cache.into(),
+            pod_namespace: "ns".into(),
+            pod_name: pod.into(),
+            pod_uid: "u".into(),
+        }
+    }
+
+    fn cache(name: &str, digest: Option<&str>) -> Vec<CacheView> {
+        vec![CacheView {
+            name: name.into(),
+            digest: digest.map(str::to_string),
+        }]
+    }
+
+    fn one(out: &BTreeMap<String, BTreeMap<String, CacheDigestStatus>>, d: &str) -> CacheState {
+        out["c"][d].state
+    }
+
+    #[test]
+    fn states_follow_what_the_node_knows() {
+        let empty = BTreeMap::new();
+        let cases = [
+            (None, CacheState::Pending),
+            (Some(Phase::Pulling), CacheState::Pulling),
+            (Some(Phase::Inspected(fit(true))), CacheState::Pending),
+            (Some(Phase::Inspected(fit(false))), CacheState::Incompatible),
+            (
+                Some(Phase::Extracted {
+                    size_bytes: 5,
+                    fit: fit(true),
+                }),
+                CacheState::Extracted,
+            ),
+            (
+                Some(Phase::Extracted {
+                    size_bytes: 5,
+                    fit: fit(false),
+                }),
+                CacheState::Incompatible,
+            ),
+            (Some(Phase::Failed("boom".into())), CacheState::Error),
+        ];
+        for (phase, want) in cases {
+            let phases: HashMap<_, _> = phase
+                .clone()
+                .map(|p| (D1.to_string(), p))
+                .into_iter()
+                .collect();
+            let out = desired_caches(&cache("c", Some(D1)), &phases, &[], &empty, &now(1));
+            assert_eq!(one(&out, D1), want, "{phase:?}");
+        }
+    }
+
+    #[test]
+    fn incompatible_entries_carry_gpu_ids_and_reasons() {
+        let phases = HashMap::from([(D1.to_string(), Phase::Inspected(fit(false)))]);
+        let out = desired_caches(
+            &cache("c", Some(D1)),
+            &phases,
+            &[],
+            &BTreeMap::new(),
+            &now(1),
+        );
+        let e = &out["c"][D1];
+        assert_eq!(e.incompatible_gpus, vec!["GPU-b"]);
+        assert!(e.reasons[0].contains("arch 80"), "{:?}", e.reasons);
+    }
+
+    #[test]
+    fn a_mounted_digest_is_in_use_and_a_superseded_one_outdated() {
+        let phases = HashMap::from([
+            (
+                D1.to_string(),
+                Phase::Extracted {
+                    size_bytes: 1,
+                    fit: fit(true),
+                },
+            ),
+            (
+                D2.to_string(),
+                Phase::Extracted {
+                    size_bytes: 2,
+                    fit: fit(true),
+                },
+            ),
+        ]);
+        let (a, b) = (vol("c", D1, "old"), vol("c", D2, "new"));
+        let out = desired_caches(
+            &cache("c", Some(D2)),
+            &phases,
+            &[&a, &b],
+            &BTreeMap::new(),
+            &now(1),
+        );
+        assert_eq!(one(&out, D2), CacheState::InUse);
+        assert_eq!(out["c"][D2].pods, vec!["ns/new"]);
+        assert_eq!(one(&out, D1), CacheState::Outdated);
+        assert_eq!(out["c"][D1].pods, vec!["ns/old"]);
+        // After the old pod's unpublish, the old digest's entry is gone.
+        let out = desired_caches(
+            &cache("c", Some(D2)),
+            &phases,
+            &[&b],
+            &BTreeMap::new(),
+            &now(1),
+        );
+        assert_eq!(out["c"].len(), 1);
+    }
+
+    #[test]
+    fn caches_without_a_trusted_digest_and_deleted_caches_have_no_entries() {
+        let v = vol("gone", D1, "p");
+        let out = desired_caches(
+            &cache("c", None),
+            &HashMap::new(),
+            &[&v],
+            &BTreeMap::new(),
+            &now(1),
+        );
+        assert!(out.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn unchanged_entries_keep_their_time_and_changed_ones_get_a_new_one() {
+        let phases = HashMap::from([(D1.to_string(), Phase::Pulling)]);
+        let first = desired_caches(
+            &cache("c", Some(D1)),
+            &phases,
+            &[],
+            &BTreeMap::new(),
+            &now(1),
+        );
+        let again = desired_caches(&cache("c", Some(D1)), &phases, &[], &first, &now(2));
+        assert_eq!(again, first);
+        let phases = HashMap::from([(
+            D1.to_string(),
+            Phase::Extracted {
+                size_bytes: 1,
+                fit: fit(true),
+            },
+        )]);
+        let changed = desired_caches(&cache("c", Some(D1)), &phases, &[], &first, &now(3));
+        assert_eq!(changed["c"][D1].last_updated, Some(now(3)));
+    }
+}

@@ -1,0 +1,693 @@
+//! The node agent's control loop against a real API server and registry: `gkm-agent` runs
+//! as a process under its own service account and the RBAC of `deploy/agent/rbac.yaml`,
+//! with a simulated GPU inventory, and is driven through its CSI socket like kubelet does.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use gkm::api::{CacheDigestStatus, CacheState, GKMCache, GKMCacheNode, RESOLVED_DIGEST_ANNOTATION};
+use gkm::csi::pb::identity_client::IdentityClient;
+use gkm::csi::pb::node_client::NodeClient;
+use gkm::csi::pb::{self, volume_capability};
+use gkm_testenv::faulty::StaticRegistry;
+use gkm_testenv::image::{self, CacheKind, Compression, ImageBuilder, PushedImage, Target};
+use gkm_testenv::process::ServerProcess;
+use gkm_testenv::tools::{self, Tool};
+use gkm_testenv::{shared_cluster, shared_registry, unique_name, workspace_root};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use tonic::Code;
+
+const NODE: &str = "gpu-node-1";
+/// One GPU the test images target (sm_90) and one they do not (sm_80).
+const GPUS: &str = "gpus:
+  - uuid: GPU-h100
+    productName: NVIDIA H100
+    backend: cuda
+    arch: \"90\"
+  - uuid: GPU-a100
+    productName: NVIDIA A100
+    backend: cuda
+    arch: \"80\"
+";
+
+/// The agent's RBAC from deploy/, applied once per test binary.
+async fn agent_kubeconfig() -> PathBuf {
+    static RBAC: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    let cluster = shared_cluster();
+    RBAC.get_or_init(|| async {
+        cluster.ensure_namespace("gkm-system").await.unwrap();
+        let out = Command::new(tools::locate(Tool::Kubectl).unwrap())
+            .arg("--kubeconfig")
+            .arg(cluster.admin_kubeconfig())
+            .args(["apply", "--server-side", "--field-manager=gkm-test", "-f"])
+            .arg(workspace_root().join("deploy/agent/rbac.yaml"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    })
+    .await;
+    cluster
+        .service_account_kubeconfig("gkm-system", "gkm-agent")
+        .await
+        .unwrap()
+}
+
+/// A `gkm-agent` process with its own store and socket, as the `gkm-agent` service account.
+struct Agent {
+    process: ServerProcess,
+    dir: PathBuf,
+    socket: PathBuf,
+    health: String,
+}
+
+impl Agent {
+    async fn start(dir: &Path, node: &str, registry_host: &str, extra: &[&str]) -> Agent {
+        let socket = dir.join("csi/csi.sock");
+        std::fs::write(dir.join("gpus.yaml"), GPUS).unwrap();
+        let port = gkm_testenv::process::free_port().unwrap();
+        let health = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            format!("--node-name={node}"),
+            format!("--csi-endpoint=unix://{}", socket.display()),
+            format!("--store-root={}", dir.join("store").display()),
+            format!("--gpus-file={}", dir.join("gpus.yaml").display()),
+            format!("--insecure-registry={registry_host}"),
+            format!("--kubeconfig={}", agent_kubeconfig().await.display()),
+            format!("--health-addr={health}"),
+            "--gc-grace-seconds=0".to_string(),
+            "--log=gkm=debug".to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let bin = PathBuf::from(env!("CARGO_BIN_EXE_gkm-agent"));
+        let process = ServerProcess::start(&unique_name("agent"), &bin, &args, &[], dir).unwrap();
+        Agent {
+            process,
+            dir: dir.to_path_buf(),
+            socket,
+            health,
+        }
+    }
+
+    fn log(&self) -> String {
+        self.process.log_tail()
+    }
+
+    async fn node(&self) -> NodeClient<tonic::transport::Channel> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(ch) = gkm::csi::server::connect(&self.socket).await
+                && let Ok(r) = IdentityClient::new(ch.clone())
+                    .probe(pb::ProbeRequest {})
+                    .await
+                && r.get_ref().ready == Some(true)
+            {
+                return NodeClient::new(ch);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn target(&self, volume: &str) -> PathBuf {
+        self.dir.join("pods").join(volume).join("mount")
+    }
+
+    async fn publish(
+        &self,
+        volume: &str,
+        ns: &str,
+        cache: &str,
+        pod: &str,
+    ) -> Result<PathBuf, tonic::Status> {
+        let target = self.target(volume);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        let req = pb::NodePublishVolumeRequest {
+            volume_id: volume.into(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(pb::VolumeCapability {
+                access_type: Some(volume_capability::AccessType::Mount(Default::default())),
+                access_mode: Some(pb::volume_capability::AccessMode {
+                    mode: pb::volume_capability::access_mode::Mode::SingleNodeReaderOnly as i32,
+                }),
+            }),
+            readonly: true,
+            volume_context: HashMap::from([
+                (gkm::csi::ATTR_CACHE.to_string(), cache.to_string()),
+                (gkm::csi::ATTR_NAMESPACE.to_string(), ns.to_string()),
+                (gkm::csi::CTX_POD_NAMESPACE.to_string(), ns.to_string()),
+                (gkm::csi::CTX_POD_NAME.to_string(), pod.to_string()),
+                (gkm::csi::CTX_POD_UID.to_string(), format!("uid-{pod}")),
+            ]),
+            ..Default::default()
+        };
+        self.node().await.node_publish_volume(req).await?;
+        Ok(target)
+    }
+
+    async fn unpublish(&self, volume: &str) {
+        let req = pb::NodeUnpublishVolumeRequest {
+            volume_id: volume.into(),
+            target_path: self.target(volume).display().to_string(),
+        };
+        self.node().await.node_unpublish_volume(req).await.unwrap();
+    }
+
+    fn extracted(&self, digest: &str) -> bool {
+        self.dir
+            .join("store/store/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+            .exists()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // Unmount whatever a failed test left, so the temporary folder can go.
+        if let Ok(entries) = std::fs::read_dir(self.dir.join("pods")) {
+            for e in entries.flatten() {
+                let _ = rustix::mount::unmount(
+                    e.path().join("mount"),
+                    rustix::mount::UnmountFlags::DETACH,
+                );
+            }
+        }
+        self.process.stop();
+    }
+}
+
+async fn push_cache(repo: &str, tag: &str, content: &str, targets: &[Target]) -> PushedImage {
+    let src = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(src.path().join("abc123")).unwrap();
+    std::fs::write(src.path().join("abc123/kernel.cubin"), content).unwrap();
+    std::fs::write(
+        src.path().join("abc123/kernel.json"),
+        br#"{"name":"kernel","target":{"backend":"cuda","arch":90,"warp_size":32}}"#,
+    )
+    .unwrap();
+    ImageBuilder::mcv(CacheKind::Triton, src.path(), targets, Compression::Gzip)
+        .unwrap()
+        .push(shared_registry(), repo, Some(tag))
+        .await
+        .unwrap()
+}
+
+fn cache(name: &str, image: &PushedImage) -> GKMCache {
+    let mut c = GKMCache::new(name, Default::default());
+    c.spec.image = image.by_tag();
+    c.metadata.annotations =
+        Some([(RESOLVED_DIGEST_ANNOTATION.to_string(), image.digest.clone())].into());
+    c
+}
+
+/// Waits until the node's GKMCacheNode in `ns` satisfies `ok`, returning it.
+async fn wait_node(
+    agent: &Agent,
+    ns: &str,
+    what: &str,
+    ok: impl Fn(Option<&GKMCacheNode>) -> bool,
+) -> Option<GKMCacheNode> {
+    let api: Api<GKMCacheNode> =
+        Api::namespaced(shared_cluster().admin_client().await.unwrap(), ns);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = api.get_opt(NODE).await.unwrap();
+        if ok(got.as_ref()) {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; node object: {}\nagent log:\n{}",
+            serde_json::to_string_pretty(&got).unwrap(),
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn entry<'a>(
+    n: Option<&'a GKMCacheNode>,
+    cache: &str,
+    digest: &str,
+) -> Option<&'a CacheDigestStatus> {
+    n?.status.as_ref()?.caches.get(cache)?.get(digest)
+}
+
+fn state(n: Option<&GKMCacheNode>, cache: &str, digest: &str) -> Option<CacheState> {
+    entry(n, cache, digest).map(|e| e.state)
+}
+
+async fn event_reasons(ns: &str, object: &str) -> Vec<String> {
+    let api: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(shared_cluster().admin_client().await.unwrap(), ns);
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object))
+        .filter_map(|e| e.reason)
+        .collect()
+}
+
+async fn wait_event(ns: &str, object: &str, reason: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !event_reasons(ns, object).await.iter().any(|r| r == reason) {
+        assert!(
+            Instant::now() < deadline,
+            "no {reason} Event on {ns}/{object}: {:?}",
+            event_reasons(ns, object).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_cache_goes_from_create_to_use_to_update_to_delete() {
+    let cluster = shared_cluster();
+    let ns = cluster.new_namespace("agent").await.unwrap();
+    let repo = unique_name("agent/llama");
+    let v1 = push_cache(&repo, "v1", "kernel v1", &[Target::new("cuda", "90", 32)]).await;
+    let before = shared_registry().request_log().lines().count();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(
+        dir.path(),
+        NODE,
+        shared_registry().host(),
+        &["--pull-policy=eager"],
+    )
+    .await;
+    let caches: Api<GKMCache> = Api::namespaced(cluster.admin_client().await.unwrap(), &ns);
+    caches
+        .create(&PostParams::default(), &cache("llama", &v1))
+        .await
+        .unwrap();
+
+    // Created: extracted, with the GPU verdict per GPU.
+    let n = wait_node(&agent, &ns, "v1 Extracted", |n| {
+        state(n, "llama", &v1.digest) == Some(CacheState::Extracted)
+    })
+    .await;
+    let e = entry(n.as_ref(), "llama", &v1.digest).unwrap();
+    assert_eq!(e.compatible_gpus, vec!["GPU-h100"]);
+    assert_eq!(e.incompatible_gpus, vec!["GPU-a100"]);
+    assert!(
+        e.reasons.iter().any(|r| r.contains("GPU-a100")),
+        "{:?}",
+        e.reasons
+    );
+    assert!(e.size_bytes.unwrap() > 0);
+    assert!(e.last_updated.is_some());
+    let status = n.as_ref().unwrap().status.as_ref().unwrap();
+    assert_eq!(status.node_name, NODE);
+    assert_eq!(status.gpus.len(), 2);
+    assert!(
+        status
+            .gpus
+            .iter()
+            .all(|g| g.source == gkm::api::GpuSource::Simulated)
+    );
+    assert!(agent.extracted(&v1.digest));
+    wait_event(&ns, "llama", "Extracted").await;
+
+    // Published: in use by the pod.
+    let t1 = agent.publish("vol-1", &ns, "llama", "pod-1").await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(t1.join("abc123/kernel.cubin")).unwrap(),
+        "kernel v1"
+    );
+    wait_node(&agent, &ns, "v1 InUse by pod-1", |n| {
+        entry(n, "llama", &v1.digest)
+            .is_some_and(|e| e.state == CacheState::InUse && e.pods == [format!("{ns}/pod-1")])
+    })
+    .await;
+
+    // Updated: the new digest for new pods; the old one Outdated while pod-1 uses it.
+    let v2 = push_cache(&repo, "v2", "kernel v2", &[Target::new("cuda", "90", 32)]).await;
+    let patch = serde_json::json!({"metadata": {"annotations": {RESOLVED_DIGEST_ANNOTATION: v2.digest}}, "spec": {"image": v2.by_tag()}});
+    caches
+        .patch("llama", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_node(&agent, &ns, "v2 Extracted and v1 Outdated", |n| {
+        state(n, "llama", &v2.digest) == Some(CacheState::Extracted)
+            && entry(n, "llama", &v1.digest).is_some_and(|e| {
+                e.state == CacheState::Outdated && e.pods == [format!("{ns}/pod-1")]
+            })
+    })
+    .await;
+    let t2 = agent.publish("vol-2", &ns, "llama", "pod-2").await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(t2.join("abc123/kernel.cubin")).unwrap(),
+        "kernel v2"
+    );
+    assert_eq!(
+        std::fs::read_to_string(t1.join("abc123/kernel.cubin")).unwrap(),
+        "kernel v1",
+        "a running pod keeps its digest"
+    );
+
+    // The old digest's last unpublish: its entry goes, and GC collects it.
+    agent.unpublish("vol-1").await;
+    wait_node(&agent, &ns, "v1 gone", |n| {
+        entry(n, "llama", &v1.digest).is_none()
+            && state(n, "llama", &v2.digest) == Some(CacheState::InUse)
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent.extracted(&v1.digest) {
+        assert!(
+            Instant::now() < deadline,
+            "v1 was not collected; log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(agent.extracted(&v2.digest));
+
+    // Deleted: new publishes fail, the running pod keeps its mount, then everything goes.
+    caches.delete("llama", &Default::default()).await.unwrap();
+    wait_node(
+        &agent,
+        &ns,
+        "the entries of the deleted cache removed",
+        |n| {
+            n.and_then(|n| n.status.as_ref())
+                .is_some_and(|s| s.caches.is_empty())
+        },
+    )
+    .await;
+    let err = agent
+        .publish("vol-3", &ns, "llama", "pod-3")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert_eq!(
+        std::fs::read_to_string(t2.join("abc123/kernel.cubin")).unwrap(),
+        "kernel v2"
+    );
+    agent.unpublish("vol-2").await;
+    wait_node(&agent, &ns, "the node object deleted", |n| n.is_none()).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent.extracted(&v2.digest) {
+        assert!(
+            Instant::now() < deadline,
+            "v2 was not collected; log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Never a pull by tag: every manifest the registry served for this repository was
+    // asked for by digest (the tags were only pushed).
+    let log = shared_registry().request_log();
+    let served: Vec<&str> = log
+        .lines()
+        .skip(before)
+        .filter(|l| l.contains(&repo) && l.contains("/manifests/") && !l.contains("PUT"))
+        .collect();
+    assert!(!served.is_empty(), "the registry log shows no pull");
+    for line in served {
+        assert!(
+            line.contains("/manifests/sha256:"),
+            "a manifest asked for by tag: {line}"
+        );
+    }
+
+    // The agent's endpoints.
+    let http = gkm_testenv::http_builder().build().unwrap();
+    // The GC counts a digest once its tree is deleted, a moment after it disappears.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let text = http
+            .get(format!("http://{}/metrics", agent.health))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("gkm_gc_removed_digests_total 2") || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for m in [
+        "gkm_csi_calls_total{op=\"publish\",code=\"OK\"}",
+        "gkm_pulls_total{result=\"ok\"}",
+        "gkm_gc_removed_digests_total 2",
+        "gkm_node_status_writes_total",
+    ] {
+        assert!(metrics.contains(m), "{m} missing:\n{metrics}");
+    }
+    let ready = http
+        .get(format!("http://{}/readyz", agent.health))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn a_cache_no_gpu_can_use_shows_why_and_fails_the_publish() {
+    let cluster = shared_cluster();
+    let ns = cluster.new_namespace("agent-incompat").await.unwrap();
+    let image = push_cache(
+        &unique_name("agent/volta"),
+        "v1",
+        "sm70",
+        &[Target::new("cuda", "70", 32)],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), NODE, shared_registry().host(), &[]).await;
+    Api::<GKMCache>::namespaced(cluster.admin_client().await.unwrap(), &ns)
+        .create(&PostParams::default(), &cache("volta", &image))
+        .await
+        .unwrap();
+    let n = wait_node(&agent, &ns, "Incompatible", |n| {
+        state(n, "volta", &image.digest) == Some(CacheState::Incompatible)
+    })
+    .await;
+    let e = entry(n.as_ref(), "volta", &image.digest).unwrap();
+    assert_eq!(e.incompatible_gpus, vec!["GPU-h100", "GPU-a100"]);
+    assert!(e.compatible_gpus.is_empty());
+    assert_eq!(e.reasons.len(), 2, "{:?}", e.reasons);
+    assert!(
+        e.reasons.iter().all(|r| r.contains("70")),
+        "{:?}",
+        e.reasons
+    );
+    // On-demand: only the manifest and config were read; nothing was extracted.
+    assert!(!agent.extracted(&image.digest));
+    wait_event(&ns, "volta", "Incompatible").await;
+
+    let err = agent
+        .publish("vol-x", &ns, "volta", "pod-x")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("GPU-h100"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn a_cache_without_a_trusted_digest_is_ignored_with_an_event() {
+    let cluster = shared_cluster();
+    let ns = cluster.new_namespace("agent-unverified").await.unwrap();
+    let repo = unique_name("agent/unsigned");
+    let image = push_cache(&repo, "v1", "x", &[Target::new("cuda", "90", 32)]).await;
+    let before = shared_registry().request_log().lines().count();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(
+        dir.path(),
+        NODE,
+        shared_registry().host(),
+        &["--pull-policy=eager"],
+    )
+    .await;
+    let mut c = cache("plain", &image);
+    c.metadata.annotations = None;
+    Api::<GKMCache>::namespaced(cluster.admin_client().await.unwrap(), &ns)
+        .create(&PostParams::default(), &c)
+        .await
+        .unwrap();
+    wait_event(&ns, "plain", "NotVerified").await;
+    let n = wait_node(&agent, &ns, "an object without entries", |n| n.is_some()).await;
+    assert!(n.unwrap().status.unwrap().caches.is_empty());
+    let log = shared_registry().request_log();
+    let pulled = log
+        .lines()
+        .skip(before)
+        .any(|l| l.contains(&repo) && !l.contains("PUT"));
+    assert!(!pulled, "the agent pulled an unverified cache");
+}
+
+#[tokio::test]
+async fn the_agent_identity_cannot_touch_caches() {
+    let cluster = shared_cluster();
+    let ns = cluster.new_namespace("agent-rbac").await.unwrap();
+    let image = push_cache(
+        &unique_name("agent/rbac"),
+        "v1",
+        "x",
+        &[Target::new("cuda", "90", 32)],
+    )
+    .await;
+    Api::<GKMCache>::namespaced(cluster.admin_client().await.unwrap(), &ns)
+        .create(&PostParams::default(), &cache("c", &image))
+        .await
+        .unwrap();
+    agent_kubeconfig().await;
+    let as_agent: Api<GKMCache> = Api::namespaced(
+        cluster
+            .service_account_client("gkm-system", "gkm-agent")
+            .await
+            .unwrap(),
+        &ns,
+    );
+    assert!(as_agent.get("c").await.is_ok(), "the agent can read caches");
+    let forged = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+    let status = serde_json::json!({"status": {"resolvedDigest": forged}});
+    let annotation =
+        serde_json::json!({"metadata": {"annotations": {RESOLVED_DIGEST_ANNOTATION: forged}}});
+    for (what, r) in [
+        (
+            "status",
+            as_agent
+                .patch_status("c", &PatchParams::default(), &Patch::Merge(&status))
+                .await,
+        ),
+        (
+            "annotation",
+            as_agent
+                .patch("c", &PatchParams::default(), &Patch::Merge(&annotation))
+                .await,
+        ),
+    ] {
+        match r {
+            Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{what}: {s:?}"),
+            other => panic!("the agent could write a cache's {what}: {other:?}"),
+        }
+    }
+}
+
+/// A cache image big enough (incompressible) that a throttled registry takes seconds.
+fn big_image(mib: usize) -> ImageBuilder {
+    let src = tempfile::tempdir().unwrap();
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    let bytes: Vec<u8> = (0..mib << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::create_dir_all(src.path().join("k")).unwrap();
+    std::fs::write(src.path().join("k/kernel.bin"), bytes).unwrap();
+    ImageBuilder::mcv(
+        CacheKind::Triton,
+        src.path(),
+        &[Target::new("cuda", "90", 32)],
+        Compression::Gzip,
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_agent_killed_mid_extraction_converges_after_restart() {
+    let cluster = shared_cluster();
+    let ns = cluster.new_namespace("agent-restart").await.unwrap();
+    let img = big_image(4);
+    let config = img.config();
+    let (media_type, manifest) = img.manifest(&config);
+    let digest = image::sha256_digest(&manifest);
+    let repo = "restart/cache";
+    let mut served = HashMap::from([
+        (
+            format!("/v2/{repo}/manifests/{digest}"),
+            (media_type, manifest),
+        ),
+        (
+            format!("/v2/{repo}/blobs/{}", image::sha256_digest(&config)),
+            ("application/octet-stream".to_string(), config.clone()),
+        ),
+    ]);
+    for l in &img.layers {
+        served.insert(
+            format!("/v2/{repo}/blobs/{}", image::sha256_digest(&l.bytes)),
+            ("application/octet-stream".to_string(), l.bytes.clone()),
+        );
+    }
+    // About 4 s for the layer.
+    let registry = StaticRegistry::start_throttled(served, Some(1 << 20))
+        .await
+        .unwrap();
+    let mut c = GKMCache::new("big", Default::default());
+    c.spec.image = format!("{}/{repo}:v1", registry.host());
+    c.metadata.annotations =
+        Some([(RESOLVED_DIGEST_ANNOTATION.to_string(), digest.clone())].into());
+    Api::<GKMCache>::namespaced(cluster.admin_client().await.unwrap(), &ns)
+        .create(&PostParams::default(), &c)
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = "restart-node";
+    let agent = Agent::start(dir.path(), node, registry.host(), &["--pull-policy=eager"]).await;
+    let tmp = dir.path().join("store/store/tmp");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the extraction never started; log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(agent.process.pid() as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    while agent.process.exited().is_none() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !agent.extracted(&digest),
+        "a half-extracted tree became visible"
+    );
+    drop(agent);
+
+    let agent = Agent::start(dir.path(), node, registry.host(), &["--pull-policy=eager"]).await;
+    let api: Api<GKMCacheNode> = Api::namespaced(cluster.admin_client().await.unwrap(), &ns);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = api.get_opt(node).await.unwrap();
+        if state(n.as_ref(), "big", &digest) == Some(CacheState::Extracted) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not Extracted after the restart: {n:?}\nlog:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(agent.extracted(&digest));
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "temporaries were left behind"
+    );
+}
