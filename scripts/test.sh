@@ -26,4 +26,6 @@ timed tools scripts/install-tools.sh
 timed build cargo build --workspace --all-targets --locked
 timed test cargo test --workspace --locked --no-fail-fast
 timed csi-sanity csi-sanity/run.sh
+# The README's main-job command, end to end (its binaries were built above).
+timed demo "$CARGO_TARGET_DIR/debug/examples/demo" --bin-dir "$CARGO_TARGET_DIR/debug"
 echo "test.sh: all steps passed in $(($(date +%s) - T0))s"

@@ -53,6 +53,11 @@ impl Cosign {
         Ok(this)
     }
 
+    /// The private key's password (what `COSIGN_PASSWORD` must hold to sign with it).
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
     /// Path of the encrypted private key (`cosign.key`).
     pub fn key_path(&self) -> PathBuf {
         self.dir.join("cosign.key")
