@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use gkm::api::{CacheState, GKMCache, GKMCacheNode, RESOLVED_DIGEST_ANNOTATION};
-use gkm_testenv::image::{CacheKind, Compression, ImageBuilder, PushedImage, Target};
+use gkm_testenv::image::{PushedImage, Target};
 use gkm_testenv::process::{ServerProcess, free_port};
 use gkm_testenv::{Cluster, Registry, unique_name};
 use kube::api::{Api, ListParams, PostParams};
@@ -26,24 +26,11 @@ fn env_num(name: &str, default: usize) -> usize {
 }
 
 async fn push(registry: &Registry, content: &str) -> PushedImage {
-    let src = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(src.path().join("k1")).unwrap();
-    std::fs::write(src.path().join("k1/kernel.cubin"), content).unwrap();
-    std::fs::write(
-        src.path().join("k1/kernel.json"),
-        br#"{"name":"kernel","target":{"backend":"cuda","arch":90,"warp_size":32}}"#,
-    )
-    .unwrap();
-    ImageBuilder::mcv(
-        CacheKind::Triton,
-        src.path(),
-        &[Target::new("cuda", "90", 32)],
-        Compression::Gzip,
-    )
-    .unwrap()
-    .push(registry, &unique_name("bench/agent"), Some("v1"))
-    .await
-    .unwrap()
+    let repo = unique_name("bench/agent");
+    let targets = [Target::new("cuda", "90", 32)];
+    gkm_testenv::fixtures::push_kernel_cache(registry, &repo, "v1", content, &targets)
+        .await
+        .unwrap()
 }
 
 fn cache(name: &str, image: &PushedImage) -> GKMCache {

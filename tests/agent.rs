@@ -186,17 +186,7 @@ impl Drop for Agent {
 }
 
 async fn push_cache(repo: &str, tag: &str, content: &str, targets: &[Target]) -> PushedImage {
-    let src = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(src.path().join("abc123")).unwrap();
-    std::fs::write(src.path().join("abc123/kernel.cubin"), content).unwrap();
-    std::fs::write(
-        src.path().join("abc123/kernel.json"),
-        br#"{"name":"kernel","target":{"backend":"cuda","arch":90,"warp_size":32}}"#,
-    )
-    .unwrap();
-    ImageBuilder::mcv(CacheKind::Triton, src.path(), targets, Compression::Gzip)
-        .unwrap()
-        .push(shared_registry(), repo, Some(tag))
+    gkm_testenv::fixtures::push_kernel_cache(shared_registry(), repo, tag, content, targets)
         .await
         .unwrap()
 }

@@ -184,7 +184,8 @@ where
 
 /// What the reconciler needs to know of a cache kind and its node objects.
 pub trait CacheKind:
-    Resource<DynamicType = ()>
+    gkm::api::Cache
+    + Resource<DynamicType = ()>
     + Clone
     + serde::de::DeserializeOwned
     + std::fmt::Debug
@@ -193,7 +194,6 @@ pub trait CacheKind:
     + 'static
 {
     type Node: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug;
-    fn status(&self) -> Option<&CacheStatus>;
     fn node_status(node: &Self::Node) -> Option<&NodeStatus>;
     /// The API of this kind and of its node objects, scoped to `ns` for namespaced kinds.
     fn apis(client: Client, ns: &str) -> (Api<Self>, Api<Self::Node>);
@@ -201,9 +201,6 @@ pub trait CacheKind:
 
 impl CacheKind for GKMCache {
     type Node = GKMCacheNode;
-    fn status(&self) -> Option<&CacheStatus> {
-        self.status.as_ref()
-    }
     fn node_status(node: &GKMCacheNode) -> Option<&NodeStatus> {
         node.status.as_ref()
     }
@@ -217,9 +214,6 @@ impl CacheKind for GKMCache {
 
 impl CacheKind for ClusterGKMCache {
     type Node = ClusterGKMCacheNode;
-    fn status(&self) -> Option<&CacheStatus> {
-        self.status.as_ref()
-    }
     fn node_status(node: &ClusterGKMCacheNode) -> Option<&NodeStatus> {
         node.status.as_ref()
     }

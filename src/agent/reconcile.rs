@@ -394,12 +394,14 @@ pub async fn reconcile(scope: &Scope, ctx: &Arc<Context>) -> Result<(), Error> {
             .await;
             continue;
         };
-        if ctx.phase(digest)?.is_none() {
-            ctx.start_work(c, digest);
-        }
-        if let Some(p) = ctx.phase(digest)? {
-            phases.insert(digest.clone(), p);
-        }
+        let phase = match ctx.phase(digest)? {
+            Some(p) => p,
+            None => {
+                ctx.start_work(c, digest);
+                Phase::Pulling
+            }
+        };
+        phases.insert(digest.clone(), phase);
     }
     for v in &scope_volumes {
         if !phases.contains_key(&v.digest)

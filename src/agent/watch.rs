@@ -103,43 +103,21 @@ impl WatchResolver {
 
 /// Drops what the agent never reads before an object enters the watch cache: with
 /// thousands of caches, managed fields, other annotations (kubectl's last-applied copy),
-/// labels and conditions are most of the memory the cache would hold.
-fn trim<K: kube::Resource + HasStatusDigest>(obj: &mut K) {
+/// labels, legacy spec fields and status beyond the promoted digest are most of the
+/// memory the cache would hold.
+fn trim<K: kube::Resource + crate::api::Cache>(obj: &mut K) {
     let meta = obj.meta_mut();
     meta.managed_fields = None;
     meta.labels = None;
     if let Some(a) = meta.annotations.as_mut() {
         a.retain(|k, _| k == crate::api::RESOLVED_DIGEST_ANNOTATION);
     }
-    obj.keep_only_digest();
-}
-
-/// Trims a cache's spec to what the agent reads and its status to the promoted digest.
-trait HasStatusDigest {
-    fn keep_only_digest(&mut self);
-}
-
-impl HasStatusDigest for GKMCache {
-    fn keep_only_digest(&mut self) {
-        self.spec.compat = Default::default();
-        if let Some(s) = self.status.as_mut() {
-            *s = crate::api::CacheStatus {
-                resolved_digest: s.resolved_digest.take(),
-                ..Default::default()
-            };
-        }
-    }
-}
-
-impl HasStatusDigest for ClusterGKMCache {
-    fn keep_only_digest(&mut self) {
-        self.spec.compat = Default::default();
-        if let Some(s) = self.status.as_mut() {
-            *s = crate::api::CacheStatus {
-                resolved_digest: s.resolved_digest.take(),
-                ..Default::default()
-            };
-        }
+    *obj.legacy_mut() = Default::default();
+    if let Some(s) = obj.status_mut() {
+        *s = crate::api::CacheStatus {
+            resolved_digest: s.resolved_digest.take(),
+            ..Default::default()
+        };
     }
 }
 

@@ -205,3 +205,33 @@ mod tests {
         assert_eq!(v, serde_json::json!({"image": "r.example/c:1"}));
     }
 }
+
+/// What GKM reads and writes of either cache kind, so code over both is written once.
+pub trait Cache {
+    fn image(&self) -> &str;
+    fn status(&self) -> Option<&CacheStatus>;
+    fn status_mut(&mut self) -> &mut Option<CacheStatus>;
+    fn legacy_mut(&mut self) -> &mut LegacyFields;
+}
+
+macro_rules! impl_cache {
+    ($kind:ty) => {
+        impl Cache for $kind {
+            fn image(&self) -> &str {
+                &self.spec.image
+            }
+            fn status(&self) -> Option<&CacheStatus> {
+                self.status.as_ref()
+            }
+            fn status_mut(&mut self) -> &mut Option<CacheStatus> {
+                &mut self.status
+            }
+            fn legacy_mut(&mut self) -> &mut LegacyFields {
+                &mut self.spec.compat
+            }
+        }
+    };
+}
+
+impl_cache!(GKMCache);
+impl_cache!(ClusterGKMCache);

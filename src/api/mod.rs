@@ -9,7 +9,7 @@ mod node;
 mod schema;
 
 pub use cache::{
-    CacheCounts, CacheStatus, ClusterGKMCache, ClusterGKMCacheSpec, GKMCache, GKMCacheSpec,
+    Cache, CacheCounts, CacheStatus, ClusterGKMCache, ClusterGKMCacheSpec, GKMCache, GKMCacheSpec,
     LegacyFields, short_digest,
 };
 pub use node::{

@@ -1,5 +1,6 @@
 //! Deterministic Triton-like kernel caches for benchmarks: hash-named folders, each with a
-//! few small text files (JSON, IR) and compiled binaries, plus some large objects.
+//! few small text files (JSON, IR) and compiled binaries, plus some large objects; and a
+//! one-kernel cache image for tests that need many small distinct images.
 
 use std::io::Write;
 use std::path::Path;
@@ -121,4 +122,35 @@ pub fn triton_like_cache(
         out.bytes += size;
     }
     Ok(out)
+}
+
+/// Pushes `registry/repo:tag`: an MCV Triton cache image of one kernel
+/// (`abc123/kernel.cubin` holding `content`), claiming `targets`.
+pub async fn push_kernel_cache(
+    registry: &crate::Registry,
+    repo: &str,
+    tag: &str,
+    content: &str,
+    targets: &[crate::image::Target],
+) -> Result<crate::image::PushedImage, Error> {
+    let src = tempfile::tempdir().map_err(|e| Error::io("creating a temporary folder", e))?;
+    let kernel = src.path().join("abc123");
+    let write = |name: &str, bytes: &[u8]| {
+        std::fs::write(kernel.join(name), bytes)
+            .map_err(|e| Error::io(format!("writing {name}"), e))
+    };
+    std::fs::create_dir_all(&kernel).map_err(|e| Error::io("creating the kernel folder", e))?;
+    write("kernel.cubin", content.as_bytes())?;
+    write(
+        "kernel.json",
+        br#"{"name":"kernel","target":{"backend":"cuda","arch":90,"warp_size":32}}"#,
+    )?;
+    crate::image::ImageBuilder::mcv(
+        crate::image::CacheKind::Triton,
+        src.path(),
+        targets,
+        crate::image::Compression::Gzip,
+    )?
+    .push(registry, repo, Some(tag))
+    .await
 }
