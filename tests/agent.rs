@@ -511,8 +511,15 @@ async fn a_cache_without_a_trusted_digest_is_ignored_with_an_event() {
         .await
         .unwrap();
     wait_event(&ns, "plain", "NotVerified").await;
-    let n = wait_node(&agent, &ns, "an object without entries", |n| n.is_some()).await;
-    assert!(n.unwrap().status.unwrap().caches.is_empty());
+    // The object is created before its status is applied (two writes), so
+    // wait for the status, not just the object.
+    let n = wait_node(&agent, &ns, "a status without entries", |n| {
+        n.is_some_and(|n| n.status.is_some())
+    })
+    .await;
+    let status = n.unwrap().status.unwrap();
+    assert!(status.caches.is_empty(), "{:?}", status.caches);
+    assert!(!status.gpus.is_empty(), "the GPUs are still reported");
     let log = shared_registry().request_log();
     let pulled = log
         .lines()
