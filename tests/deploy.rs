@@ -87,9 +87,19 @@ fn the_pieces_agree_on_names() {
     ] {
         let w = find(kind)[0];
         assert_eq!(w["metadata"]["name"], webhook_config, "{kind}");
-        let svc = &w["webhooks"][0]["clientConfig"]["service"];
-        assert_eq!(svc["name"], arg("--service"), "{kind}");
-        assert_eq!(w["webhooks"][0]["failurePolicy"], "Fail", "{kind}");
+        for hook in w["webhooks"].as_array().unwrap() {
+            let svc = &hook["clientConfig"]["service"];
+            assert_eq!(svc["name"], arg("--service"), "{kind}");
+            assert_eq!(hook["failurePolicy"], "Fail", "{kind}");
+            // Only the paths gkm-controller serves (controller/src/webhook/server.rs).
+            assert!(
+                ["/mutate", "/validate", "/validate-pods"]
+                    .contains(&svc["path"].as_str().unwrap_or("")),
+                "{kind} {}: path {}",
+                hook["name"],
+                svc["path"]
+            );
+        }
     }
     // The controller's role: the one bound to the Deployment's service account.
     let sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]

@@ -23,6 +23,8 @@ pub trait ImageVerifier: Send + Sync + 'static {
     /// Resolves `image` (by tag or digest) and verifies it. Must fail closed: any error,
     /// timeout or unreachable registry is a denial.
     fn verify(&self, image: &str) -> impl Future<Output = Result<VerifiedImage, Denial>> + Send;
+    /// The Pod rule of the policy in force (it changes when the policy is reloaded).
+    fn pod_rules(&self) -> crate::webhook::pods::PodRules;
 }
 
 /// Admission's verifier: the trust policy's registry check (before any network call, so
@@ -77,6 +79,14 @@ impl TrustVerifier {
 }
 
 impl ImageVerifier for TrustVerifier {
+    fn pod_rules(&self) -> crate::webhook::pods::PodRules {
+        let policy = self.trust.policy();
+        crate::webhook::pods::PodRules {
+            policy: policy.pod_policy.clone(),
+            trusted_registries: policy.trusted_registries.clone(),
+        }
+    }
+
     async fn verify(&self, image: &str) -> Result<VerifiedImage, Denial> {
         let reference = gkm::oci::parse_reference(image).map_err(|e| Denial(e.to_string()))?;
         let policy = self.trust.policy();

@@ -12,6 +12,7 @@ use gkm_testenv::pki::Ca;
 use gkm_testenv::process::ServerProcess;
 use gkm_testenv::{Cluster, Cosign, shared_cluster, shared_registry, unique_name};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 
 /// What every test shares: signing key, webhook address, the CA the apiserver trusts it by.
@@ -23,6 +24,8 @@ struct Env {
 }
 
 const SELECTOR: &str = "gkm-webhook-test";
+/// The prefix of the namespaces the shared policy's podPolicy covers.
+const POD_NS: &str = "wh-pods";
 const TRUSTED_SA: (&str, &str) = ("gkm-system", "promoter");
 
 fn env() -> &'static Env {
@@ -50,7 +53,7 @@ fn policy(env: &Env) -> String {
     let pem = env.cosign.public_key_pem().unwrap();
     let indented: String = pem.lines().map(|l| format!("      {l}\n")).collect();
     format!(
-        "authorities:\n  - name: test-key\n    key: |\n{indented}trustedRegistries:\n  - {}\nverification:\n  timeoutSeconds: 8\n",
+        "authorities:\n  - name: test-key\n    key: |\n{indented}trustedRegistries:\n  - {}\nverification:\n  timeoutSeconds: 8\npodPolicy:\n  namespaces: [\"{POD_NS}-*\"]\n  verifySignatures: true\n",
         env.repo_prefix
     )
 }
@@ -491,4 +494,122 @@ async fn self_minted_certificates_are_trusted_through_the_ca_bundle_they_write()
         env.ca.cert_pem.as_bytes(),
         "the caBundle is the controller's own CA"
     );
+}
+
+fn pod(name: &str, image: &str) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"containers": [{"name": "app", "image": image}]},
+    }))
+    .unwrap()
+}
+
+fn denial(r: Result<Pod, kube::Error>) -> String {
+    match r {
+        Err(kube::Error::Api(e)) if e.code == 400 || e.code == 403 => e.message,
+        other => panic!("expected a denial, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn pod_policy_namespaces_run_only_signed_trusted_images_pinned_by_digest() {
+    let port = main_webhook();
+    let cluster = shared_cluster();
+    gkm_testenv::webhooks::register_pod_policy(
+        cluster,
+        "gkm-test-pods",
+        port,
+        &env().ca.cert_pem,
+        (SELECTOR, "pods"),
+    )
+    .await
+    .unwrap();
+    let labels = [(SELECTOR, "pods")];
+    let covered = gkm_testenv::webhooks::editor_namespace(cluster, POD_NS, &labels, &[])
+        .await
+        .unwrap();
+    let free = gkm_testenv::webhooks::editor_namespace(cluster, "wh-free", &labels, &[])
+        .await
+        .unwrap();
+    let admin = cluster.admin_client().await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &covered);
+
+    // The API server picks a new webhook configuration up shortly after it is written.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let untrusted = format!("docker.io/library/busybox@sha256:{}", "a".repeat(64));
+    let mut attempt = 0;
+    let message = loop {
+        attempt += 1;
+        let name = format!("probe{attempt}");
+        match pods
+            .create(&PostParams::default(), &pod(&name, &untrusted))
+            .await
+        {
+            Ok(_) => {
+                pods.delete(&name, &Default::default()).await.unwrap();
+                assert!(Instant::now() < deadline, "the pod webhook never answered");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            r => break denial(r),
+        }
+    };
+    assert!(
+        message.contains(&format!("Pod {covered}/probe{attempt}"))
+            && message.contains(&format!(
+                "image \"{untrusted}\" is not from a trusted registry (trusted: {})",
+                env().repo_prefix
+            )),
+        "{message}"
+    );
+
+    let signed = push(&format!("trusted/{}", unique_name("podimg")), "v1", "p").await;
+    env().cosign.sign(&signed.by_digest()).await.unwrap();
+    let unsigned = push(
+        &format!("trusted/{}", unique_name("podunsigned")),
+        "v1",
+        "u",
+    )
+    .await;
+
+    pods.create(&PostParams::default(), &pod("ok", &signed.by_digest()))
+        .await
+        .unwrap();
+    let by_tag = denial(
+        pods.create(&PostParams::default(), &pod("tag", &signed.by_tag()))
+            .await,
+    );
+    assert!(by_tag.contains("is not pinned by digest"), "{by_tag}");
+    let no_sig = denial(
+        pods.create(&PostParams::default(), &pod("nosig", &unsigned.by_digest()))
+            .await,
+    );
+    assert!(
+        no_sig.contains(&unsigned.digest) && no_sig.contains("signature"),
+        "{no_sig}"
+    );
+
+    // A debugging container added later is held to the same rule.
+    let debug = serde_json::json!({"spec": {"ephemeralContainers": [
+        {"name": "dbg", "image": "debian:12"}
+    ]}});
+    let added = pods
+        .patch_subresource(
+            "ephemeralcontainers",
+            "ok",
+            &PatchParams::default(),
+            &Patch::Strategic(debug),
+        )
+        .await;
+    let added = denial(added);
+    assert!(
+        added.contains(r#"ephemeralContainers[0] "dbg": image "debian:12""#),
+        "{added}"
+    );
+
+    // Namespaces the policy does not name are left alone.
+    Api::<Pod>::namespaced(admin, &free)
+        .create(&PostParams::default(), &pod("any", "busybox"))
+        .await
+        .unwrap();
 }

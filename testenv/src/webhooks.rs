@@ -84,6 +84,58 @@ pub async fn register(
     Ok(())
 }
 
+/// Registers (server-side applies) a ValidatingWebhookConfiguration named `name` for the
+/// Pod policy, calling `https://127.0.0.1:<port>/validate-pods` trusted by `ca_pem`, for pods
+/// and ephemeral containers in namespaces labelled `label`. failurePolicy Fail, timeout 10 s.
+pub async fn register_pod_policy(
+    cluster: &Cluster,
+    name: &str,
+    port: u16,
+    ca_pem: &str,
+    label: (&str, &str),
+) -> Result<(), Error> {
+    let client = cluster.admin_client().await?;
+    let v = ValidatingWebhookConfiguration {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            ..Default::default()
+        },
+        webhooks: Some(vec![ValidatingWebhook {
+            name: "pods.gkm.io".into(),
+            admission_review_versions: vec!["v1".into()],
+            client_config: WebhookClientConfig {
+                url: Some(format!("https://127.0.0.1:{port}/validate-pods")),
+                ca_bundle: Some(k8s_openapi::ByteString(ca_pem.as_bytes().to_vec())),
+                service: None,
+            },
+            failure_policy: Some("Fail".into()),
+            side_effects: "None".into(),
+            timeout_seconds: Some(10),
+            namespace_selector: Some(LabelSelector {
+                match_labels: Some([(label.0.to_string(), label.1.to_string())].into()),
+                ..Default::default()
+            }),
+            rules: Some(vec![RuleWithOperations {
+                api_groups: Some(vec!["".into()]),
+                api_versions: Some(vec!["v1".into()]),
+                operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
+                resources: Some(vec!["pods".into(), "pods/ephemeralcontainers".into()]),
+                scope: None,
+            }]),
+            ..Default::default()
+        }]),
+    };
+    Api::<ValidatingWebhookConfiguration>::all(client)
+        .patch(
+            name,
+            &PatchParams::apply("gkm-testenv").force(),
+            &Patch::Apply(&v),
+        )
+        .await
+        .map_err(|e| Error::kube(format!("registering the pod webhook {name}"), e))?;
+    Ok(())
+}
+
 /// A new namespace (`<prefix>-…`, with `labels`) where each of `users` may create, read,
 /// update and patch GKMCaches, but not their status.
 pub async fn editor_namespace(

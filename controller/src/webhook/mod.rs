@@ -8,6 +8,8 @@
 //! Validation never relies on having seen the mutating call (another replica may have
 //! served it): it resolves and verifies again, through the verifier's cache.
 //! Configured trusted users (service accounts of GKM's own automation) are exempt.
+//!
+//! [`pods`] holds the trust policy's Pod rule (`podPolicy`), served on its own path.
 
 use std::collections::BTreeMap;
 
@@ -18,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::verify::{ImageVerifier, VerifiedImage};
 
+pub mod pods;
 pub mod server;
 
 /// What admission decided, before it becomes a response.
@@ -115,6 +118,11 @@ impl<V: ImageVerifier> Admission<V> {
             .verify(image)
             .await
             .map_err(|d| format!("{kind} {name}: {d}"))
+    }
+
+    /// The Pod rule (`podPolicy`).
+    pub async fn validate_pod(&self, req: &AdmissionRequest<DynamicObject>) -> Decision {
+        pods::validate(&self.verifier, req).await
     }
 
     /// The mutating rule.
@@ -277,6 +285,9 @@ mod tests {
                     "{other}: no signature matches any authority"
                 ))),
             }
+        }
+        fn pod_rules(&self) -> crate::webhook::pods::PodRules {
+            unreachable!("the cache rules never ask for the pod rules")
         }
     }
 

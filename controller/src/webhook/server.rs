@@ -1,5 +1,5 @@
-//! The HTTPS admission server (rustls): `POST /mutate`, `POST /validate`, `GET /healthz`,
-//! `GET /readyz`.
+//! The HTTPS admission server (rustls): `POST /mutate`, `POST /validate` (caches),
+//! `POST /validate-pods` (the Pod policy), `GET /healthz`, `GET /readyz`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -111,7 +111,7 @@ async fn handle<V: ImageVerifier>(
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz" | "/readyz") => Ok(reply(StatusCode::OK, b"ok".to_vec())),
-        (&Method::POST, "/mutate" | "/validate") => {
+        (&Method::POST, "/mutate" | "/validate" | "/validate-pods") => {
             let body = match req.into_body().collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(e) => return Ok(reply(StatusCode::BAD_REQUEST, e.to_string().into_bytes())),
@@ -140,14 +140,14 @@ async fn handle<V: ImageVerifier>(
                 endpoint = %path,
                 op = ?request.operation,
                 kind = %request.kind.kind,
-                cache = %format!("{}/{}", request.namespace.clone().unwrap_or_default(), request.name),
+                object = %format!("{}/{}", request.namespace.clone().unwrap_or_default(), request.name),
                 user = %request.user_info.username.clone().unwrap_or_default(),
             );
             let decision = async {
-                if path == "/mutate" {
-                    admission.mutate(&request).await
-                } else {
-                    admission.validate(&request).await
+                match path.as_str() {
+                    "/mutate" => admission.mutate(&request).await,
+                    "/validate" => admission.validate(&request).await,
+                    _ => admission.validate_pod(&request).await,
                 }
             }
             .instrument(span)

@@ -1,0 +1,373 @@
+//! The Pod admission rule of the trust policy's `podPolicy`: in the namespaces it names
+//! (glob patterns), every container image (init, app and ephemeral) must come from a
+//! trusted registry and, with `requireDigest` (the default), be pinned by `@sha256:`
+//! digest; with `verifySignatures`, its signature must also verify under the policy.
+//!
+//! On UPDATE only images the request adds are checked, so a pod admitted before the policy
+//! covered its namespace can still be labelled or have ephemeral containers added under
+//! the rule. Every violation of a request is reported at once, each naming its container.
+
+use gkm::trust::{PodPolicy, RegistryPrefix};
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, Operation};
+use serde_json::Value;
+use tracing::info;
+
+use super::Decision;
+use crate::verify::ImageVerifier;
+
+/// What the pod rule needs of the policy in force.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRules {
+    pub policy: PodPolicy,
+    pub trusted_registries: Vec<RegistryPrefix>,
+}
+
+/// One container's image, as the pod spec names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerImage {
+    /// `containers[0] "app"`, `initContainers[1] "setup"`, `ephemeralContainers[0] "dbg"`.
+    pub container: String,
+    pub image: String,
+}
+
+const CONTAINER_LISTS: [&str; 3] = ["initContainers", "containers", "ephemeralContainers"];
+
+/// Every container image of a Pod object (its `spec`), in spec order.
+pub fn container_images(pod: &Value) -> Vec<ContainerImage> {
+    let Some(spec) = pod.get("spec") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for list in CONTAINER_LISTS {
+        for (i, c) in spec
+            .get(list)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let name = c.get("name").and_then(Value::as_str).unwrap_or("");
+            out.push(ContainerImage {
+                container: format!("{list}[{i}] {name:?}"),
+                image: c
+                    .get("image")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+            });
+        }
+    }
+    out
+}
+
+/// Why `image` breaks `rules`, without any network call; `None` when only the signature is
+/// left to check.
+pub fn static_violation(rules: &PodRules, image: &str) -> Option<String> {
+    if image.is_empty() {
+        return Some("has no image".into());
+    }
+    let reference = match gkm::oci::parse_reference(image) {
+        Ok(r) => r,
+        Err(e) => return Some(e.to_string()),
+    };
+    if !rules
+        .trusted_registries
+        .iter()
+        .any(|p| p.matches_reference(&reference))
+    {
+        let trusted: Vec<&str> = rules
+            .trusted_registries
+            .iter()
+            .map(RegistryPrefix::as_str)
+            .collect();
+        return Some(format!(
+            "image {image:?} is not from a trusted registry (trusted: {})",
+            trusted.join(", ")
+        ));
+    }
+    if rules.policy.require_digest && reference.digest().and_then(gkm::oci::sha256_hex).is_none() {
+        return Some(format!(
+            "image {image:?} is not pinned by digest (write {}@sha256:<64 hex>)",
+            reference.repository()
+        ));
+    }
+    None
+}
+
+fn pod_name(obj: Option<&DynamicObject>, req: &AdmissionRequest<DynamicObject>) -> String {
+    if !req.name.is_empty() {
+        return req.name.clone();
+    }
+    obj.and_then(|o| o.metadata.generate_name.clone())
+        .map(|g| format!("{g}*"))
+        .unwrap_or_default()
+}
+
+/// The pod rule for one admission request.
+pub async fn validate<V: ImageVerifier>(
+    verifier: &V,
+    req: &AdmissionRequest<DynamicObject>,
+) -> Decision {
+    let allow = Decision::Allow {
+        warnings: Vec::new(),
+    };
+    let namespace = req.namespace.clone().unwrap_or_default();
+    let rules = verifier.pod_rules();
+    if !matches!(req.operation, Operation::Create | Operation::Update)
+        || !rules.policy.covers(&namespace)
+    {
+        return allow;
+    }
+    let as_value = |o: Option<&DynamicObject>| {
+        o.and_then(|o| serde_json::to_value(o).ok())
+            .unwrap_or(Value::Null)
+    };
+    let before: Vec<String> = match req.operation {
+        Operation::Update => container_images(&as_value(req.old_object.as_ref()))
+            .into_iter()
+            .map(|c| c.image)
+            .collect(),
+        _ => Vec::new(),
+    };
+    let added: Vec<ContainerImage> = container_images(&as_value(req.object.as_ref()))
+        .into_iter()
+        .filter(|c| !before.contains(&c.image))
+        .collect();
+    let mut violations = Vec::new();
+    for c in &added {
+        let problem = match static_violation(&rules, &c.image) {
+            Some(p) => Some(p),
+            None if rules.policy.verify_signatures => {
+                verifier.verify(&c.image).await.err().map(|d| d.to_string())
+            }
+            None => None,
+        };
+        if let Some(p) = problem {
+            violations.push(format!("{}: {p}", c.container));
+        }
+    }
+    if violations.is_empty() {
+        return allow;
+    }
+    let pod = format!("{namespace}/{}", pod_name(req.object.as_ref(), req));
+    info!(pod = %pod, violations = violations.len(), "pod denied by podPolicy");
+    Decision::Deny(format!(
+        "Pod {pod}: namespace {namespace} runs only images from a trusted registry{}{}; {}",
+        if rules.policy.require_digest {
+            ", pinned by digest"
+        } else {
+            ""
+        },
+        if rules.policy.verify_signatures {
+            ", with a verified signature"
+        } else {
+            ""
+        },
+        violations.join("; ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verify::{Denial, VerifiedImage};
+    use kube::core::admission::AdmissionReview;
+
+    const D: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+
+    struct Fake {
+        rules: PodRules,
+    }
+
+    impl ImageVerifier for Fake {
+        async fn verify(&self, image: &str) -> Result<VerifiedImage, Denial> {
+            if image.contains("/signed@") {
+                Ok(VerifiedImage {
+                    repository: "r.io/trusted/signed".into(),
+                    digest: D.into(),
+                    authority: "key".into(),
+                })
+            } else {
+                Err(Denial(format!(
+                    "{image}: no signature matches any authority"
+                )))
+            }
+        }
+        fn pod_rules(&self) -> PodRules {
+            self.rules.clone()
+        }
+    }
+
+    fn fake(verify: bool) -> Fake {
+        Fake {
+            rules: PodRules {
+                policy: PodPolicy {
+                    namespaces: vec!["ml-*".into()],
+                    require_digest: true,
+                    verify_signatures: verify,
+                },
+                trusted_registries: vec![RegistryPrefix::parse("r.io/trusted").unwrap()],
+            },
+        }
+    }
+
+    fn pod(images: &[(&str, &str)]) -> Value {
+        let (init, rest): (Vec<_>, Vec<_>) = images.iter().partition(|(k, _)| *k == "init");
+        let list = |v: &[&(&str, &str)]| {
+            v.iter()
+                .enumerate()
+                .map(|(i, (_, img))| serde_json::json!({"name": format!("c{i}"), "image": img}))
+                .collect::<Vec<_>>()
+        };
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "ml-a"},
+            "spec": {"initContainers": list(&init), "containers": list(&rest)},
+        })
+    }
+
+    fn request(
+        op: &str,
+        ns: &str,
+        new: Value,
+        old: Option<Value>,
+    ) -> AdmissionRequest<DynamicObject> {
+        let review: AdmissionReview<DynamicObject> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "u1",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "name": "p",
+                "namespace": ns,
+                "operation": op,
+                "userInfo": {"username": "alice"},
+                "object": new,
+                "oldObject": old,
+                "dryRun": false,
+            }
+        }))
+        .unwrap();
+        review.try_into().unwrap()
+    }
+
+    fn denial(d: Decision) -> String {
+        match d {
+            Decision::Deny(r) => r,
+            other => panic!("expected a denial, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn every_bad_container_is_named_at_once() {
+        let f = fake(false);
+        let p = pod(&[
+            ("init", "busybox"),
+            ("app", "r.io/trusted/app:v1"),
+            ("app", &format!("r.io/trusted/app@{D}")),
+        ]);
+        let r = denial(validate(&f, &request("CREATE", "ml-a", p, None)).await);
+        assert!(r.starts_with("Pod ml-a/p: "), "{r}");
+        assert!(
+            r.contains(r#"initContainers[0] "c0": image "busybox" is not from a trusted registry (trusted: r.io/trusted)"#),
+            "{r}"
+        );
+        assert!(
+            r.contains(
+                r#"containers[0] "c0": image "r.io/trusted/app:v1" is not pinned by digest"#
+            ),
+            "{r}"
+        );
+        assert!(!r.contains("containers[1]"), "{r}");
+    }
+
+    #[tokio::test]
+    async fn namespaces_outside_the_globs_are_not_checked() {
+        let f = fake(true);
+        let d = validate(
+            &f,
+            &request("CREATE", "web", pod(&[("app", "busybox")]), None),
+        )
+        .await;
+        assert!(matches!(d, Decision::Allow { .. }), "{d:?}");
+    }
+
+    #[tokio::test]
+    async fn a_lookalike_registry_is_not_trusted() {
+        let f = fake(false);
+        for image in [
+            format!("r.io/trustedx/app@{D}"),
+            format!("r.io.evil.com/trusted/app@{D}"),
+            format!("evil.com/r.io/trusted/app@{D}"),
+        ] {
+            let r = denial(
+                validate(
+                    &f,
+                    &request("CREATE", "ml-a", pod(&[("app", &image)]), None),
+                )
+                .await,
+            );
+            assert!(r.contains("not from a trusted registry"), "{image}: {r}");
+        }
+    }
+
+    #[tokio::test]
+    async fn signatures_are_checked_when_the_policy_asks() {
+        let unsigned = format!("r.io/trusted/unsigned@{D}");
+        let signed = format!("r.io/trusted/signed@{D}");
+        let without = validate(
+            &fake(false),
+            &request("CREATE", "ml-a", pod(&[("app", &unsigned)]), None),
+        )
+        .await;
+        assert!(matches!(without, Decision::Allow { .. }), "{without:?}");
+        let r = denial(
+            validate(
+                &fake(true),
+                &request("CREATE", "ml-a", pod(&[("app", &unsigned)]), None),
+            )
+            .await,
+        );
+        assert!(r.contains("no signature matches") && r.contains("with a verified signature"));
+        let ok = validate(
+            &fake(true),
+            &request("CREATE", "ml-a", pod(&[("app", &signed)]), None),
+        )
+        .await;
+        assert!(matches!(ok, Decision::Allow { .. }), "{ok:?}");
+    }
+
+    #[tokio::test]
+    async fn updates_check_only_the_images_they_add() {
+        let f = fake(false);
+        let old = pod(&[("app", "busybox")]);
+        let mut relabelled = old.clone();
+        relabelled["metadata"]["labels"] = serde_json::json!({"x": "y"});
+        let d = validate(
+            &f,
+            &request("UPDATE", "ml-a", relabelled, Some(old.clone())),
+        )
+        .await;
+        assert!(matches!(d, Decision::Allow { .. }), "{d:?}");
+        let mut debug = old.clone();
+        debug["spec"]["ephemeralContainers"] =
+            serde_json::json!([{"name": "dbg", "image": "debian:12"}]);
+        let r = denial(validate(&f, &request("UPDATE", "ml-a", debug, Some(old))).await);
+        assert!(
+            r.contains(r#"ephemeralContainers[0] "dbg": image "debian:12""#),
+            "{r}"
+        );
+        assert!(!r.contains("busybox"), "{r}");
+    }
+
+    #[test]
+    fn require_digest_off_allows_tags_from_trusted_registries() {
+        let mut rules = fake(false).rules;
+        rules.policy.require_digest = false;
+        assert_eq!(static_violation(&rules, "r.io/trusted/app:v1"), None);
+        assert!(static_violation(&rules, "").is_some());
+        assert!(static_violation(&rules, "r.io/trusted/app@sha256:short").is_some());
+    }
+}
