@@ -28,20 +28,15 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
-use std::time::Duration;
 
-use futures::Stream;
-use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::OciDistributionError;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::api::GpuBackend;
 use crate::gpu::compat::{CacheTarget, normalize_arch};
 use crate::oci::image::OCI_MANIFEST;
-use crate::oci::{Credentials, PinnedRef, PullConfig, Puller, Reference};
-use crate::trust::sign::{self, SigningKey};
-use crate::trust::tag::signature_tag;
+use crate::oci::{PinnedRef, Pusher, Reference};
+use crate::trust::sign;
 
 /// Media type of the image config.
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
@@ -140,16 +135,48 @@ pub enum BuildError {
     NoTargets { dir: String, hint: String },
     #[error("{path} changed while the image was built ({what}); build again")]
     Changed { path: String, what: String },
-    #[error("{image}: {what}: {reason}")]
-    Registry {
-        image: String,
-        what: String,
-        reason: String,
-    },
+    #[error(transparent)]
+    Push(#[from] crate::oci::PushError),
     #[error("OCI layout {path}: {reason}")]
     Layout { path: String, reason: String },
     #[error(transparent)]
     Sign(#[from] sign::SignError),
+}
+
+/// Pushes `image` under `reference` (a tag; `latest` when it names none) and returns the
+/// reference pinned to the digest that was pushed.
+pub async fn push(
+    pusher: &Pusher,
+    image: &BuiltImage,
+    reference: &Reference,
+) -> Result<PinnedRef, BuildError> {
+    if reference.digest().is_some() {
+        return Err(BuildError::Usage(format!(
+            "-t {}: name the image by tag; the digest is what the build computes",
+            reference.whole()
+        )));
+    }
+    let tagged = Reference::with_tag(
+        reference.registry().to_string(),
+        reference.repository().to_string(),
+        reference.tag().unwrap_or("latest").to_string(),
+    );
+    let layer = &image.layer;
+    pusher
+        .push_file(&tagged, &layer.path, &layer.digest, layer.size, "the layer")
+        .await?;
+    pusher
+        .push_bytes(&tagged, &image.config, "the config")
+        .await?;
+    pusher
+        .push_manifest(
+            &tagged,
+            image.manifest.clone(),
+            OCI_MANIFEST,
+            "the manifest",
+        )
+        .await?;
+    PinnedRef::new(&tagged, &image.digest).map_err(|e| BuildError::Usage(e.to_string()))
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> BuildError + use<> {
@@ -833,9 +860,7 @@ impl<R: Read> Read for Counting<R> {
 }
 
 /// `sha256:<hex>` of `bytes`.
-pub fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
+pub use crate::oci::push::sha256_digest;
 
 /// Writes `image` into the OCI image layout at `dir` (created when missing; an existing
 /// layout keeps its other images), named `ref_name` in `index.json` when given (an image
@@ -930,354 +955,11 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
     std::fs::rename(&tmp, path).map_err(io_err("writing", path))
 }
 
-/// Pushes built images and their signatures to registries.
-pub struct Pusher {
-    client: oci_client::Client,
-    creds: Credentials,
-    puller: Puller,
-    /// Bound on each small registry call (blob checks, config, manifests), and on the
-    /// registry's answer once a layer is sent.
-    call_timeout: Duration,
-    /// Longest time a layer upload may send nothing.
-    stall_timeout: Duration,
-}
-
-impl Pusher {
-    /// A pusher that talks plain HTTP to the `insecure` registries (`host[:port]`).
-    pub fn new(insecure: Vec<String>, creds: Credentials) -> Self {
-        crate::install_crypto();
-        let client = oci_client::Client::new(ClientConfig {
-            protocol: if insecure.is_empty() {
-                ClientProtocol::Https
-            } else {
-                ClientProtocol::HttpsExcept(insecure.clone())
-            },
-            // One PUT per blob, streamed: every registry takes it.
-            use_monolithic_push: true,
-            connect_timeout: Some(Duration::from_secs(10)),
-            // No read timeout: reqwest runs it while the request body is still being sent,
-            // which would cut every upload longer than the timeout. Small calls are bounded
-            // by `bounded`, the layer upload by its stall watchdog.
-            read_timeout: None,
-            ..Default::default()
-        });
-        let puller = Puller::new(
-            PullConfig {
-                insecure_registries: insecure,
-                ..Default::default()
-            },
-            creds.clone(),
-        );
-        Self {
-            client,
-            creds,
-            puller,
-            call_timeout: Duration::from_secs(120),
-            stall_timeout: Duration::from_secs(120),
-        }
-    }
-
-    async fn bounded<T>(
-        &self,
-        image: &str,
-        what: &str,
-        call: impl Future<Output = Result<T, OciDistributionError>>,
-    ) -> Result<T, BuildError> {
-        let err = |reason: String| BuildError::Registry {
-            image: image.to_string(),
-            what: what.to_string(),
-            reason,
-        };
-        tokio::time::timeout(self.call_timeout, call)
-            .await
-            .map_err(|_| err(format!("timed out after {:?}", self.call_timeout)))?
-            .map_err(|e| err(e.to_string()))
-    }
-
-    async fn push_bytes(
-        &self,
-        reference: &Reference,
-        bytes: &[u8],
-        what: &str,
-    ) -> Result<(), BuildError> {
-        let digest = sha256_digest(bytes);
-        let name = reference.whole();
-        let exists = self
-            .bounded(
-                &name,
-                &format!("checking {what}"),
-                self.client.blob_exists(reference, &digest),
-            )
-            .await?;
-        if !exists {
-            let pushed = tokio::time::timeout(
-                self.call_timeout,
-                self.client.push_blob(reference, bytes.to_vec(), &digest),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(OciDistributionError::GenericError(Some(format!(
-                    "timed out after {:?}",
-                    self.call_timeout
-                ))))
-            });
-            self.uploaded(reference, &digest, what, pushed).await?;
-        }
-        Ok(())
-    }
-
-    /// Checks the outcome of a blob upload. Some registries (go-containerregistry's among
-    /// them) answer a completed upload without the `Location` header the distribution spec
-    /// asks for; oci-client calls that an error, so the blob's presence decides instead.
-    async fn uploaded(
-        &self,
-        reference: &Reference,
-        digest: &str,
-        what: &str,
-        result: Result<String, OciDistributionError>,
-    ) -> Result<(), BuildError> {
-        let name = reference.whole();
-        match result {
-            Ok(_) => Ok(()),
-            Err(OciDistributionError::RegistryNoLocationError) => {
-                let there = self
-                    .bounded(
-                        &name,
-                        &format!("checking {what} after its upload"),
-                        self.client.blob_exists(reference, digest),
-                    )
-                    .await?;
-                if there {
-                    Ok(())
-                } else {
-                    Err(BuildError::Registry {
-                        image: name,
-                        what: format!("uploading {what} {digest}"),
-                        reason: "the registry accepted the upload, but does not have the blob"
-                            .into(),
-                    })
-                }
-            }
-            Err(e) => Err(BuildError::Registry {
-                image: name,
-                what: format!("uploading {what} {digest}"),
-                reason: e.to_string(),
-            }),
-        }
-    }
-
-    /// Pushes `image` under `reference` (a tag; `latest` when it names none) and returns the
-    /// reference pinned to the digest that was pushed.
-    pub async fn push(
-        &self,
-        image: &BuiltImage,
-        reference: &Reference,
-    ) -> Result<PinnedRef, BuildError> {
-        if reference.digest().is_some() {
-            return Err(BuildError::Usage(format!(
-                "-t {}: name the image by tag; the digest is what the build computes",
-                reference.whole()
-            )));
-        }
-        let tagged = Reference::with_tag(
-            reference.registry().to_string(),
-            reference.repository().to_string(),
-            reference.tag().unwrap_or("latest").to_string(),
-        );
-        let name = tagged.whole();
-        self.client
-            .store_auth_if_needed(
-                tagged.resolve_registry(),
-                &self.creds.for_registry(tagged.registry()),
-            )
-            .await;
-
-        let layer = &image.layer;
-        let exists = self
-            .bounded(
-                &name,
-                "checking the layer",
-                self.client.blob_exists(&tagged, &layer.digest),
-            )
-            .await?;
-        if !exists {
-            let file = tokio::fs::File::open(&layer.path)
-                .await
-                .map_err(io_err("reading", &layer.path))?;
-            // A large layer takes as long as the network needs: no overall bound, but an
-            // upload that stops moving fails.
-            let progress = Progress::new();
-            let upload = self.client.push_blob_stream(
-                &tagged,
-                file_stream(file, layer.size, progress.clone()),
-                &layer.digest,
-                Some(layer.size),
-            );
-            let pushed = tokio::select! {
-                r = upload => r,
-                stalled = progress.watchdog(self.stall_timeout, self.call_timeout) => {
-                    Err(OciDistributionError::GenericError(Some(stalled)))
-                }
-            };
-            self.uploaded(&tagged, &layer.digest, "the layer", pushed)
-                .await?;
-        }
-        self.push_bytes(&tagged, &image.config, "the config")
-            .await?;
-        self.bounded(
-            &name,
-            "pushing the manifest",
-            self.client.push_manifest_raw(
-                &tagged,
-                image.manifest.clone(),
-                OCI_MANIFEST.parse().expect("a valid header value"),
-            ),
-        )
-        .await?;
-        PinnedRef::new(&tagged, &image.digest).map_err(|e| BuildError::Usage(e.to_string()))
-    }
-
-    /// Signs `image` with `key` in cosign's tag format: the signature is added to the
-    /// manifest of `<repo>:sha256-<hex>.sig` (other signatures there are kept). Returns that
-    /// tag's reference.
-    pub async fn sign(&self, image: &PinnedRef, key: &SigningKey) -> Result<String, BuildError> {
-        let sig_ref = Reference::with_tag(
-            image.registry().to_string(),
-            image.repository().to_string(),
-            signature_tag(image.digest()),
-        );
-        let name = sig_ref.whole();
-        let existing = self
-            .puller
-            .fetch_manifest_bytes(&sig_ref, crate::trust::MAX_MANIFEST_BYTES)
-            .await
-            .map_err(|e| BuildError::Registry {
-                image: name.clone(),
-                what: "reading the existing signatures".into(),
-                reason: e.to_string(),
-            })?;
-        let docker_reference = format!("{}/{}", image.registry(), image.repository());
-        let art = sign::tag_signature(
-            key,
-            &docker_reference,
-            image.digest(),
-            existing.as_ref().map(|(b, _)| b.as_slice()),
-        )
-        .map_err(|reason| BuildError::Registry {
-            image: name.clone(),
-            what: "reading the existing signatures".into(),
-            reason,
-        })?;
-        if !art.changed {
-            return Ok(name);
-        }
-        self.client
-            .store_auth_if_needed(
-                sig_ref.resolve_registry(),
-                &self.creds.for_registry(sig_ref.registry()),
-            )
-            .await;
-        self.push_bytes(&sig_ref, &art.payload, "the signature payload")
-            .await?;
-        self.push_bytes(&sig_ref, &art.config, "the signature config")
-            .await?;
-        self.bounded(
-            &name,
-            "pushing the signature manifest",
-            self.client.push_manifest_raw(
-                &sig_ref,
-                art.manifest,
-                OCI_MANIFEST.parse().expect("a valid header value"),
-            ),
-        )
-        .await?;
-        Ok(name)
-    }
-}
-
-/// How far a streamed upload got: when it last took a chunk, and whether it took the last.
-#[derive(Clone)]
-struct Progress {
-    last: std::sync::Arc<std::sync::Mutex<std::time::Instant>>,
-    sent: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Progress {
-    fn new() -> Self {
-        Self {
-            last: std::sync::Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
-            sent: Default::default(),
-        }
-    }
-
-    fn touch(&self) {
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
-    }
-
-    /// Resolves, with the reason, once nothing was taken for `stall` while sending, or the
-    /// registry has not answered `answer` after the last byte.
-    async fn watchdog(&self, stall: Duration, answer: Duration) -> String {
-        use std::sync::atomic::Ordering;
-        loop {
-            tokio::time::sleep(Duration::from_secs(1).min(stall)).await;
-            let idle = self
-                .last
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .elapsed();
-            if self.sent.load(Ordering::Acquire) {
-                if idle > answer {
-                    return format!("the registry did not answer within {answer:?} of the upload");
-                }
-            } else if idle > stall {
-                return format!("the upload made no progress for {stall:?}");
-            }
-        }
-    }
-}
-
-/// The `size` bytes of the file as a stream of 1 MiB chunks, recording progress.
-fn file_stream(
-    file: tokio::fs::File,
-    size: u64,
-    progress: Progress,
-) -> impl Stream<Item = Result<bytes::Bytes, OciDistributionError>> + Send + 'static {
-    futures::stream::try_unfold((file, 0u64), move |(mut f, done)| {
-        let progress = progress.clone();
-        async move {
-            use tokio::io::AsyncReadExt;
-            progress.touch();
-            if done >= size {
-                return Ok(None);
-            }
-            let mut buf = vec![0u8; (1 << 20).min(size - done) as usize];
-            let n = f
-                .read(&mut buf)
-                .await
-                .map_err(OciDistributionError::IoError)?;
-            if n == 0 {
-                return Err(OciDistributionError::IoError(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("the layer file ended after {done} of {size} bytes"),
-                )));
-            }
-            buf.truncate(n);
-            let done = done + n as u64;
-            if done >= size {
-                // The last chunk: from now on the registry's answer is awaited.
-                progress
-                    .sent
-                    .store(true, std::sync::atomic::Ordering::Release);
-            }
-            Ok(Some((bytes::Bytes::from(buf), (f, done))))
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+    use std::time::Duration;
 
     fn kernel(dir: &Path, hash: &str, name: &str, target: &str) {
         let d = dir.join(hash);

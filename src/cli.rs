@@ -248,7 +248,8 @@ pub struct BuildRequest {
 /// stderr; the returned line (`REPO@sha256:…`, or `PATH@sha256:…` for a layout) is what
 /// the command prints on stdout.
 pub async fn build(req: &BuildRequest, registry: &RegistryOptions) -> Result<String> {
-    use crate::build::{self as b, BuildOptions, Pusher};
+    use crate::build::{self as b, BuildOptions};
+    use crate::oci::Pusher;
     use crate::trust::sign::{SigningKey, password_from_env};
 
     let kind: b::CacheKind = req.kind.parse()?;
@@ -334,10 +335,83 @@ pub async fn build(req: &BuildRequest, registry: &RegistryOptions) -> Result<Str
     };
     let pusher = Pusher::new(registry.insecure.clone(), creds);
     eprintln!("Pushing to {}", reference.whole());
-    let pinned = pusher.push(&image, &reference).await?;
+    let pinned = b::push(&pusher, &image, &reference).await?;
     if let Some(key) = key {
-        let sig = pusher.sign(&pinned, &key).await?;
+        let sig = crate::trust::sign::push_signature(&pusher, &pinned, &key).await?;
         eprintln!("Signed {} ({sig})", pinned.digest());
     }
     Ok(pinned.to_string())
+}
+
+/// `gkm verify`: resolves `image` (a tag is resolved once) and verifies its signatures
+/// under the trust policy at `policy`, as admission does, registry check included.
+pub async fn verify(
+    image: &str,
+    policy: &std::path::Path,
+    registry: &RegistryOptions,
+) -> Result<String> {
+    let policy = crate::trust::TrustPolicy::load(policy)
+        .with_context(|| format!("--policy {}", policy.display()))?;
+    let reference = oci::parse_reference(image)?;
+    if policy.trusted_registry_for(&reference).is_none() {
+        anyhow::bail!(
+            "{image} is not in a trusted registry (trusted: {})",
+            policy
+                .trusted_registries
+                .iter()
+                .map(|p| p.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let puller = registry.puller()?;
+    let pinned = match reference.digest() {
+        Some(d) => PinnedRef::new(&reference, d)?,
+        None => puller.resolve_tag(&reference).await?,
+    };
+    let verifier = crate::trust::Verifier::new(policy, puller);
+    let v = verifier.verify(&pinned).await?;
+    Ok(format!(
+        "{pinned}: verified by {} ({:?})\n",
+        v.authority, v.format
+    ))
+}
+
+/// What `gkm promote` is asked.
+#[derive(Clone, Debug)]
+pub struct PromoteRequest {
+    /// The incoming image, by tag or digest.
+    pub image: String,
+    pub digest: Option<String>,
+    /// The trust policy: its authorities and its `promotion` section.
+    pub policy: PathBuf,
+    /// Overrides `promotion.signKey`.
+    pub sign_key: Option<PathBuf>,
+}
+
+/// `gkm promote`: verifies the incoming image and copies it, with its signatures, into the
+/// trusted registry, as the controller's verify-and-promote API does (without its
+/// authentication: the caller's registry credentials are the authority here).
+pub async fn promote(
+    req: &PromoteRequest,
+    registry: &RegistryOptions,
+) -> Result<crate::promote::Promoted> {
+    let mut policy = crate::trust::TrustPolicy::load(&req.policy)
+        .with_context(|| format!("--policy {}", req.policy.display()))?;
+    match (&mut policy.promotion, &req.sign_key) {
+        (Some(p), Some(key)) => p.sign_key = Some(key.clone()),
+        (None, _) => anyhow::bail!(
+            "--policy {}: no `promotion` section (promotion: {{incoming: ..., trusted: ...}})",
+            req.policy.display()
+        ),
+        _ => {}
+    }
+    let creds = match &registry.auth_file {
+        Some(f) => Credentials::from_file(f)?,
+        None => Credentials::anonymous(),
+    };
+    let pusher = oci::Pusher::new(registry.insecure.clone(), creds);
+    let trust = std::sync::Arc::new(crate::trust::Verifier::new(policy, pusher.puller().clone()));
+    let promoter = crate::promote::Promoter::new(trust, pusher);
+    Ok(promoter.promote(&req.image, req.digest.as_deref()).await?)
 }

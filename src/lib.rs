@@ -5,7 +5,10 @@
 //! - [`agent`]: the node agent's configuration and wiring (`gkm-agent`).
 //! - [`api`]: the custom resources and the names other programs depend on.
 //! - [`gpu`]: this node's GPUs (NVML, KFD sysfs, simulated) and cache compatibility.
-//! - [`oci`]: image references, credentials, digest-pinned pulls, hardened extraction.
+//! - [`oci`]: image references, credentials, digest-pinned pulls, hardened extraction,
+//!   pushes and cross-registry copies.
+//! - [`promote`]: verify an incoming image and copy it, with its signatures, into the
+//!   trusted registry.
 //! - [`store`]: the node's content-addressed store, volume records, refcounts and GC.
 //! - [`trust`]: the trust policy and signature verification of images, fail-closed.
 //! - [`csi`]: the CSI node plugin `csi.gkm.io` (Identity and Node services).
@@ -20,6 +23,7 @@ pub mod csi;
 pub mod gpu;
 pub mod metrics;
 pub mod oci;
+pub mod promote;
 pub mod store;
 pub mod trust;
 

@@ -147,7 +147,21 @@ fn every_agent_and_controller_flag_in_the_docs_exists() {
         }
         everything.push_str(&usage);
     }
-    for sub in ["gpus", "inspect", "pull", "gc", "crds", "build"] {
+    // Every subcommand `gkm --help` lists.
+    let top = help(&gkm, &[]).unwrap();
+    let subs: Vec<&str> = top
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|s| *s != "help")
+        .collect();
+    assert!(
+        subs.contains(&"build") && subs.contains(&"promote"),
+        "{subs:?}"
+    );
+    for sub in subs {
         everything.push_str(&help(&gkm, &[sub]).unwrap());
     }
     // Any flag anywhere (tables, prose): some GKM program has it, or it belongs to a tool
@@ -166,6 +180,7 @@ fn every_agent_and_controller_flag_in_the_docs_exists() {
 
 /// Flags of other programs the docs show (kubectl, cargo, cosign, the demo).
 const OTHER_TOOLS_FLAGS: &[&str] = &[
+    "--cacert",
     "--server-side",
     "--dry-run",
     "--field-manager",

@@ -5,11 +5,13 @@
 //!   answers, and the HTTPS server that serves them.
 //! - [`verify`]: what admission asks of signature verification.
 //! - [`controller`]: status promotion and node aggregation.
+//! - [`promote`]: the verify-and-promote API: who may call it, and its HTTP answers.
 //! - [`certs`]: self-minted serving certificates and the webhooks' `caBundle`.
 //! - [`run`]: configuration and wiring of the `gkm-controller` binary.
 
 pub mod certs;
 pub mod controller;
+pub mod promote;
 pub mod run;
 pub mod verify;
 pub mod webhook;

@@ -142,20 +142,30 @@ pub async fn run(
         insecure_registries: cfg.args.insecure_registries.clone(),
         ..Default::default()
     };
-    let puller = gkm::oci::Puller::new(pull, creds);
+    let puller = gkm::oci::Puller::new(pull, creds.clone());
     let trust = Arc::new(gkm::trust::Verifier::new(
         cfg.policy.clone(),
         puller.clone(),
     ));
-    let admission = Arc::new(Admission::new(
+    let admission = Admission::new(
         TrustVerifier::new(trust.clone(), puller),
         cfg.args.trusted_users.clone(),
-    ));
+    );
     let client = if cfg.args.self_signed_certs || !cfg.args.webhook_only {
         Some(kube_client(cfg.args.kubeconfig.as_ref()).await?)
     } else {
         None
     };
+    // Promotion checks callers with the API server, so it needs a client.
+    let promote = client.clone().map(|client| crate::promote::PromoteApi {
+        gate: crate::promote::KubeGatekeeper { client },
+        promoter: gkm::promote::Promoter::new(
+            trust.clone(),
+            gkm::oci::Pusher::new(cfg.args.insecure_registries.clone(), creds.clone()),
+        ),
+        trust: trust.clone(),
+    });
+    let routes = Arc::new(crate::webhook::server::Routes { admission, promote });
     if let (true, Some(client)) = (cfg.args.self_signed_certs, &client) {
         let mut hosts = crate::certs::service_names(&cfg.args.service, &cfg.args.namespace);
         hosts.extend(cfg.args.cert_hosts.iter().cloned());
@@ -177,7 +187,7 @@ pub async fn run(
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
 
     tokio::spawn(reload_policy(cfg.args.policy.clone(), trust));
-    let server = crate::webhook::server::serve(admission, cfg.listen, tls, shutdown.clone());
+    let server = crate::webhook::server::serve(routes, cfg.listen, tls, shutdown.clone());
     info!(listen = %cfg.listen, "serving admission");
     let Some(client) = client.filter(|_| !cfg.args.webhook_only) else {
         server.await?;

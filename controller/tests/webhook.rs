@@ -7,10 +7,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use gkm::api::{GKMCache, RESOLVED_DIGEST_ANNOTATION};
-use gkm_testenv::image::{CacheKind, Compression, ImageBuilder, PushedImage, Target};
+use gkm_testenv::image::{PushedImage, Target};
 use gkm_testenv::pki::Ca;
 use gkm_testenv::process::ServerProcess;
-use gkm_testenv::{Cluster, Cosign, shared_cluster, shared_registry, unique_name};
+use gkm_testenv::{Cluster, Cosign, Registry, shared_cluster, shared_registry, unique_name};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -21,6 +21,10 @@ struct Env {
     ca: Ca,
     dir: tempfile::TempDir,
     repo_prefix: String,
+    /// The incoming registry of the policy's `promotion` (with the OCI referrers API).
+    incoming: Registry,
+    /// The promoter's own key (`promotion.signKey`).
+    promoter: Cosign,
 }
 
 const SELECTOR: &str = "gkm-webhook-test";
@@ -37,11 +41,15 @@ fn env() -> &'static Env {
             let ca = Ca::new("webhook-test-ca").unwrap();
             let dir = tempfile::tempdir().unwrap();
             let repo_prefix = format!("{}/trusted", shared_registry().host());
+            let incoming = rt.block_on(Registry::start_with_referrers()).unwrap();
+            let promoter = rt.block_on(Cosign::generate()).unwrap();
             Env {
                 cosign,
                 ca,
                 dir,
                 repo_prefix,
+                incoming,
+                promoter,
             }
         })
         .join()
@@ -53,8 +61,11 @@ fn policy(env: &Env) -> String {
     let pem = env.cosign.public_key_pem().unwrap();
     let indented: String = pem.lines().map(|l| format!("      {l}\n")).collect();
     format!(
-        "authorities:\n  - name: test-key\n    key: |\n{indented}trustedRegistries:\n  - {}\nverification:\n  timeoutSeconds: 8\npodPolicy:\n  namespaces: [\"{POD_NS}-*\"]\n  verifySignatures: true\n",
-        env.repo_prefix
+        "authorities:\n  - name: test-key\n    key: |\n{indented}trustedRegistries:\n  - {}\nverification:\n  timeoutSeconds: 8\npodPolicy:\n  namespaces: [\"{POD_NS}-*\"]\n  verifySignatures: true\npromotion:\n  incoming: {}/dev\n  trusted: {}/promoted\n  signKey: {}\n",
+        env.repo_prefix,
+        env.incoming.host(),
+        env.repo_prefix,
+        env.promoter.key_path().display(),
     )
 }
 
@@ -85,6 +96,7 @@ fn start_controller(
             TRUSTED_SA.0, TRUSTED_SA.1
         ),
         format!("--insecure-registry={}", shared_registry().host()),
+        format!("--insecure-registry={}", env.incoming.host()),
         format!(
             "--kubeconfig={}",
             shared_cluster().admin_kubeconfig().display()
@@ -95,7 +107,8 @@ fn start_controller(
         args.push("--webhook-only".into());
     }
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_gkm-controller"));
-    let process = ServerProcess::start("gkm-controller", &bin, &args, &[], &d).unwrap();
+    let envs = [("COSIGN_PASSWORD", env.promoter.password())];
+    let process = ServerProcess::start("gkm-controller", &bin, &args, &envs, &d).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
@@ -152,19 +165,7 @@ fn main_webhook() -> u16 {
 }
 
 async fn push(repo: &str, tag: &str, seed: &str) -> PushedImage {
-    let src = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(src.path().join("k")).unwrap();
-    std::fs::write(src.path().join("k/kernel.json"), seed).unwrap();
-    ImageBuilder::mcv(
-        CacheKind::Triton,
-        src.path(),
-        &[Target::new("cuda", "90", 32)],
-        Compression::Gzip,
-    )
-    .unwrap()
-    .push(shared_registry(), repo, Some(tag))
-    .await
-    .unwrap()
+    push_to(shared_registry(), repo, tag, seed).await
 }
 
 fn cache(name: &str, image: &str, annotation: Option<&str>) -> GKMCache {
@@ -447,6 +448,7 @@ async fn self_minted_certificates_are_trusted_through_the_ca_bundle_they_write()
         format!("--tls-key={}", d.join("tls/tls.key").display()),
         format!("--policy={}", d.join("policy.yaml").display()),
         format!("--insecure-registry={}", shared_registry().host()),
+        format!("--insecure-registry={}", env.incoming.host()),
         format!("--kubeconfig={}", cluster.admin_kubeconfig().display()),
         "--webhook-only".to_string(),
     ];
@@ -612,4 +614,212 @@ async fn pod_policy_namespaces_run_only_signed_trusted_images_pinned_by_digest()
         .create(&PostParams::default(), &pod("any", "busybox"))
         .await
         .unwrap();
+}
+
+/// Grants service account `ns/name` the right to promote (create on promotions.gkm.io)
+/// and returns a token of it.
+async fn promoter_token(cluster: &Cluster, ns: &str, name: &str, grant: bool) -> String {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleRef, Subject};
+    let token = cluster.service_account_token(ns, name).await.unwrap();
+    if grant {
+        let admin = cluster.admin_client().await.unwrap();
+        let pp = PatchParams::apply("gkm-test").force();
+        let role: ClusterRole = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "gkm-test-promoter"},
+            "rules": [{"apiGroups": ["gkm.io"], "resources": ["promotions"], "verbs": ["create"]}],
+        }))
+        .unwrap();
+        Api::<ClusterRole>::all(admin.clone())
+            .patch("gkm-test-promoter", &pp, &Patch::Apply(&role))
+            .await
+            .unwrap();
+        let binding = ClusterRoleBinding {
+            metadata: kube::api::ObjectMeta {
+                name: Some(format!("gkm-test-promoter-{ns}-{name}")),
+                ..Default::default()
+            },
+            role_ref: RoleRef {
+                api_group: Some("rbac.authorization.k8s.io".into()),
+                kind: "ClusterRole".into(),
+                name: "gkm-test-promoter".into(),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".into(),
+                name: name.into(),
+                namespace: Some(ns.into()),
+                ..Default::default()
+            }]),
+        };
+        Api::<ClusterRoleBinding>::all(admin)
+            .patch(
+                binding.metadata.name.as_deref().unwrap(),
+                &pp,
+                &Patch::Apply(&binding),
+            )
+            .await
+            .unwrap();
+    }
+    token
+}
+
+/// Calls verify-and-promote on the controller at `port`.
+async fn promote_call(
+    port: u16,
+    token: Option<&str>,
+    image: &str,
+    digest: &str,
+) -> (u16, serde_json::Value) {
+    gkm::install_crypto();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(env().ca.cert_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let mut req = client
+        .post(format!(
+            "https://127.0.0.1:{port}/api/images/verify-and-promote"
+        ))
+        .json(&serde_json::json!({"image": image, "digest": digest}));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+/// Whether the shared (trusted) registry has the manifest `repo@digest`.
+async fn in_trusted(repo: &str, digest: &str) -> bool {
+    let r = gkm::oci::parse_reference(&format!("{repo}@{digest}")).unwrap();
+    puller()
+        .fetch_manifest_bytes(&r, 1 << 20)
+        .await
+        .unwrap()
+        .is_some()
+}
+
+fn puller() -> gkm::oci::Puller {
+    gkm::oci::Puller::new(
+        gkm::oci::PullConfig {
+            insecure_registries: vec![
+                shared_registry().host().to_string(),
+                env().incoming.host().to_string(),
+            ],
+            ..Default::default()
+        },
+        gkm::oci::Credentials::anonymous(),
+    )
+}
+
+async fn push_to(registry: &Registry, repo: &str, tag: &str, seed: &str) -> PushedImage {
+    let targets = [Target::new("cuda", "90", 32)];
+    gkm_testenv::fixtures::push_kernel_cache(registry, repo, tag, seed, &targets)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn verify_and_promote_copies_only_verified_images_for_allowed_callers() {
+    let port = main_webhook();
+    let cluster = shared_cluster();
+    let incoming = &env().incoming;
+    let name = unique_name("app");
+    let signed = push_to(incoming, &format!("dev/{name}"), "v1", "s").await;
+    env().cosign.sign(&signed.by_digest()).await.unwrap();
+    let bundled = push_to(incoming, &format!("dev/{name}-b"), "v1", "b").await;
+    env()
+        .cosign
+        .sign_bundle(&bundled.by_digest())
+        .await
+        .unwrap();
+    let unsigned = push_to(incoming, &format!("dev/{name}-u"), "v1", "u").await;
+    let target = |suffix: &str| format!("{}/promoted/{name}{suffix}", env().repo_prefix);
+
+    // Who may call: no token 401, a token without the right 403; nothing is copied.
+    let ci = unique_name("ci");
+    let nobody = promoter_token(cluster, &ci, "nobody", false).await;
+    let bot = promoter_token(cluster, &ci, "bot", true).await;
+    let (code, body) = promote_call(port, None, &signed.by_tag(), &signed.digest).await;
+    assert_eq!(code, 401, "{body}");
+    let (code, body) =
+        promote_call(port, Some("not-a-token"), &signed.by_tag(), &signed.digest).await;
+    assert_eq!(code, 401, "{body}");
+    let (code, body) = promote_call(port, Some(&nobody), &signed.by_tag(), &signed.digest).await;
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains(&format!(
+            "system:serviceaccount:{ci}:nobody may not promote"
+        )),
+        "{body}"
+    );
+    assert!(!in_trusted(&target(""), &signed.digest).await);
+
+    // No signature: 400 with the reason; nothing is copied.
+    let (code, body) = promote_call(port, Some(&bot), &unsigned.by_tag(), &unsigned.digest).await;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["reason"], "not_verified", "{body}");
+    assert!(!in_trusted(&target("-u"), &unsigned.digest).await);
+
+    // Signed in cosign's tag format: copied with its signature and tag, and signed by the
+    // promoter too.
+    let (code, body) = promote_call(port, Some(&bot), &signed.by_tag(), &signed.digest).await;
+    assert_eq!(code, 200, "{body}");
+    let promoted = format!("{}@{}", target(""), signed.digest);
+    assert_eq!(body["promoted"], promoted.as_str(), "{body}");
+    assert_eq!(body["digest"], signed.digest.as_str());
+    assert_eq!(body["signed"], true);
+    env().cosign.verify(&promoted).await.unwrap();
+    env().promoter.verify(&promoted).await.unwrap();
+    let tagged = gkm::oci::parse_reference(&format!("{}:v1", target(""))).unwrap();
+    let (_, digest) = puller()
+        .fetch_manifest_bytes(&tagged, 1 << 20)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(digest, signed.digest, "the tag names the promoted digest");
+
+    // Again: nothing left to copy.
+    let (code, again) = promote_call(port, Some(&bot), &signed.by_tag(), &signed.digest).await;
+    assert_eq!(code, 200, "{again}");
+    assert_eq!(again["blobs_copied"], 0, "{again}");
+
+    // A Sigstore bundle attached as an OCI 1.1 referrer travels too: the trusted registry
+    // has no referrers API, so it is listed under the referrers tag, where GKM finds it.
+    let (code, body) = promote_call(port, Some(&bot), &bundled.by_tag(), &bundled.digest).await;
+    assert_eq!(code, 200, "{body}");
+    let original_only = gkm::trust::TrustPolicy::from_yaml(
+        &format!(
+            "authorities:\n  - name: original\n    key: |\n{}trustedRegistries: [{}]\n",
+            env()
+                .cosign
+                .public_key_pem()
+                .unwrap()
+                .lines()
+                .map(|l| format!("      {l}\n"))
+                .collect::<String>(),
+            env().repo_prefix
+        ),
+        std::path::Path::new("."),
+    )
+    .unwrap();
+    let verifier = gkm::trust::Verifier::new(original_only, puller());
+    let v = verifier
+        .verify_reference(&format!("{}@{}", target("-b"), bundled.digest))
+        .await
+        .unwrap();
+    assert_eq!(v.authority, "original");
+    assert_eq!(format!("{:?}", v.format), "Bundle", "{v:?}");
+
+    // The promoted image is a cache image users may now apply by tag.
+    let ns = namespace(cluster, "main").await;
+    let alice: Api<GKMCache> = Api::namespaced(cluster.user_client("alice").await.unwrap(), &ns);
+    let created = create(
+        &alice,
+        &cache("promoted", &format!("{}:v1", target("")), None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        annotation(&created).as_deref(),
+        Some(signed.digest.as_str())
+    );
 }

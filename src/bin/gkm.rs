@@ -104,6 +104,33 @@ enum Command {
         #[command(flatten)]
         registry: RegistryArgs,
     },
+    /// Verify an image's signatures under a trust policy, as GKM's admission does.
+    Verify {
+        /// Image reference, by tag or digest.
+        image: String,
+        /// The trust policy file (the controller's ConfigMap).
+        #[arg(long, value_name = "FILE")]
+        policy: PathBuf,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Verify an incoming image and copy it, with its signatures, into the trusted
+    /// registry (the policy's `promotion`); prints what was done as JSON.
+    Promote {
+        /// The incoming image, by tag or digest.
+        image: String,
+        /// The digest to promote (default: the image's digest, or its tag resolved once).
+        #[arg(long, value_name = "sha256:HEX")]
+        digest: Option<String>,
+        /// The trust policy file: its authorities and `promotion` section.
+        #[arg(long, value_name = "FILE")]
+        policy: PathBuf,
+        /// Sign the promoted digest with this key (overrides promotion.signKey).
+        #[arg(long = "sign-key", value_name = "KEY")]
+        sign_key: Option<PathBuf>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
     /// Remove every extracted image of a store that no volume uses.
     Gc {
         #[arg(long, value_name = "DIR", default_value = "/var/lib/gkm")]
@@ -185,6 +212,27 @@ async fn main() -> Result<()> {
                 oci_layout,
             };
             println!("{}", cli::build(&req, &registry.into()).await?);
+        }
+        Command::Verify {
+            image,
+            policy,
+            registry,
+        } => print!("{}", cli::verify(&image, &policy, &registry.into()).await?),
+        Command::Promote {
+            image,
+            digest,
+            policy,
+            sign_key,
+            registry,
+        } => {
+            let req = cli::PromoteRequest {
+                image,
+                digest,
+                policy,
+                sign_key,
+            };
+            let done = cli::promote(&req, &registry.into()).await?;
+            println!("{}", serde_json::to_string_pretty(&done)?);
         }
         Command::Gc { store } => {
             for d in cli::gc(store).await? {

@@ -1,5 +1,6 @@
-//! OCI images: references, registry credentials, digest-pinned pulls, and the hardened
-//! streaming extraction of their layers.
+//! OCI images: references, registry credentials, digest-pinned pulls, the hardened
+//! streaming extraction of their layers, and pushes (blobs, manifests, cross-registry
+//! copies by digest).
 //!
 //! Nodes never resolve tags: [`PinnedRef`] only exists with a digest, and every manifest and
 //! blob fetched through [`Puller`] is checked against the digest that named it.
@@ -8,11 +9,13 @@ pub mod auth;
 pub mod extract;
 pub mod image;
 pub mod pull;
+pub mod push;
 
 pub use auth::Credentials;
 pub use extract::{Compression, ExtractError, Limits, Totals, Unsafe};
 pub use image::{CacheLayout, ImageInfo};
 pub use pull::{PullConfig, PullError, Puller};
+pub use push::{PushError, Pusher};
 
 use std::fmt;
 use std::str::FromStr;

@@ -241,6 +241,28 @@ impl RegistryPrefix {
     pub fn matches_reference(&self, reference: &oci_client::Reference) -> bool {
         self.matches(reference.registry(), reference.repository())
     }
+
+    /// The `(registry, repository)` that `reference`'s repository becomes when this prefix
+    /// is replaced by `onto` (`in.io/dev` → `reg.io/kernels` takes `in.io/dev/team/app` to
+    /// `reg.io` and `kernels/team/app`); `None` when the reference lies outside this prefix
+    /// or the result names no repository.
+    pub fn rebase(
+        &self,
+        reference: &oci_client::Reference,
+        onto: &RegistryPrefix,
+    ) -> Option<(String, String)> {
+        if !self.matches_reference(reference) {
+            return None;
+        }
+        let full = format!(
+            "{}/{}",
+            normalise_registry(reference.registry()),
+            reference.repository()
+        );
+        let moved = format!("{}{}", onto.0, &full[self.0.len()..]);
+        let (registry, repository) = moved.split_once('/')?;
+        Some((registry.to_string(), repository.to_string()))
+    }
 }
 
 impl fmt::Display for RegistryPrefix {
@@ -794,6 +816,29 @@ mod tests {
 
     fn prefix(s: &str) -> RegistryPrefix {
         RegistryPrefix::parse(s).unwrap()
+    }
+
+    #[test]
+    fn rebase_moves_a_repository_between_prefixes() {
+        let r = |s: &str| oci_client::Reference::try_from(s).unwrap();
+        let incoming = RegistryPrefix::parse("in.io:5000/dev").unwrap();
+        let trusted = RegistryPrefix::parse("reg.io/kernels").unwrap();
+        assert_eq!(
+            incoming.rebase(&r("in.io:5000/dev/team/app:v1"), &trusted),
+            Some(("reg.io".into(), "kernels/team/app".into()))
+        );
+        assert_eq!(
+            incoming.rebase(&r("in.io:5000/devx/app:v1"), &trusted),
+            None
+        );
+        assert_eq!(incoming.rebase(&r("other.io/dev/app:v1"), &trusted), None);
+        let whole = RegistryPrefix::parse("in.io:5000/dev/app").unwrap();
+        let host = RegistryPrefix::parse("reg.io").unwrap();
+        assert_eq!(whole.rebase(&r("in.io:5000/dev/app:v1"), &host), None);
+        assert_eq!(
+            whole.rebase(&r("in.io:5000/dev/app:v1"), &trusted),
+            Some(("reg.io".into(), "kernels".into()))
+        );
     }
 
     #[test]

@@ -11,8 +11,9 @@
 //!   is appended (once: signing twice with one key adds nothing, RFC 6979 signatures being
 //!   deterministic), and the config lists every layer as cosign's does.
 //!
-//! Pushing the blobs and the manifest is the caller's (see `gkm::build`). What is written
-//! verifies with [`super::Verifier`] and with `cosign verify --key`.
+//! [`push_signature`] signs and pushes through [`crate::oci::Pusher`];
+//! [`merge_signature_manifests`] joins the `.sig` manifests of two repositories (promotion).
+//! What is written verifies with [`super::Verifier`] and with `cosign verify --key`.
 
 use std::path::Path;
 
@@ -414,6 +415,133 @@ pub struct SignatureArtifacts {
     pub changed: bool,
 }
 
+/// The config and manifest of a `.sig` tag holding `layers`, as cosign writes them.
+fn sig_manifest(layers: Vec<SigDescriptor>) -> (Vec<u8>, Vec<u8>) {
+    // cosign's config (go-containerregistry's empty image, one history entry per layer).
+    let zero = "0001-01-01T00:00:00Z";
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "",
+        "created": zero,
+        "history": layers.iter().map(|_| serde_json::json!({"created": zero})).collect::<Vec<_>>(),
+        "os": "",
+        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| &l.digest).collect::<Vec<_>>()},
+        "config": {},
+    }))
+    .expect("JSON into memory");
+    let manifest = serde_json::to_vec(&SigManifest {
+        schema_version: 2,
+        media_type: crate::oci::image::OCI_MANIFEST.into(),
+        config: SigDescriptor {
+            media_type: "application/vnd.oci.image.config.v1+json".into(),
+            size: config.len() as u64,
+            digest: sha256(&config),
+            annotations: Default::default(),
+        },
+        layers,
+    })
+    .expect("JSON into memory");
+    (config, manifest)
+}
+
+/// The `.sig` manifest holding the signature layers of `target` (the destination's current
+/// manifest) and then those of `source` not already there, with its config; `Ok(None)` when
+/// `target` already holds every layer of `source`.
+pub fn merge_signature_manifests(
+    target: &[u8],
+    source: &[u8],
+) -> Result<Option<MergedSignatures>, String> {
+    let read = |b: &[u8], which: &str| {
+        serde_json::from_slice::<SigManifest>(b)
+            .map(|m| m.layers)
+            .map_err(|e| format!("the {which} signature manifest is not readable: {e}"))
+    };
+    let mut layers = read(target, "destination's")?;
+    let before = layers.len();
+    for l in read(source, "source's")? {
+        if !layers.contains(&l) {
+            layers.push(l);
+        }
+    }
+    if layers.len() == before {
+        return Ok(None);
+    }
+    let (config, manifest) = sig_manifest(layers);
+    Ok(Some(MergedSignatures { config, manifest }))
+}
+
+/// A `.sig` manifest made by [`merge_signature_manifests`], and its new config blob.
+#[derive(Clone, Debug)]
+pub struct MergedSignatures {
+    pub config: Vec<u8>,
+    pub manifest: Vec<u8>,
+}
+
+/// The blobs a `.sig` manifest names (its config and every payload), as `(digest, size)`.
+pub fn signature_blobs(manifest: &[u8]) -> Result<Vec<(String, u64)>, String> {
+    let m: SigManifest = serde_json::from_slice(manifest)
+        .map_err(|e| format!("the signature manifest is not readable: {e}"))?;
+    Ok(std::iter::once(&m.config)
+        .chain(&m.layers)
+        .map(|d| (d.digest.clone(), d.size))
+        .collect())
+}
+
+/// Signs `image` with `key` in cosign's tag format and pushes it: the signature is added to
+/// the manifest of `<repo>:sha256-<hex>.sig` (other signatures there are kept). Returns that
+/// tag's reference.
+pub async fn push_signature(
+    pusher: &crate::oci::Pusher,
+    image: &crate::oci::PinnedRef,
+    key: &SigningKey,
+) -> Result<String, crate::oci::PushError> {
+    use crate::oci::{PushError, Reference};
+    let sig_ref = Reference::with_tag(
+        image.registry().to_string(),
+        image.repository().to_string(),
+        super::tag::signature_tag(image.digest()),
+    );
+    let name = sig_ref.whole();
+    let failed = |what: &str| {
+        let (name, what) = (name.clone(), what.to_string());
+        move |reason: String| PushError::Registry {
+            image: name,
+            what,
+            reason,
+        }
+    };
+    let existing = pusher
+        .puller()
+        .fetch_manifest_bytes(&sig_ref, super::MAX_MANIFEST_BYTES)
+        .await
+        .map_err(|e| failed("reading the existing signatures")(e.to_string()))?;
+    let docker_reference = format!("{}/{}", image.registry(), image.repository());
+    let art = tag_signature(
+        key,
+        &docker_reference,
+        image.digest(),
+        existing.as_ref().map(|(b, _)| b.as_slice()),
+    )
+    .map_err(failed("reading the existing signatures"))?;
+    if !art.changed {
+        return Ok(name);
+    }
+    pusher
+        .push_bytes(&sig_ref, &art.payload, "the signature payload")
+        .await?;
+    pusher
+        .push_bytes(&sig_ref, &art.config, "the signature config")
+        .await?;
+    pusher
+        .push_manifest(
+            &sig_ref,
+            art.manifest,
+            crate::oci::image::OCI_MANIFEST,
+            "the signature manifest",
+        )
+        .await?;
+    Ok(name)
+}
+
 /// Signs `digest` of `docker_reference` with `key` and builds the `.sig` manifest: the
 /// layers of `existing` (the tag's current manifest, if any), plus the new signature unless
 /// it is there already.
@@ -448,29 +576,7 @@ pub fn tag_signature(
     if changed {
         layers.push(ours);
     }
-    // cosign's config (go-containerregistry's empty image, one history entry per layer).
-    let zero = "0001-01-01T00:00:00Z";
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": "",
-        "created": zero,
-        "history": layers.iter().map(|_| serde_json::json!({"created": zero})).collect::<Vec<_>>(),
-        "os": "",
-        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| &l.digest).collect::<Vec<_>>()},
-        "config": {},
-    }))
-    .expect("JSON into memory");
-    let manifest = serde_json::to_vec(&SigManifest {
-        schema_version: 2,
-        media_type: crate::oci::image::OCI_MANIFEST.into(),
-        config: SigDescriptor {
-            media_type: "application/vnd.oci.image.config.v1+json".into(),
-            size: config.len() as u64,
-            digest: sha256(&config),
-            annotations: Default::default(),
-        },
-        layers,
-    })
-    .expect("JSON into memory");
+    let (config, manifest) = sig_manifest(layers);
     Ok(SignatureArtifacts {
         payload,
         config,
@@ -541,6 +647,33 @@ mod tests {
         assert_eq!(m.layers.len(), 2);
         let cfg: serde_json::Value = serde_json::from_slice(&c.config).unwrap();
         assert_eq!(cfg["rootfs"]["diff_ids"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn merged_signature_manifests_hold_each_layer_once() {
+        let a = key();
+        let b = SigningKey {
+            key: p256::ecdsa::SigningKey::from_bytes(&[9u8; 32].into()).unwrap(),
+            origin: "test".into(),
+        };
+        let first = tag_signature(&a, "r.io/x", D, None).unwrap().manifest;
+        let both = tag_signature(&b, "r.io/x", D, Some(&first))
+            .unwrap()
+            .manifest;
+        let other = tag_signature(&b, "r.io/x", D, None).unwrap().manifest;
+        // The destination already holds everything of the source: nothing to write.
+        assert!(merge_signature_manifests(&both, &first).unwrap().is_none());
+        assert!(merge_signature_manifests(&both, &other).unwrap().is_none());
+        // The destination holds b's signature; a's joins it, after it.
+        let merged = merge_signature_manifests(&other, &first).unwrap().unwrap();
+        let m: SigManifest = serde_json::from_slice(&merged.manifest).unwrap();
+        let theirs: SigManifest = serde_json::from_slice(&first).unwrap();
+        let ours: SigManifest = serde_json::from_slice(&other).unwrap();
+        assert_eq!(m.layers, [ours.layers, theirs.layers].concat());
+        assert_eq!(m.config.digest, sha256(&merged.config));
+        let blobs = signature_blobs(&merged.manifest).unwrap();
+        assert_eq!(blobs.len(), 3, "config and two payloads: {blobs:?}");
+        assert!(merge_signature_manifests(b"{}", &first).is_err());
     }
 
     #[test]

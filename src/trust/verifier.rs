@@ -184,13 +184,45 @@ impl Verifier {
     /// Verifies `image` under the policy in force: its repository must be in a trusted
     /// registry, and at least one of its signatures must verify under an authority.
     pub async fn verify(&self, image: &PinnedRef) -> Result<Verified, VerifyError> {
-        let span = info_span!("verify_signatures", image = %image, digest = %image.digest());
+        self.verify_from(image, false).await
+    }
+
+    /// Verifies `image` of the promotion's incoming registry under the policy's authorities,
+    /// before it is promoted. Never cached, and never answered from the cache: the trusted
+    /// copy is verified on its own when admission asks.
+    pub async fn verify_incoming(&self, image: &PinnedRef) -> Result<Verified, VerifyError> {
+        self.verify_from(image, true).await
+    }
+
+    async fn verify_from(
+        &self,
+        image: &PinnedRef,
+        incoming: bool,
+    ) -> Result<Verified, VerifyError> {
+        let span =
+            info_span!("verify_signatures", image = %image, digest = %image.digest(), incoming);
         async {
             let loaded = self.loaded();
             let policy = &loaded.policy;
+            if incoming {
+                let inside = policy
+                    .promotion
+                    .as_ref()
+                    .is_some_and(|p| p.incoming.matches_reference(image.as_reference()));
+                if !inside {
+                    return Err(VerifyError::UntrustedRegistry {
+                        image: image.to_string(),
+                        trusted: policy
+                            .promotion
+                            .as_ref()
+                            .map(|p| p.incoming.as_str().to_string())
+                            .unwrap_or_else(|| "no promotion.incoming".into()),
+                    });
+                }
+            }
             // The registry check comes before the cache: a digest verified in one
             // repository must not be admitted from an untrusted one.
-            if policy.trusted_registry_for(image.as_reference()).is_none() {
+            else if policy.trusted_registry_for(image.as_reference()).is_none() {
                 return Err(VerifyError::UntrustedRegistry {
                     image: image.to_string(),
                     trusted: policy
@@ -201,7 +233,11 @@ impl Verifier {
                         .join(", "),
                 });
             }
-            let ttl = policy.verification.cache_ttl;
+            let ttl = if incoming {
+                Duration::ZERO
+            } else {
+                policy.verification.cache_ttl
+            };
             if let Some(v) = self.cached(image.digest(), loaded.generation, ttl) {
                 debug!(authority = %v.authority, "verified (cached)");
                 return Ok(v);

@@ -1,5 +1,6 @@
 //! The HTTPS admission server (rustls): `POST /mutate`, `POST /validate` (caches),
-//! `POST /validate-pods` (the Pod policy), `GET /healthz`, `GET /readyz`.
+//! `POST /validate-pods` (the Pod policy), `POST /api/images/verify-and-promote`,
+//! `GET /healthz`, `GET /readyz`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,7 +18,17 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::Admission;
+use crate::promote::{Gatekeeper, PromoteApi};
 use crate::verify::ImageVerifier;
+
+/// What the server answers: admission always, promotion when configured with a client.
+pub struct Routes<V: ImageVerifier, G: Gatekeeper> {
+    pub admission: Admission<V>,
+    pub promote: Option<PromoteApi<G>>,
+}
+
+/// Promotion bodies are small JSON documents.
+const MAX_PROMOTE_BODY: usize = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -58,8 +69,8 @@ pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, 
 }
 
 /// Serves admission on `addr` until `shutdown` completes.
-pub async fn serve<V: ImageVerifier>(
-    admission: Arc<Admission<V>>,
+pub async fn serve<V: ImageVerifier, G: Gatekeeper>(
+    routes: Arc<Routes<V, G>>,
     addr: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
     shutdown: impl std::future::Future<Output = ()>,
@@ -80,7 +91,7 @@ pub async fn serve<V: ImageVerifier>(
                 }
             },
         };
-        let (acceptor, admission) = (acceptor.clone(), admission.clone());
+        let (acceptor, routes) = (acceptor.clone(), routes.clone());
         tokio::spawn(async move {
             let tls = match acceptor.accept(tcp).await {
                 Ok(t) => t,
@@ -89,7 +100,7 @@ pub async fn serve<V: ImageVerifier>(
                     return;
                 }
             };
-            let service = hyper::service::service_fn(move |req| handle(admission.clone(), req));
+            let service = hyper::service::service_fn(move |req| handle(routes.clone(), req));
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tls), service)
                 .await;
@@ -97,10 +108,11 @@ pub async fn serve<V: ImageVerifier>(
     }
 }
 
-async fn handle<V: ImageVerifier>(
-    admission: Arc<Admission<V>>,
+async fn handle<V: ImageVerifier, G: Gatekeeper>(
+    routes: Arc<Routes<V, G>>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let admission = &routes.admission;
     let reply = |status: StatusCode, body: Vec<u8>| {
         Response::builder()
             .status(status)
@@ -157,6 +169,35 @@ async fn handle<V: ImageVerifier>(
                 StatusCode::OK,
                 serde_json::to_vec(&review).unwrap_or_default(),
             ))
+        }
+        (&Method::POST, crate::promote::PATH) => {
+            let Some(api) = &routes.promote else {
+                let body = serde_json::json!({"error": "promotion is not served (the controller runs without API server access)", "reason": "not_configured"});
+                return Ok(reply(
+                    StatusCode::NOT_IMPLEMENTED,
+                    body.to_string().into_bytes(),
+                ));
+            };
+            let authorization = req
+                .headers()
+                .get(hyper::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let body = match http_body_util::Limited::new(req.into_body(), MAX_PROMOTE_BODY)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    let body = serde_json::json!({"error": format!("reading the body: {e}"), "reason": "bad_request"});
+                    return Ok(reply(
+                        StatusCode::BAD_REQUEST,
+                        body.to_string().into_bytes(),
+                    ));
+                }
+            };
+            let (status, body) = api.call(authorization.as_deref(), &body).await;
+            Ok(reply(status, body.to_string().into_bytes()))
         }
         _ => Ok(reply(StatusCode::NOT_FOUND, b"not found".to_vec())),
     }

@@ -1,0 +1,459 @@
+//! Promotion from the incoming registry to the trusted one (the trust policy's
+//! `promotion`): verify `image@digest` under the policy's authorities, then copy it by
+//! digest, with its signature artifacts, into the trusted repository, and optionally sign
+//! the promoted digest with the promoter's own key.
+//!
+//! Owns the order of the copy, which is what makes it safe to retry and to crash in:
+//! blobs, then the manifest by digest, then the signature artifacts (cosign's `.sig` and
+//! `.att` tags, merged with any already there; OCI 1.1 referrers such as Sigstore bundles,
+//! listed in the referrers tag `sha256-<hex>` where the trusted registry has no referrers
+//! API), then the promoter's signature, and the tag last. Nothing is written before the
+//! signature verifies. Everything already present is skipped, so promoting twice is a
+//! no-op. The controller's `POST /api/images/verify-and-promote` and `gkm promote` both
+//! call [`Promoter::promote`].
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use tracing::{Instrument, info, info_span};
+
+use crate::oci::image::{OCI_INDEX, OCI_MANIFEST};
+use crate::oci::{PinnedRef, PullError, PushError, Pusher, Reference};
+use crate::trust::sign::{self, SigningKey};
+use crate::trust::{MAX_MANIFEST_BYTES, Verifier};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PromoteError {
+    #[error("promotion is not configured: the trust policy has no `promotion` section")]
+    NotConfigured,
+    /// The request itself is wrong (unparsable, outside the incoming registry, …).
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{image} was not promoted: {reason}")]
+    NotVerified { image: String, reason: String },
+    #[error("reading {image}: {source}")]
+    Read {
+        image: String,
+        #[source]
+        source: Box<PullError>,
+    },
+    #[error(transparent)]
+    Write(#[from] PushError),
+    #[error("{image}: {reason}")]
+    Artifact { image: String, reason: String },
+    #[error("promotion.signKey {path}: {reason}")]
+    SignKey { path: String, reason: String },
+}
+
+impl PromoteError {
+    /// Whether the caller's request is at fault (so retrying it unchanged cannot help).
+    pub fn is_caller_error(&self) -> bool {
+        matches!(
+            self,
+            PromoteError::BadRequest(_) | PromoteError::NotVerified { .. }
+        )
+    }
+
+    /// A short, stable label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            PromoteError::NotConfigured => "not_configured",
+            PromoteError::BadRequest(_) => "bad_request",
+            PromoteError::NotVerified { .. } => "not_verified",
+            PromoteError::Read { .. } => "registry_read",
+            PromoteError::Write(_) => "registry_write",
+            PromoteError::Artifact { .. } => "bad_artifact",
+            PromoteError::SignKey { .. } => "sign_key",
+        }
+    }
+}
+
+/// What a promotion did.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Promoted {
+    /// `<trusted repository>@<digest>`.
+    pub promoted: String,
+    pub digest: String,
+    /// `<incoming repository>@<digest>`.
+    pub source: String,
+    /// The tag also set in the trusted repository (the request's tag), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// The authority the incoming signature verified under.
+    pub authority: String,
+    /// Blobs sent (those already in the trusted repository are not counted).
+    pub blobs_copied: usize,
+    /// Signature artifacts written: tags and referrer digests.
+    pub signatures: Vec<String>,
+    /// Whether the promoter's key signed the promoted digest.
+    pub signed: bool,
+}
+
+/// Verifies and copies images from the incoming to the trusted registry.
+pub struct Promoter {
+    trust: Arc<Verifier>,
+    pusher: Pusher,
+}
+
+impl Promoter {
+    pub fn new(trust: Arc<Verifier>, pusher: Pusher) -> Self {
+        Self { trust, pusher }
+    }
+
+    /// Promotes `image` (incoming repository, by tag or digest) at `digest` (required when
+    /// `image` has no digest and resolving its tag is not wanted; must agree with it when
+    /// both are given). The tag resolution, when needed, happens once, before verification.
+    pub async fn promote(
+        &self,
+        image: &str,
+        digest: Option<&str>,
+    ) -> Result<Promoted, PromoteError> {
+        let span = info_span!("promote", image = %image, digest = digest.unwrap_or(""));
+        self.promote_inner(image, digest).instrument(span).await
+    }
+
+    async fn promote_inner(
+        &self,
+        image: &str,
+        digest: Option<&str>,
+    ) -> Result<Promoted, PromoteError> {
+        let policy = self.trust.policy();
+        let promotion = policy
+            .promotion
+            .as_ref()
+            .ok_or(PromoteError::NotConfigured)?;
+        let reference = crate::oci::parse_reference(image)
+            .map_err(|e| PromoteError::BadRequest(e.to_string()))?;
+        if let Some(d) = digest
+            && crate::oci::sha256_hex(d).is_none()
+        {
+            return Err(PromoteError::BadRequest(format!(
+                "digest {d:?} is not sha256:<64 lowercase hex>"
+            )));
+        }
+        let digest = match (reference.digest(), digest) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(PromoteError::BadRequest(format!(
+                    "{image} names digest {a}, but the request asks for {b}"
+                )));
+            }
+            (Some(a), _) => a.to_string(),
+            (None, Some(b)) => b.to_string(),
+            (None, None) => self
+                .pusher
+                .puller()
+                .resolve_tag(&reference)
+                .await
+                .map_err(|source| PromoteError::Read {
+                    image: image.to_string(),
+                    source: Box::new(source),
+                })?
+                .digest()
+                .to_string(),
+        };
+        let (registry, repository) = promotion
+            .incoming
+            .rebase(&reference, &promotion.trusted)
+            .ok_or_else(|| {
+                PromoteError::BadRequest(format!(
+                    "{image} is not in the incoming registry {} (promotion.incoming)",
+                    promotion.incoming
+                ))
+            })?;
+        let source = PinnedRef::new(&reference, &digest)
+            .map_err(|e| PromoteError::BadRequest(e.to_string()))?;
+        let target_repo = Reference::with_tag(registry, repository, "latest".into());
+        let target = PinnedRef::new(&target_repo, &digest)
+            .map_err(|e| PromoteError::BadRequest(e.to_string()))?;
+
+        // Nothing is written before this.
+        let verified =
+            self.trust
+                .verify_incoming(&source)
+                .await
+                .map_err(|e| PromoteError::NotVerified {
+                    image: source.to_string(),
+                    reason: e.to_string(),
+                })?;
+        info!(source = %source, target = %target, authority = %verified.authority, "verified; copying");
+
+        let mut blobs_copied = self.copy_manifest(&source, &target, &digest).await?;
+        let mut signatures = Vec::new();
+        for suffix in [".sig", ".att"] {
+            let tag = format!("sha256-{}{suffix}", source.hex());
+            if self.copy_signature_tag(&source, &target, &tag).await? {
+                signatures.push(tag);
+            }
+        }
+        let (n, referrers) = self.copy_referrers(&source, &target).await?;
+        blobs_copied += n;
+        signatures.extend(referrers);
+
+        let signed = match &promotion.sign_key {
+            Some(path) => {
+                let key = SigningKey::from_file(path, &sign::password_from_env()).map_err(|e| {
+                    PromoteError::SignKey {
+                        path: path.display().to_string(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                sign::push_signature(&self.pusher, &target, &key).await?;
+                true
+            }
+            None => false,
+        };
+
+        let tag = reference.tag().filter(|_| reference.digest().is_none());
+        if let Some(tag) = tag {
+            let (bytes, media_type) = self.manifest(&source).await?;
+            let tagged = Reference::with_tag(
+                target.registry().to_string(),
+                target.repository().to_string(),
+                tag.to_string(),
+            );
+            self.pusher
+                .push_manifest(&tagged, bytes, &media_type, "the tag")
+                .await?;
+        }
+        info!(target = %target, blobs_copied, signatures = signatures.len(), signed, "promoted");
+        Ok(Promoted {
+            promoted: target.to_string(),
+            digest,
+            source: source.to_string(),
+            tag: tag.map(str::to_string),
+            authority: verified.authority,
+            blobs_copied,
+            signatures,
+            signed,
+        })
+    }
+
+    /// The exact bytes and media type of the manifest `image` names.
+    async fn manifest(&self, image: &PinnedRef) -> Result<(Vec<u8>, String), PromoteError> {
+        let (bytes, _) =
+            self.fetch(image.as_reference())
+                .await?
+                .ok_or_else(|| PromoteError::Artifact {
+                    image: image.to_string(),
+                    reason: "the registry does not have this manifest".into(),
+                })?;
+        let media_type = media_type(&bytes, image)?;
+        Ok((bytes, media_type))
+    }
+
+    async fn fetch(&self, r: &Reference) -> Result<Option<(Vec<u8>, String)>, PromoteError> {
+        self.pusher
+            .puller()
+            .fetch_manifest_bytes(r, MAX_MANIFEST_BYTES)
+            .await
+            .map_err(|source| PromoteError::Read {
+                image: r.whole(),
+                source: Box::new(source),
+            })
+    }
+
+    /// Copies manifest `digest` of `from`'s repository, and everything it names (child
+    /// manifests of an index, config and layers), to `to`'s repository. Returns the number
+    /// of blobs sent; a manifest already there is taken as complete (a registry only
+    /// accepts a manifest whose blobs it has).
+    async fn copy_manifest(
+        &self,
+        from: &PinnedRef,
+        to: &PinnedRef,
+        digest: &str,
+    ) -> Result<usize, PromoteError> {
+        let src = with_digest(from, digest);
+        let dst = with_digest(to, digest);
+        if self.fetch(&dst).await?.is_some() {
+            return Ok(0);
+        }
+        let Some((bytes, _)) = self.fetch(&src).await? else {
+            return Err(PromoteError::Artifact {
+                image: src.whole(),
+                reason: "the incoming registry does not have this manifest".into(),
+            });
+        };
+        let parsed: ManifestShape =
+            serde_json::from_slice(&bytes).map_err(|e| PromoteError::Artifact {
+                image: src.whole(),
+                reason: format!("not an OCI manifest or index: {e}"),
+            })?;
+        let mut copied = 0;
+        for child in &parsed.manifests {
+            copied += Box::pin(self.copy_manifest(from, to, &child.digest)).await?;
+        }
+        for blob in parsed.config.iter().chain(&parsed.layers) {
+            if self
+                .pusher
+                .copy_blob(&src, &dst, &blob.digest, blob.size)
+                .await?
+            {
+                copied += 1;
+            }
+        }
+        let media_type = parsed.media_type.unwrap_or_else(|| {
+            if parsed.manifests.is_empty() {
+                OCI_MANIFEST.into()
+            } else {
+                OCI_INDEX.into()
+            }
+        });
+        self.pusher
+            .push_manifest(&dst, bytes, &media_type, "the manifest")
+            .await?;
+        Ok(copied)
+    }
+
+    /// Copies cosign's `tag` (`sha256-<hex>.sig` or `.att`) of `from` to `to`, merging its
+    /// layers into the manifest already there. Returns whether anything was written.
+    async fn copy_signature_tag(
+        &self,
+        from: &PinnedRef,
+        to: &PinnedRef,
+        tag: &str,
+    ) -> Result<bool, PromoteError> {
+        let src = with_tag(from, tag);
+        let dst = with_tag(to, tag);
+        let Some((src_bytes, _)) = self.fetch(&src).await? else {
+            return Ok(false);
+        };
+        let bad = |reason: String| PromoteError::Artifact {
+            image: src.whole(),
+            reason,
+        };
+        for (digest, size) in sign::signature_blobs(&src_bytes).map_err(bad)? {
+            self.pusher.copy_blob(&src, &dst, &digest, size).await?;
+        }
+        let merged = match self.fetch(&dst).await? {
+            None => src_bytes,
+            Some((existing, _)) if existing == src_bytes => return Ok(false),
+            Some((existing, _)) => {
+                match sign::merge_signature_manifests(&existing, &src_bytes).map_err(bad)? {
+                    None => return Ok(false),
+                    Some(merged) => {
+                        self.pusher
+                            .push_bytes(&dst, &merged.config, "the signature config")
+                            .await?;
+                        merged.manifest
+                    }
+                }
+            }
+        };
+        let media_type = media_type(&merged, to)?;
+        self.pusher
+            .push_manifest(&dst, merged, &media_type, "the signature manifest")
+            .await?;
+        Ok(true)
+    }
+
+    /// Copies every OCI 1.1 referrer of `from` (Sigstore bundles and the like) to `to`,
+    /// and makes each discoverable there: through the registry's referrers API when it has
+    /// one, else in the referrers tag `sha256-<hex>`. Returns blobs sent and the referrer
+    /// digests written.
+    async fn copy_referrers(
+        &self,
+        from: &PinnedRef,
+        to: &PinnedRef,
+    ) -> Result<(usize, Vec<String>), PromoteError> {
+        let puller = self.pusher.puller();
+        let listed = puller
+            .list_referrers(from)
+            .await
+            .map_err(|source| PromoteError::Read {
+                image: from.to_string(),
+                source: Box::new(source),
+            })?;
+        if listed.manifests.is_empty() {
+            return Ok((0, Vec::new()));
+        }
+        let (mut copied, mut written) = (0, Vec::new());
+        for desc in &listed.manifests {
+            copied += self.copy_manifest(from, to, &desc.digest).await?;
+        }
+        let mut present = puller
+            .list_referrers(to)
+            .await
+            .map_err(|source| PromoteError::Read {
+                image: to.to_string(),
+                source: Box::new(source),
+            })?;
+        let missing: Vec<_> = listed
+            .manifests
+            .iter()
+            .filter(|d| !present.manifests.iter().any(|p| p.digest == d.digest))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            // No referrers API: keep the referrers tag schema's index up to date.
+            for d in &missing {
+                written.push(d.digest.clone());
+            }
+            present.manifests.extend(missing);
+            let index = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": OCI_INDEX,
+                "manifests": present.manifests,
+            });
+            let bytes = serde_json::to_vec(&index).expect("JSON into memory");
+            let tag = with_tag(to, &format!("sha256-{}", to.hex()));
+            self.pusher
+                .push_manifest(&tag, bytes, OCI_INDEX, "the referrers tag")
+                .await?;
+        } else if copied > 0 {
+            written.extend(listed.manifests.iter().map(|d| d.digest.clone()));
+        }
+        Ok((copied, written))
+    }
+}
+
+/// The fields of a manifest or index that name what it needs.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ManifestShape {
+    #[serde(default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    config: Option<Blob>,
+    #[serde(default)]
+    layers: Vec<Blob>,
+    #[serde(default)]
+    manifests: Vec<Blob>,
+}
+
+#[derive(serde::Deserialize)]
+struct Blob {
+    digest: String,
+    #[serde(default)]
+    size: u64,
+}
+
+fn media_type(bytes: &[u8], image: &PinnedRef) -> Result<String, PromoteError> {
+    let shape: ManifestShape =
+        serde_json::from_slice(bytes).map_err(|e| PromoteError::Artifact {
+            image: image.to_string(),
+            reason: format!("not an OCI manifest or index: {e}"),
+        })?;
+    Ok(shape.media_type.unwrap_or_else(|| {
+        if shape.manifests.is_empty() {
+            OCI_MANIFEST.into()
+        } else {
+            OCI_INDEX.into()
+        }
+    }))
+}
+
+fn with_digest(repo: &PinnedRef, digest: &str) -> Reference {
+    Reference::with_digest(
+        repo.registry().to_string(),
+        repo.repository().to_string(),
+        digest.to_string(),
+    )
+}
+
+fn with_tag(repo: &PinnedRef, tag: &str) -> Reference {
+    Reference::with_tag(
+        repo.registry().to_string(),
+        repo.repository().to_string(),
+        tag.to_string(),
+    )
+}
