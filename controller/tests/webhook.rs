@@ -243,12 +243,15 @@ async fn a_signed_image_by_tag_is_pinned_verified_and_promoted() {
     // Moving the tag afterwards does not change the cache's digest.
     let moved = push(&repo, "v1", "two").await;
     env().cosign.sign(&moved.by_digest()).await.unwrap();
-    let mut c = alice.get("llama").await.unwrap();
-    c.metadata.labels = Some([("touched".to_string(), "yes".to_string())].into());
-    let updated = alice
-        .replace("llama", &PostParams::default(), &c)
-        .await
-        .unwrap();
+    // (Retried on 409: the status controller may write status in between.)
+    let updated = loop {
+        let mut c = alice.get("llama").await.unwrap();
+        c.metadata.labels = Some([("touched".to_string(), "yes".to_string())].into());
+        match alice.replace("llama", &PostParams::default(), &c).await {
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            r => break r.unwrap(),
+        }
+    };
     assert_eq!(annotation(&updated).as_deref(), Some(img.digest.as_str()));
 }
 
@@ -335,16 +338,20 @@ async fn only_the_trusted_service_account_may_touch_the_annotation_or_anyone_the
             "{err}"
         );
     }
-    let mut c = alice.get("guarded").await.unwrap();
-    c.metadata
-        .annotations
-        .as_mut()
-        .unwrap()
-        .insert(key.to_string(), other.clone());
-    let err = alice
-        .replace("guarded", &PostParams::default(), &c)
-        .await
-        .unwrap_err();
+    // The status controller writes status concurrently, which moves the resourceVersion:
+    // a 409 only means "read again".
+    let err = loop {
+        let mut c = alice.get("guarded").await.unwrap();
+        c.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(key.to_string(), other.clone());
+        match alice.replace("guarded", &PostParams::default(), &c).await {
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            r => break r.unwrap_err(),
+        }
+    };
     assert!(
         err.to_string()
             .contains("may not be added, changed or removed"),
