@@ -162,6 +162,7 @@ async fn main() -> Result<()> {
         &bin_dir.join("gkm-controller"),
         &[
             format!("--listen=127.0.0.1:{port}"),
+            "--metrics-addr=127.0.0.1:0".to_string(),
             format!("--tls-cert={}", w.join("tls.crt").display()),
             format!("--tls-key={}", w.join("tls.key").display()),
             format!("--policy={}", w.join("policy.yaml").display()),

@@ -13,7 +13,8 @@
 //! - [`trust`]: the trust policy and signature verification of images, fail-closed.
 //! - [`csi`]: the CSI node plugin `csi.gkm.io` (Identity and Node services).
 //! - [`cli`]: what the `gkm` commands do.
-//! - [`metrics`]: the agent's Prometheus metrics.
+//! - [`metrics`]: the agent's Prometheus metrics; [`health`]: the plain-HTTP health and
+//!   metrics endpoints of the agent and the controller.
 
 pub mod agent;
 pub mod api;
@@ -21,6 +22,7 @@ pub mod build;
 pub mod cli;
 pub mod csi;
 pub mod gpu;
+pub mod health;
 pub mod metrics;
 pub mod oci;
 pub mod promote;

@@ -53,6 +53,7 @@ async fn start_controller(
     std::fs::write(dir.join("policy.yaml"), policy).unwrap();
     let args = vec![
         format!("--listen=127.0.0.1:{port}"),
+        "--metrics-addr=127.0.0.1:0".to_string(),
         format!("--tls-cert={}", dir.join("tls.crt").display()),
         format!("--tls-key={}", dir.join("tls.key").display()),
         format!("--policy={}", dir.join("policy.yaml").display()),

@@ -259,6 +259,7 @@ pub async fn reconcile<K: CacheKind>(cache: Arc<K>, ctx: Arc<Context>) -> Result
             })?;
         info!(cache = %shown, digest = want.resolved_digest.as_deref().unwrap_or("-"), "status updated");
     }
+    gkm::metrics::Metrics::result(&crate::metrics::global().reconciles, "ok");
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
@@ -268,6 +269,7 @@ fn same_status(old: Option<&CacheStatus>, new: &CacheStatus) -> bool {
 }
 
 fn error_policy<K>(_: Arc<K>, e: &Error, _: Arc<Context>) -> Action {
+    gkm::metrics::Metrics::result(&crate::metrics::global().reconciles, e.label());
     warn!(error = %e, label = e.label(), "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }

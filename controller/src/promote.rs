@@ -171,7 +171,10 @@ impl<G: Gatekeeper> PromoteApi<G> {
         authorization: Option<&str>,
         body: &[u8],
     ) -> (StatusCode, serde_json::Value) {
-        match self.try_call(authorization, body).await {
+        let result = self.try_call(authorization, body).await;
+        let label = result.as_ref().map_or_else(|e| e.label(), |_| "promoted");
+        gkm::metrics::Metrics::result(&crate::metrics::global().promotions, label);
+        match result {
             Ok(done) => (
                 StatusCode::OK,
                 serde_json::to_value(done).expect("JSON into memory"),

@@ -73,6 +73,9 @@ pub struct Args {
     /// Name of the Mutating- and ValidatingWebhookConfiguration whose caBundle is written.
     #[arg(long, env = "GKM_WEBHOOK_CONFIG", default_value = "gkm")]
     pub webhook_config: String,
+    /// Plain-HTTP address of /metrics (Prometheus), /healthz and /readyz.
+    #[arg(long, env = "GKM_METRICS_ADDR", default_value = "0.0.0.0:9811")]
+    pub metrics_addr: String,
     /// Serve admission only (no status controller).
     #[arg(long, default_value_t = false)]
     pub webhook_only: bool,
@@ -86,6 +89,7 @@ pub struct Args {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub metrics: SocketAddr,
     pub args: Args,
     pub policy: gkm::trust::TrustPolicy,
 }
@@ -98,6 +102,11 @@ impl Args {
             .listen
             .parse::<SocketAddr>()
             .map_err(|e| errs.push(format!("--listen {:?}: {e}", self.listen)))
+            .ok();
+        let metrics = self
+            .metrics_addr
+            .parse::<SocketAddr>()
+            .map_err(|e| errs.push(format!("--metrics-addr {:?}: {e}", self.metrics_addr)))
             .ok();
         for (flag, f) in [("--tls-cert", &self.tls_cert), ("--tls-key", &self.tls_key)] {
             if !self.self_signed_certs && !f.is_file() {
@@ -116,9 +125,10 @@ impl Args {
                 errs.push("--trusted-user: empty name".into());
             }
         }
-        match (listen, policy) {
-            (Some(listen), Some(policy)) if errs.is_empty() => Ok(Config {
+        match (listen, metrics, policy) {
+            (Some(listen), Some(metrics), Some(policy)) if errs.is_empty() => Ok(Config {
                 listen,
+                metrics,
                 args: self,
                 policy,
             }),
@@ -183,6 +193,12 @@ pub async fn run(
             .await?;
         info!(webhook_config = %cfg.args.webhook_config, hosts = ?hosts, "minted serving certificate; caBundle written");
     }
+    let health = gkm::health::bind(cfg.metrics, Arc::new(|| Ok(())), || {
+        crate::metrics::global().encode()
+    })
+    .await
+    .with_context(|| format!("--metrics-addr {}", cfg.metrics))?;
+    tokio::spawn(health);
     let tls = crate::webhook::server::tls_config(&cfg.args.tls_cert, &cfg.args.tls_key)?;
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
 

@@ -88,7 +88,18 @@ impl ImageVerifier for TrustVerifier {
     }
 
     async fn verify(&self, image: &str) -> Result<VerifiedImage, Denial> {
-        let reference = gkm::oci::parse_reference(image).map_err(|e| Denial(e.to_string()))?;
+        let result = self.verify_labelled(image).await;
+        let label = result.as_ref().map_or_else(|(l, _)| *l, |_| "verified");
+        gkm::metrics::Metrics::result(&crate::metrics::global().verifications, label);
+        result.map_err(|(_, d)| d)
+    }
+}
+
+impl TrustVerifier {
+    /// [`ImageVerifier::verify`], with a metric label for each way it can fail.
+    async fn verify_labelled(&self, image: &str) -> Result<VerifiedImage, (&'static str, Denial)> {
+        let reference = gkm::oci::parse_reference(image)
+            .map_err(|e| ("bad_reference", Denial(e.to_string())))?;
         let policy = self.trust.policy();
         if policy.trusted_registry_for(&reference).is_none() {
             let trusted: Vec<&str> = policy
@@ -96,19 +107,25 @@ impl ImageVerifier for TrustVerifier {
                 .iter()
                 .map(|p| p.as_str())
                 .collect();
-            return Err(Denial(format!(
-                "{image} is not in a trusted registry (trusted: {})",
-                trusted.join(", ")
-            )));
+            return Err((
+                "untrusted_registry",
+                Denial(format!(
+                    "{image} is not in a trusted registry (trusted: {})",
+                    trusted.join(", ")
+                )),
+            ));
         }
         let timeout = policy.verification.timeout;
         let work = async {
-            let pinned = self.pin(image, &reference).await?;
+            let pinned = self
+                .pin(image, &reference)
+                .await
+                .map_err(|d| ("resolve_failed", d))?;
             let v = self
                 .trust
                 .verify(&pinned)
                 .await
-                .map_err(|e| Denial(e.to_string()))?;
+                .map_err(|e| (e.label(), Denial(e.to_string())))?;
             Ok(VerifiedImage {
                 repository: format!("{}/{}", pinned.registry(), pinned.repository()),
                 digest: v.digest,
@@ -116,9 +133,12 @@ impl ImageVerifier for TrustVerifier {
             })
         };
         tokio::time::timeout(timeout, work).await.map_err(|_| {
-            Denial(format!(
-                "verifying {image} took longer than {timeout:?}; denied (fail closed)"
-            ))
+            (
+                "timeout",
+                Denial(format!(
+                    "verifying {image} took longer than {timeout:?}; denied (fail closed)"
+                )),
+            )
         })?
     }
 }

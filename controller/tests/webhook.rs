@@ -71,13 +71,15 @@ fn policy(env: &Env) -> String {
 
 /// Starts a gkm-controller process serving admission on `port` (a free one when None),
 /// with the status controller too unless `webhook_only`. It dies with the test process.
+/// Returns it, its admission port and its metrics port.
 fn start_controller(
     env: &Env,
     tag: &str,
     port: Option<u16>,
     webhook_only: bool,
-) -> (ServerProcess, u16) {
+) -> (ServerProcess, u16, u16) {
     let port = port.unwrap_or_else(|| gkm_testenv::process::free_port().unwrap());
+    let metrics_port = gkm_testenv::process::free_port().unwrap();
     let d = env.dir.path().join(tag);
     if !d.join("tls.crt").exists() {
         let serving = env.ca.server("gkm-webhook", &[]).unwrap();
@@ -88,6 +90,7 @@ fn start_controller(
     }
     let mut args = vec![
         format!("--listen=127.0.0.1:{port}"),
+        format!("--metrics-addr=127.0.0.1:{metrics_port}"),
         format!("--tls-cert={}", d.join("tls.crt").display()),
         format!("--tls-key={}", d.join("tls.key").display()),
         format!("--policy={}", d.join("policy.yaml").display()),
@@ -118,7 +121,7 @@ fn start_controller(
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    (process, port)
+    (process, port, metrics_port)
 }
 
 /// Registers the webhooks for namespaces labelled `gkm-webhook-test=<value>`.
@@ -143,12 +146,17 @@ async fn namespace(cluster: &Cluster, value: &str) -> String {
     .unwrap()
 }
 
-/// The shared webhook (started once per test binary).
+/// The shared webhook (started once per test binary): its admission port.
 fn main_webhook() -> u16 {
-    static MAIN: OnceLock<(ServerProcess, u16)> = OnceLock::new();
+    main_controller().1
+}
+
+/// The shared controller: its process, admission port and metrics port.
+fn main_controller() -> &'static (ServerProcess, u16, u16) {
+    static MAIN: OnceLock<(ServerProcess, u16, u16)> = OnceLock::new();
     MAIN.get_or_init(|| {
         // Kept for the whole test binary; it dies with the test process.
-        let (process, port) = start_controller(env(), "main", None, false);
+        let (process, port, metrics) = start_controller(env(), "main", None, false);
         std::thread::spawn(move || {
             tokio::runtime::Runtime::new().unwrap().block_on(register(
                 shared_cluster(),
@@ -159,9 +167,8 @@ fn main_webhook() -> u16 {
         })
         .join()
         .unwrap();
-        (process, port)
+        (process, port, metrics)
     })
-    .1
 }
 
 async fn push(repo: &str, tag: &str, seed: &str) -> PushedImage {
@@ -392,7 +399,7 @@ async fn only_the_trusted_service_account_may_touch_the_annotation_or_anyone_the
 async fn with_the_webhook_down_creates_fail_and_recover_when_it_returns() {
     let cluster = shared_cluster();
     let env = env();
-    let (controller, port) = start_controller(env, "down", None, true);
+    let (controller, port, _) = start_controller(env, "down", None, true);
     register(cluster, env, "down", port).await;
     let ns = namespace(cluster, "down").await;
     let img = push(&format!("trusted/{}", unique_name("downtest")), "v1", "d").await;
@@ -417,7 +424,7 @@ async fn with_the_webhook_down_creates_fail_and_recover_when_it_returns() {
     assert!(alice.get_opt("during").await.unwrap().is_none());
 
     // Back on the same port: creates work again.
-    let (_again, _) = start_controller(env, "down", Some(port), true);
+    let (_again, _, _) = start_controller(env, "down", Some(port), true);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match alice
@@ -448,6 +455,7 @@ async fn self_minted_certificates_are_trusted_through_the_ca_bundle_they_write()
     std::fs::write(d.join("policy.yaml"), policy(env)).unwrap();
     let args = vec![
         format!("--listen=127.0.0.1:{port}"),
+        "--metrics-addr=127.0.0.1:0".to_string(),
         "--self-signed-certs".to_string(),
         "--cert-host=127.0.0.1".to_string(),
         "--webhook-config=gkm-test-selfsigned".to_string(),
@@ -829,4 +837,23 @@ async fn verify_and_promote_copies_only_verified_images_for_allowed_callers() {
         annotation(&created).as_deref(),
         Some(signed.digest.as_str())
     );
+
+    // Each outcome is counted under its label.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", main_controller().2))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"gkm_controller_promotions_total{result="promoted"}"#,
+        r#"gkm_controller_promotions_total{result="unauthenticated"}"#,
+        r#"gkm_controller_promotions_total{result="forbidden"}"#,
+        r#"gkm_controller_promotions_total{result="not_verified"}"#,
+        r#"gkm_controller_verifications_total{result="verified"}"#,
+        r#"gkm_controller_admissions_total{endpoint="mutate",decision="mutated"}"#,
+        r#"gkm_controller_reconciles_total{result="ok"}"#,
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
 }

@@ -4,7 +4,6 @@
 //! registry access and CSI plugin into one process.
 
 pub mod config;
-pub mod health;
 pub mod memory;
 pub mod reconcile;
 pub mod status;
@@ -13,6 +12,8 @@ pub mod watch;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+
+use crate::health;
 use tracing::info;
 
 pub use config::{AgentArgs, AgentConfig, ConfigErrors, PullPolicy};
@@ -111,7 +112,7 @@ pub async fn run(
             Ok(())
         }
     });
-    let health = health::bind(cfg.health_addr, ready)
+    let health = health::bind(cfg.health_addr, ready, || crate::metrics::global().encode())
         .await
         .with_context(|| format!("binding --health-addr {}", cfg.health_addr))?;
 

@@ -101,6 +101,20 @@ pub enum VerifyError {
     Timeout { image: String, after: Duration },
 }
 
+impl VerifyError {
+    /// A short, stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            VerifyError::Reference(_) => "bad_reference",
+            VerifyError::UntrustedRegistry { .. } => "untrusted_registry",
+            VerifyError::NoSignatures { .. } => "no_signatures",
+            VerifyError::Registry { .. } => "registry_error",
+            VerifyError::NotVerified { .. } => "not_verified",
+            VerifyError::Timeout { .. } => "timeout",
+        }
+    }
+}
+
 struct Loaded {
     policy: Arc<TrustPolicy>,
     generation: u64,

@@ -155,6 +155,7 @@ async fn handle<V: ImageVerifier, G: Gatekeeper>(
                 object = %format!("{}/{}", request.namespace.clone().unwrap_or_default(), request.name),
                 user = %request.user_info.username.clone().unwrap_or_default(),
             );
+            let started = std::time::Instant::now();
             let decision = async {
                 match path.as_str() {
                     "/mutate" => admission.mutate(&request).await,
@@ -164,6 +165,16 @@ async fn handle<V: ImageVerifier, G: Gatekeeper>(
             }
             .instrument(span)
             .await;
+            let outcome = match &decision {
+                super::Decision::Allow { .. } => "allowed",
+                super::Decision::SetDigest { .. } => "mutated",
+                super::Decision::Deny(_) => "denied",
+            };
+            crate::metrics::global().admission(
+                path.trim_start_matches('/'),
+                outcome,
+                started.elapsed().as_secs_f64(),
+            );
             let review = decision.into_response(&request).into_review();
             Ok(reply(
                 StatusCode::OK,

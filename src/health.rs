@@ -1,5 +1,7 @@
-//! The agent's plain-HTTP endpoints: `/healthz` (the process serves), `/readyz` (the
-//! cache watch has synced and the CSI plugin is ready) and `/metrics` (Prometheus).
+//! The plain-HTTP endpoints of GKM's long-running programs: `/healthz` (the process
+//! serves), `/readyz` (what "ready" means is the program's: for the agent, the cache watch
+//! has synced and the CSI plugin is ready) and `/metrics` (Prometheus text, from the
+//! program's own registry).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,13 +13,17 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-/// Answers `Err(reason)` while the agent is not ready.
+/// Answers `Err(reason)` while the program is not ready.
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Renders the program's metrics in the Prometheus text format.
+pub type Encoder = fn() -> String;
 
 /// Binds `addr` (so a taken port fails the start) and returns the serving future.
 pub async fn bind(
     addr: SocketAddr,
     ready: Readiness,
+    metrics: Encoder,
 ) -> std::io::Result<impl std::future::Future<Output = ()>> {
     let listener = TcpListener::bind(addr).await?;
     Ok(async move {
@@ -33,7 +39,7 @@ pub async fn bind(
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let ready = ready.clone();
-                    async move { Ok::<_, std::convert::Infallible>(answer(&req, &ready)) }
+                    async move { Ok::<_, std::convert::Infallible>(answer(&req, &ready, metrics)) }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(conn), svc)
@@ -46,7 +52,7 @@ pub async fn bind(
     })
 }
 
-fn answer(req: &Request<Incoming>, ready: &Readiness) -> Response<Full<Bytes>> {
+fn answer(req: &Request<Incoming>, ready: &Readiness, metrics: Encoder) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match req.uri().path() {
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         "/readyz" => match ready() {
@@ -60,7 +66,7 @@ fn answer(req: &Request<Incoming>, ready: &Readiness) -> Response<Full<Bytes>> {
         "/metrics" => (
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            crate::metrics::global().encode(),
+            metrics(),
         ),
         _ => (
             StatusCode::NOT_FOUND,
