@@ -109,10 +109,7 @@ impl Metrics {
 
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
-        out
+        encode(&self.registry)
     }
 
     pub fn csi_call(&self, op: &str, code: &str, seconds: f64) {
@@ -131,6 +128,14 @@ impl Metrics {
             })
             .inc();
     }
+}
+
+/// The OpenMetrics text exposition of `registry`.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)
+        .expect("writing to a String cannot fail");
+    out
 }
 
 /// The process's metrics.

@@ -77,10 +77,7 @@ impl Metrics {
 
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
-        out
+        gkm::metrics::encode(&self.registry)
     }
 
     pub fn admission(&self, endpoint: &str, decision: &str, seconds: f64) {
