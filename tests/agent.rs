@@ -224,6 +224,23 @@ async fn wait_node(
     }
 }
 
+/// Applies a Node object named `name` (no kubelet behind it) and returns its uid.
+async fn ensure_node(name: &str) -> String {
+    let node: k8s_openapi::api::core::v1::Node =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+    Api::<k8s_openapi::api::core::v1::Node>::all(shared_cluster().admin_client().await.unwrap())
+        .patch(
+            name,
+            &kube::api::PatchParams::apply("gkm-test"),
+            &kube::api::Patch::Apply(&node),
+        )
+        .await
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap()
+}
+
 fn entry<'a>(
     n: Option<&'a GKMCacheNode>,
     cache: &str,
@@ -268,6 +285,7 @@ async fn a_cache_goes_from_create_to_use_to_update_to_delete() {
     let repo = unique_name("agent/llama");
     let v1 = push_cache(&repo, "v1", "kernel v1", &[Target::new("cuda", "90", 32)]).await;
     let before = shared_registry().request_log().lines().count();
+    let node_uid = ensure_node(NODE).await;
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(
         dir.path(),
@@ -287,6 +305,11 @@ async fn a_cache_goes_from_create_to_use_to_update_to_delete() {
         state(n, "llama", &v1.digest) == Some(CacheState::Extracted)
     })
     .await;
+    // Owned by its Node, so Kubernetes removes it with the node.
+    let owners = n.as_ref().unwrap().metadata.owner_references.clone();
+    let owner = &owners.unwrap_or_default()[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("Node", NODE));
+    assert_eq!(owner.uid, node_uid);
     let e = entry(n.as_ref(), "llama", &v1.digest).unwrap();
     assert_eq!(e.compatible_gpus, vec!["GPU-h100"]);
     assert_eq!(e.incompatible_gpus, vec!["GPU-a100"]);

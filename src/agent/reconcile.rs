@@ -16,6 +16,7 @@ use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -114,6 +115,10 @@ impl WorkQueue {
 #[derive(Clone, Debug)]
 pub struct LoopConfig {
     pub node: String,
+    /// This node's `Node` object, set as the owner of the node objects the agent creates,
+    /// so Kubernetes' garbage collector removes them with the node. `None` when it could
+    /// not be read at start (the objects are then not owned).
+    pub node_owner: Option<OwnerReference>,
     pub policy: PullPolicy,
     pub allow_unclaimed: bool,
     pub gc_interval: Duration,
@@ -496,7 +501,7 @@ pub async fn reconcile(scope: &Scope, ctx: &Arc<Context>) -> Result<(), Error> {
             apply_status(
                 &Api::<ClusterGKMCacheNode>::all(ctx.client.clone()),
                 node,
-                create,
+                create.then_some(ctx.cfg.node_owner.as_ref()),
                 &status,
             )
             .await
@@ -505,7 +510,7 @@ pub async fn reconcile(scope: &Scope, ctx: &Arc<Context>) -> Result<(), Error> {
             apply_status(
                 &Api::<GKMCacheNode>::namespaced(ctx.client.clone(), ns),
                 node,
-                create,
+                create.then_some(ctx.cfg.node_owner.as_ref()),
                 &status,
             )
             .await
@@ -520,11 +525,12 @@ pub async fn reconcile(scope: &Scope, ctx: &Arc<Context>) -> Result<(), Error> {
     Ok(())
 }
 
-/// Server-side applies a node object's status, creating the object first if needed.
+/// Server-side applies a node object's status, creating the object first when `create`
+/// is `Some` (owned by the given Node, if any).
 async fn apply_status<K>(
     api: &Api<K>,
     node: &str,
-    create: bool,
+    create: Option<Option<&OwnerReference>>,
     status: &NodeStatus,
 ) -> Result<(), kube::Error>
 where
@@ -532,13 +538,16 @@ where
 {
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let (api_version, kind) = (K::api_version(&()), K::kind(&()));
-    if create {
-        let obj = serde_json::json!({
+    if let Some(owner) = create {
+        let mut obj = serde_json::json!({
             "apiVersion": api_version,
             "kind": kind,
             "metadata": { "name": node, "labels": { NODE_LABEL: node } },
             "spec": {},
         });
+        if let Some(owner) = owner {
+            obj["metadata"]["ownerReferences"] = serde_json::json!([owner]);
+        }
         api.patch(node, &pp, &Patch::Apply(obj)).await?;
     }
     let patch = serde_json::json!({
