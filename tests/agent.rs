@@ -331,6 +331,24 @@ async fn a_cache_goes_from_create_to_use_to_update_to_delete() {
     );
     assert!(agent.extracted(&v1.digest));
     wait_event(&ns, "llama", "Extracted").await;
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(cluster.admin_client().await.unwrap(), &ns);
+    let extracted = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|e| e.reason.as_deref() == Some("Extracted"))
+        .unwrap();
+    assert_eq!(extracted.reporting_controller.as_deref(), Some("gkm-agent"));
+    assert_eq!(extracted.reporting_instance.as_deref(), Some(NODE));
+    assert_eq!(extracted.type_.as_deref(), Some("Normal"));
+    let about = extracted.regarding.unwrap();
+    assert_eq!(
+        (about.kind.as_deref(), about.name.as_deref()),
+        (Some("GKMCache"), Some("llama"))
+    );
 
     // Published: in use by the pod.
     let t1 = agent.publish("vol-1", &ns, "llama", "pod-1").await.unwrap();

@@ -18,8 +18,7 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, mpsc};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -124,6 +123,22 @@ pub struct LoopConfig {
     pub gc_interval: Duration,
 }
 
+/// The two kinds of Kubernetes Event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventType {
+    Normal,
+    Warning,
+}
+
+impl EventType {
+    fn as_str(self) -> &'static str {
+        match self {
+            EventType::Normal => "Normal",
+            EventType::Warning => "Warning",
+        }
+    }
+}
+
 /// Everything a reconcile needs.
 pub struct Context {
     cfg: LoopConfig,
@@ -133,7 +148,6 @@ pub struct Context {
     caches: Arc<WatchResolver>,
     gpus: Vec<GpuInfo>,
     queue: WorkQueue,
-    recorder: Recorder,
     /// Wakes the GC loop (after an unpublish).
     pub gc_nudge: Notify,
     state: Mutex<LoopState>,
@@ -161,13 +175,6 @@ impl Context {
         gpus: Vec<GpuInfo>,
         queue: WorkQueue,
     ) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: FIELD_MANAGER.into(),
-                instance: Some(cfg.node.clone()),
-            },
-        );
         Context {
             cfg,
             client,
@@ -176,7 +183,6 @@ impl Context {
             caches,
             gpus,
             queue,
-            recorder,
             gc_nudge: Notify::new(),
             state: Mutex::default(),
         }
@@ -315,17 +321,41 @@ impl Context {
             }
             st.told.insert(k, reason);
         }
-        let Some(reference) = self.caches.object_ref(key) else {
+        let Some(regarding) = self.caches.object_ref(key) else {
             return;
         };
-        let ev = Event {
-            type_,
-            reason: reason.into(),
+        // Created directly (not through kube's Recorder): each (cache, digest, reason) is
+        // told once, so there is no series to aggregate, and the Recorder would keep a copy
+        // of every Event it sent for minutes.
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let ns = regarding
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let event = k8s_openapi::api::events::v1::Event {
+            metadata: kube::api::ObjectMeta {
+                name: Some(format!(
+                    "{}.{:x}",
+                    regarding.name.as_deref().unwrap_or(FIELD_MANAGER),
+                    now.as_nanosecond()
+                )),
+                namespace: Some(ns.clone()),
+                ..Default::default()
+            },
+            event_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                now,
+            )),
+            action: Some("Reconcile".into()),
+            reason: Some(reason.into()),
             note: Some(truncate(note, 1000)),
-            action: "Reconcile".into(),
-            secondary: None,
+            regarding: Some(regarding),
+            reporting_controller: Some(FIELD_MANAGER.into()),
+            reporting_instance: Some(self.cfg.node.clone()),
+            type_: Some(type_.as_str().into()),
+            ..Default::default()
         };
-        if let Err(e) = self.recorder.publish(&ev, &reference).await {
+        let api = Api::<k8s_openapi::api::events::v1::Event>::namespaced(self.client.clone(), &ns);
+        if let Err(e) = api.create(&PostParams::default(), &event).await {
             warn!(cache = %key, error = %e, "publishing an Event");
         }
     }

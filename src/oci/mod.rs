@@ -10,6 +10,7 @@ pub mod extract;
 pub mod image;
 pub mod pull;
 pub mod push;
+pub mod reference;
 
 pub use auth::Credentials;
 pub use extract::{Compression, ExtractError, Limits, Totals, Unsafe};
@@ -18,7 +19,6 @@ pub use pull::{PullConfig, PullError, Puller};
 pub use push::{PushError, Pusher};
 
 use std::fmt;
-use std::str::FromStr;
 
 pub use oci_client::Reference;
 
@@ -35,9 +35,10 @@ pub enum RefError {
     BadDigest { reference: String, digest: String },
 }
 
-/// Parses an image reference (registry with port, nested path, tag, digest).
+/// Parses an image reference (registry with port, nested path, tag, digest), as oci-spec
+/// does but without its regular expression ([`reference`]).
 pub fn parse_reference(s: &str) -> Result<Reference, RefError> {
-    Reference::from_str(s).map_err(|e| RefError::Invalid {
+    reference::parse(s).map_err(|e| RefError::Invalid {
         reference: s.to_string(),
         reason: e.to_string(),
     })
