@@ -19,7 +19,12 @@ use gkm_testenv::{shared_cluster, shared_registry, unique_name, workspace_root};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use tonic::Code;
 
+/// Each test runs its own agent under its own node name: every agent watches every cache in
+/// the cluster and writes its node's objects in every namespace, so two agents sharing a
+/// name would overwrite each other's reports.
 const NODE: &str = "gpu-node-1";
+const VOLTA_NODE: &str = "gpu-node-volta";
+const UNVERIFIED_NODE: &str = "gpu-node-unverified";
 /// One GPU the test images target (sm_90) and one they do not (sm_80).
 const GPUS: &str = "gpus:
   - uuid: GPU-h100
@@ -61,6 +66,7 @@ async fn agent_kubeconfig() -> PathBuf {
 /// A `gkm-agent` process with its own store and socket, as the `gkm-agent` service account.
 struct Agent {
     process: ServerProcess,
+    node: String,
     dir: PathBuf,
     socket: PathBuf,
     health: String,
@@ -88,6 +94,7 @@ impl Agent {
         let process = ServerProcess::start(&unique_name("agent"), &bin, &args, &[], dir).unwrap();
         Agent {
             process,
+            node: node.to_string(),
             dir: dir.to_path_buf(),
             socket,
             health,
@@ -210,7 +217,7 @@ async fn wait_node(
         Api::namespaced(shared_cluster().admin_client().await.unwrap(), ns);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let got = api.get_opt(NODE).await.unwrap();
+        let got = api.get_opt(&agent.node).await.unwrap();
         if ok(got.as_ref()) {
             return got;
         }
@@ -500,7 +507,7 @@ async fn a_cache_no_gpu_can_use_shows_why_and_fails_the_publish() {
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(dir.path(), NODE, shared_registry().host(), &[]).await;
+    let agent = Agent::start(dir.path(), VOLTA_NODE, shared_registry().host(), &[]).await;
     Api::<GKMCache>::namespaced(cluster.admin_client().await.unwrap(), &ns)
         .create(&PostParams::default(), &cache("volta", &image))
         .await
@@ -540,7 +547,7 @@ async fn a_cache_without_a_trusted_digest_is_ignored_with_an_event() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(
         dir.path(),
-        NODE,
+        UNVERIFIED_NODE,
         shared_registry().host(),
         &["--pull-policy=eager"],
     )
