@@ -528,6 +528,27 @@ async fn a_cache_no_gpu_can_use_shows_why_and_fails_the_publish() {
     // On-demand: only the manifest and config were read; nothing was extracted.
     assert!(!agent.extracted(&image.digest));
     wait_event(&ns, "volta", "Incompatible").await;
+    // The warning is about this node: its node object has it too, naming the cache.
+    wait_event(&ns, VOLTA_NODE, "Incompatible").await;
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(cluster.admin_client().await.unwrap(), &ns);
+    let on_node = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|e| e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("GKMCacheNode"))
+        .unwrap();
+    assert!(
+        on_node
+            .note
+            .as_deref()
+            .unwrap_or("")
+            .contains(&format!("{ns}/volta")),
+        "{:?}",
+        on_node.note
+    );
 
     let err = agent
         .publish("vol-x", &ns, "volta", "pod-x")

@@ -304,7 +304,9 @@ impl Context {
         }
     }
 
-    /// Publishes an Event on `key`'s cache, once per (cache, digest, reason).
+    /// Publishes an Event on `key`'s cache, once per (cache, digest, reason). Warnings go
+    /// on this node's object of the cache's scope too: they are about this node (its GPUs,
+    /// its pulls), and there they are not mixed with every other node's reports.
     async fn tell(
         &self,
         key: &CacheKey,
@@ -321,12 +323,45 @@ impl Context {
             }
             st.told.insert(k, reason);
         }
-        let Some(regarding) = self.caches.object_ref(key) else {
+        let Some(cache) = self.caches.object_ref(key) else {
             return;
         };
-        // Created directly (not through kube's Recorder): each (cache, digest, reason) is
-        // told once, so there is no series to aggregate, and the Recorder would keep a copy
-        // of every Event it sent for minutes.
+        let note = truncate(note, 1000);
+        if type_ == EventType::Warning {
+            let node = self.node_object_ref(&Scope::of(key));
+            self.post_event(node, reason, type_, format!("{key}: {note}"))
+                .await;
+        }
+        self.post_event(cache, reason, type_, note).await;
+    }
+
+    /// A reference to this node's object of `scope`.
+    fn node_object_ref(&self, scope: &Scope) -> k8s_openapi::api::core::v1::ObjectReference {
+        use kube::Resource;
+        let (kind, namespace) = match scope {
+            Scope::Cluster => (ClusterGKMCacheNode::kind(&()), None),
+            Scope::Namespace(ns) => (GKMCacheNode::kind(&()), Some(ns.clone())),
+        };
+        k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(GKMCacheNode::api_version(&()).into()),
+            kind: Some(kind.into()),
+            name: Some(self.cfg.node.clone()),
+            namespace,
+            ..Default::default()
+        }
+    }
+
+    /// Creates one Event about `regarding` (in its namespace; `default` for cluster-scoped
+    /// objects, as kubectl looks for them there). Created directly, not through kube's
+    /// Recorder: each is told once, so there is no series to aggregate, and the Recorder
+    /// would keep a copy of every Event it sent for minutes.
+    async fn post_event(
+        &self,
+        regarding: k8s_openapi::api::core::v1::ObjectReference,
+        reason: &'static str,
+        type_: EventType,
+        note: String,
+    ) {
         let now = k8s_openapi::jiff::Timestamp::now();
         let ns = regarding
             .namespace
@@ -347,8 +382,8 @@ impl Context {
             )),
             action: Some("Reconcile".into()),
             reason: Some(reason.into()),
-            note: Some(truncate(note, 1000)),
-            regarding: Some(regarding),
+            note: Some(note),
+            regarding: Some(regarding.clone()),
             reporting_controller: Some(FIELD_MANAGER.into()),
             reporting_instance: Some(self.cfg.node.clone()),
             type_: Some(type_.as_str().into()),
@@ -356,7 +391,12 @@ impl Context {
         };
         let api = Api::<k8s_openapi::api::events::v1::Event>::namespaced(self.client.clone(), &ns);
         if let Err(e) = api.create(&PostParams::default(), &event).await {
-            warn!(cache = %key, error = %e, "publishing an Event");
+            warn!(
+                kind = regarding.kind.as_deref().unwrap_or(""),
+                name = regarding.name.as_deref().unwrap_or(""),
+                error = %e,
+                "publishing an Event"
+            );
         }
     }
 
