@@ -176,6 +176,18 @@ impl Promoter {
                     reason: e.to_string(),
                 })?;
         info!(source = %source, target = %target, authority = %verified.authority, "verified; copying");
+        // The promoter's key is read before anything is copied, so a bad key copies nothing.
+        let key = match &promotion.sign_key {
+            Some(path) => Some(
+                SigningKey::from_file(path, &sign::password_from_env()).map_err(|e| {
+                    PromoteError::SignKey {
+                        path: path.display().to_string(),
+                        reason: e.to_string(),
+                    }
+                })?,
+            ),
+            None => None,
+        };
 
         let mut blobs_copied = self.copy_manifest(&source, &target, &digest).await?;
         let mut signatures = Vec::new();
@@ -189,15 +201,9 @@ impl Promoter {
         blobs_copied += n;
         signatures.extend(referrers);
 
-        let signed = match &promotion.sign_key {
-            Some(path) => {
-                let key = SigningKey::from_file(path, &sign::password_from_env()).map_err(|e| {
-                    PromoteError::SignKey {
-                        path: path.display().to_string(),
-                        reason: e.to_string(),
-                    }
-                })?;
-                sign::push_signature(&self.pusher, &target, &key).await?;
+        let signed = match &key {
+            Some(key) => {
+                sign::push_signature(&self.pusher, &target, key).await?;
                 true
             }
             None => false,

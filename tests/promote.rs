@@ -174,6 +174,34 @@ async fn promote_copies_verified_images_with_their_signatures_and_finishes_a_cut
     assert_eq!(again["blobs_copied"], 0, "{again}");
     assert_eq!(again["signatures"].as_array().unwrap().len(), 0, "{again}");
 
+    // A promoter key that cannot be read: refused before anything is copied.
+    let other = push(&incoming, "dev/team/other", "o").await;
+    signer.sign(&other.by_digest()).await.unwrap();
+    let by_tag = other.by_tag();
+    let missing = dir.path().join("missing.key").display().to_string();
+    let mut args = vec![
+        "promote",
+        &by_tag,
+        "--policy",
+        &policy,
+        "--sign-key",
+        &missing,
+    ];
+    args.extend(insecure);
+    let out = gkm(&args, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("promotion.signKey"),
+        "{stderr}"
+    );
+    assert!(
+        puller
+            .fetch_manifest_bytes(&target(&other, "other"), 1 << 20)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
     // Outside the incoming registry: refused with the reason.
     let elsewhere = format!("{trusted_host}/other/app@{}", signed.digest);
     let mut args = vec!["promote", &elsewhere, "--policy", &policy];
