@@ -189,7 +189,7 @@ impl Promoter {
             None => None,
         };
 
-        let mut blobs_copied = self.copy_manifest(&source, &target, &digest).await?;
+        let mut blobs_copied = self.copy_manifest(&source, &target, &digest).await?.blobs;
         let mut signatures = Vec::new();
         for suffix in [".sig", ".att"] {
             let tag = format!("sha256-{}{suffix}", source.hex());
@@ -243,7 +243,7 @@ impl Promoter {
                     image: image.to_string(),
                     reason: "the registry does not have this manifest".into(),
                 })?;
-        let media_type = media_type(&bytes, image)?;
+        let media_type = ManifestShape::parse(&bytes, &image.to_string())?.media_type();
         Ok((bytes, media_type))
     }
 
@@ -259,19 +259,18 @@ impl Promoter {
     }
 
     /// Copies manifest `digest` of `from`'s repository, and everything it names (child
-    /// manifests of an index, config and layers), to `to`'s repository. Returns the number
-    /// of blobs sent; a manifest already there is taken as complete (a registry only
-    /// accepts a manifest whose blobs it has).
+    /// manifests of an index, config and layers), to `to`'s repository. A manifest already
+    /// there is taken as complete (a registry only accepts a manifest whose blobs it has).
     async fn copy_manifest(
         &self,
         from: &PinnedRef,
         to: &PinnedRef,
         digest: &str,
-    ) -> Result<usize, PromoteError> {
+    ) -> Result<Copied, PromoteError> {
         let src = with_digest(from, digest);
         let dst = with_digest(to, digest);
         if self.fetch(&dst).await?.is_some() {
-            return Ok(0);
+            return Ok(Copied::default());
         }
         let Some((bytes, _)) = self.fetch(&src).await? else {
             return Err(PromoteError::Artifact {
@@ -279,14 +278,12 @@ impl Promoter {
                 reason: "the incoming registry does not have this manifest".into(),
             });
         };
-        let parsed: ManifestShape =
-            serde_json::from_slice(&bytes).map_err(|e| PromoteError::Artifact {
-                image: src.whole(),
-                reason: format!("not an OCI manifest or index: {e}"),
-            })?;
-        let mut copied = 0;
+        let parsed = ManifestShape::parse(&bytes, &src.whole())?;
+        let mut blobs = 0;
         for child in &parsed.manifests {
-            copied += Box::pin(self.copy_manifest(from, to, &child.digest)).await?;
+            blobs += Box::pin(self.copy_manifest(from, to, &child.digest))
+                .await?
+                .blobs;
         }
         for blob in parsed.config.iter().chain(&parsed.layers) {
             if self
@@ -294,20 +291,16 @@ impl Promoter {
                 .copy_blob(&src, &dst, &blob.digest, blob.size)
                 .await?
             {
-                copied += 1;
+                blobs += 1;
             }
         }
-        let media_type = parsed.media_type.unwrap_or_else(|| {
-            if parsed.manifests.is_empty() {
-                OCI_MANIFEST.into()
-            } else {
-                OCI_INDEX.into()
-            }
-        });
         self.pusher
-            .push_manifest(&dst, bytes, &media_type, "the manifest")
+            .push_manifest(&dst, bytes, &parsed.media_type(), "the manifest")
             .await?;
-        Ok(copied)
+        Ok(Copied {
+            blobs,
+            manifest: true,
+        })
     }
 
     /// Copies cosign's `tag` (`sha256-<hex>.sig` or `.att`) of `from` to `to`, merging its
@@ -345,7 +338,7 @@ impl Promoter {
                 }
             }
         };
-        let media_type = media_type(&merged, to)?;
+        let media_type = ManifestShape::parse(&merged, &dst.whole())?.media_type();
         self.pusher
             .push_manifest(&dst, merged, &media_type, "the signature manifest")
             .await?;
@@ -372,9 +365,13 @@ impl Promoter {
         if listed.manifests.is_empty() {
             return Ok((0, Vec::new()));
         }
-        let (mut copied, mut written) = (0, Vec::new());
+        let (mut blobs, mut written) = (0, Vec::new());
         for desc in &listed.manifests {
-            copied += self.copy_manifest(from, to, &desc.digest).await?;
+            let copied = self.copy_manifest(from, to, &desc.digest).await?;
+            blobs += copied.blobs;
+            if copied.manifest {
+                written.push(desc.digest.clone());
+            }
         }
         let mut present = puller
             .list_referrers(to)
@@ -391,9 +388,6 @@ impl Promoter {
             .collect();
         if !missing.is_empty() {
             // No referrers API: keep the referrers tag schema's index up to date.
-            for d in &missing {
-                written.push(d.digest.clone());
-            }
             present.manifests.extend(missing);
             let index = serde_json::json!({
                 "schemaVersion": 2,
@@ -405,11 +399,17 @@ impl Promoter {
             self.pusher
                 .push_manifest(&tag, bytes, OCI_INDEX, "the referrers tag")
                 .await?;
-        } else if copied > 0 {
-            written.extend(listed.manifests.iter().map(|d| d.digest.clone()));
         }
-        Ok((copied, written))
+        Ok((blobs, written))
     }
+}
+
+/// What one [`Promoter::copy_manifest`] sent.
+#[derive(Default)]
+struct Copied {
+    blobs: usize,
+    /// Whether the manifest itself was written (it was not there yet).
+    manifest: bool,
 }
 
 /// The fields of a manifest or index that name what it needs.
@@ -433,19 +433,22 @@ struct Blob {
     size: u64,
 }
 
-fn media_type(bytes: &[u8], image: &PinnedRef) -> Result<String, PromoteError> {
-    let shape: ManifestShape =
+impl ManifestShape {
+    fn parse(bytes: &[u8], image: &str) -> Result<Self, PromoteError> {
         serde_json::from_slice(bytes).map_err(|e| PromoteError::Artifact {
             image: image.to_string(),
             reason: format!("not an OCI manifest or index: {e}"),
-        })?;
-    Ok(shape.media_type.unwrap_or_else(|| {
-        if shape.manifests.is_empty() {
-            OCI_MANIFEST.into()
-        } else {
-            OCI_INDEX.into()
+        })
+    }
+
+    /// Its `mediaType`, or what its shape says when it names none.
+    fn media_type(&self) -> String {
+        match &self.media_type {
+            Some(m) => m.clone(),
+            None if self.manifests.is_empty() => OCI_MANIFEST.into(),
+            None => OCI_INDEX.into(),
         }
-    }))
+    }
 }
 
 fn with_digest(repo: &PinnedRef, digest: &str) -> Reference {

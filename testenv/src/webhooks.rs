@@ -30,15 +30,8 @@ pub async fn register(
         resources: Some(vec!["gkmcaches".into(), "clustergkmcaches".into()]),
         scope: None,
     }];
-    let selector = LabelSelector {
-        match_labels: Some([(label.0.to_string(), label.1.to_string())].into()),
-        ..Default::default()
-    };
-    let client_config = |path: &str| WebhookClientConfig {
-        url: Some(format!("https://127.0.0.1:{port}/{path}")),
-        ca_bundle: Some(k8s_openapi::ByteString(ca_pem.as_bytes().to_vec())),
-        service: None,
-    };
+    let selector = labelled(label);
+    let client_config = |path: &str| local(port, path, ca_pem);
     let meta = ObjectMeta {
         name: Some(name.to_string()),
         ..Default::default()
@@ -84,6 +77,23 @@ pub async fn register(
     Ok(())
 }
 
+/// `https://127.0.0.1:<port>/<path>`, trusted by `ca_pem`.
+fn local(port: u16, path: &str, ca_pem: &str) -> WebhookClientConfig {
+    WebhookClientConfig {
+        url: Some(format!("https://127.0.0.1:{port}/{path}")),
+        ca_bundle: Some(k8s_openapi::ByteString(ca_pem.as_bytes().to_vec())),
+        service: None,
+    }
+}
+
+/// The namespaces carrying `label`.
+fn labelled(label: (&str, &str)) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some([(label.0.to_string(), label.1.to_string())].into()),
+        ..Default::default()
+    }
+}
+
 /// Registers (server-side applies) a ValidatingWebhookConfiguration named `name` for the
 /// Pod policy, calling `https://127.0.0.1:<port>/validate-pods` trusted by `ca_pem`, for pods
 /// and ephemeral containers in namespaces labelled `label`. failurePolicy Fail, timeout 10 s.
@@ -103,18 +113,11 @@ pub async fn register_pod_policy(
         webhooks: Some(vec![ValidatingWebhook {
             name: "pods.gkm.io".into(),
             admission_review_versions: vec!["v1".into()],
-            client_config: WebhookClientConfig {
-                url: Some(format!("https://127.0.0.1:{port}/validate-pods")),
-                ca_bundle: Some(k8s_openapi::ByteString(ca_pem.as_bytes().to_vec())),
-                service: None,
-            },
+            client_config: local(port, "validate-pods", ca_pem),
             failure_policy: Some("Fail".into()),
             side_effects: "None".into(),
             timeout_seconds: Some(10),
-            namespace_selector: Some(LabelSelector {
-                match_labels: Some([(label.0.to_string(), label.1.to_string())].into()),
-                ..Default::default()
-            }),
+            namespace_selector: Some(labelled(label)),
             rules: Some(vec![RuleWithOperations {
                 api_groups: Some(vec!["".into()]),
                 api_versions: Some(vec!["v1".into()]),

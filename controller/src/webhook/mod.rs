@@ -251,11 +251,48 @@ pub fn digest_patch(obj: Option<&DynamicObject>, digest: &str) -> json_patch::Pa
     serde_json::from_value(op).expect("a well-formed JSON patch")
 }
 
+/// What the admission tests of this module and of [`pods`] share.
+#[cfg(test)]
+mod test_support {
+    use kube::core::DynamicObject;
+    use kube::core::admission::{AdmissionRequest, AdmissionReview};
+
+    /// An AdmissionRequest for `kind` (group, version, kind, resource) of object
+    /// `(namespace, name)`, as the API server sends it.
+    pub fn request(
+        kind: (&str, &str, &str, &str),
+        object: (&str, &str),
+        op: &str,
+        user: &str,
+        new: serde_json::Value,
+        old: Option<serde_json::Value>,
+    ) -> AdmissionRequest<DynamicObject> {
+        let (group, version, kind, resource) = kind;
+        let review: AdmissionReview<DynamicObject> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "u1",
+                "kind": {"group": group, "version": version, "kind": kind},
+                "resource": {"group": group, "version": version, "resource": resource},
+                "name": object.1,
+                "namespace": object.0,
+                "operation": op,
+                "userInfo": {"username": user},
+                "object": new,
+                "oldObject": old,
+                "dryRun": false,
+            }
+        }))
+        .unwrap();
+        review.try_into().unwrap()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::verify::Denial;
-    use kube::core::admission::AdmissionReview;
     use std::sync::Mutex;
 
     const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
@@ -309,24 +346,14 @@ mod tests {
         new: serde_json::Value,
         old: Option<serde_json::Value>,
     ) -> AdmissionRequest<DynamicObject> {
-        let review: AdmissionReview<DynamicObject> = serde_json::from_value(serde_json::json!({
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": "u1",
-                "kind": {"group": "gkm.io", "version": "v1alpha1", "kind": "GKMCache"},
-                "resource": {"group": "gkm.io", "version": "v1alpha1", "resource": "gkmcaches"},
-                "name": "c",
-                "namespace": "ns",
-                "operation": op,
-                "userInfo": {"username": user},
-                "object": new,
-                "oldObject": old,
-                "dryRun": false,
-            }
-        }))
-        .unwrap();
-        review.try_into().unwrap()
+        test_support::request(
+            ("gkm.io", "v1alpha1", "GKMCache", "gkmcaches"),
+            ("ns", "c"),
+            op,
+            user,
+            new,
+            old,
+        )
     }
 
     fn admission() -> Admission<Fake> {

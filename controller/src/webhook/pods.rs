@@ -172,7 +172,6 @@ pub async fn validate<V: ImageVerifier>(
 mod tests {
     use super::*;
     use crate::verify::{Denial, VerifiedImage};
-    use kube::core::admission::AdmissionReview;
 
     const D: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
 
@@ -233,24 +232,14 @@ mod tests {
         new: Value,
         old: Option<Value>,
     ) -> AdmissionRequest<DynamicObject> {
-        let review: AdmissionReview<DynamicObject> = serde_json::from_value(serde_json::json!({
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": "u1",
-                "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                "resource": {"group": "", "version": "v1", "resource": "pods"},
-                "name": "p",
-                "namespace": ns,
-                "operation": op,
-                "userInfo": {"username": "alice"},
-                "object": new,
-                "oldObject": old,
-                "dryRun": false,
-            }
-        }))
-        .unwrap();
-        review.try_into().unwrap()
+        crate::webhook::test_support::request(
+            ("", "v1", "Pod", "pods"),
+            (ns, "p"),
+            op,
+            "alice",
+            new,
+            old,
+        )
     }
 
     fn denial(d: Decision) -> String {
