@@ -1,13 +1,16 @@
 //! Benchmark (not a test) of the CSI plugin over its unix socket, as root with real mounts:
 //! - p50/p99 of sequential NodePublishVolume + NodeUnpublishVolume pairs of an extracted
-//!   cache, beside the floor measured in the same run (mkdir + bind + read-only remount,
-//!   umount + rmdir, straight through the kernel), with volume records fsynced (the
-//!   default) and not;
+//!   Triton cache (50 kernels with group files), each volume a writable overlay with the
+//!   path view for the pod's mount path, beside the floor measured in the same run
+//!   (mkdir of the target, upper and work directories + the same overlay mount; umount +
+//!   rmdir, straight through the kernel), with volume records fsynced (the default) and not;
 //! - concurrent publishes of one cache that is not extracted yet: all must succeed, with
 //!   exactly one extraction (counted from the registry's requests for its layer).
 //!
 //! `cargo bench --bench publish` (PAIRS=1000 CONCURRENT=200 by default). Caches are resolved
-//! from an in-memory table filled from the real API server, as the agent's watch cache does.
+//! from an in-memory table filled from the real API server, as the agent's watch cache does;
+//! every pod mounts its volume at `/cache` (a pod source answering so), as one Deployment's
+//! pods do.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,7 +22,8 @@ use gkm::csi::pb::node_client::NodeClient;
 use gkm::csi::pb::{self, volume_capability};
 use gkm::csi::{
     ATTR_CACHE, ATTR_NAMESPACE, CTX_POD_NAME, CTX_POD_NAMESPACE, CTX_POD_UID, KernelMounter,
-    Mounter, Plugin, PluginConfig, ResolvedCache, StaticResolver,
+    MountSpec, Mounter, Plugin, PluginConfig, PodMounts, PodRef, PodSource, ResolvedCache,
+    StaticResolver, UpperDirs,
 };
 use gkm::oci::{Credentials, PullConfig, Puller};
 use gkm::store::{Store, StoreConfig};
@@ -45,10 +49,18 @@ fn us(d: Duration) -> f64 {
 async fn push(registry: &Registry, seed: &str) -> PushedImage {
     let src = tempfile::tempdir().unwrap();
     for i in 0..50 {
-        let d = src.path().join(format!("{seed}{i:04}"));
+        let key = format!("{seed}{i:04}");
+        let d = src.path().join(&key);
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join("kernel.cubin"), vec![i as u8; 4096]).unwrap();
         std::fs::write(d.join("kernel.json"), format!("{{\"n\":{i}}}")).unwrap();
+        std::fs::write(
+            d.join("__grp__kernel.json"),
+            format!(
+                "{{\"child_paths\":{{\"kernel.cubin\":\"/capture/{key}/kernel.cubin\",\"kernel.json\":\"/capture/{key}/kernel.json\"}}}}"
+            ),
+        )
+        .unwrap();
     }
     ImageBuilder::mcv(
         CacheKind::Triton,
@@ -104,6 +116,30 @@ fn unpublish_req(vol: &str, target: &Path) -> pb::NodeUnpublishVolumeRequest {
     }
 }
 
+/// Every pod mounts its one `csi.gkm.io` volume at `/cache`.
+struct AllAtCache;
+
+impl PodSource for AllAtCache {
+    fn lookup<'a>(
+        &'a self,
+        pod: &'a PodRef,
+    ) -> futures::future::BoxFuture<'a, Result<Option<PodMounts>, String>> {
+        let p = PodMounts {
+            uid: pod.uid.clone(),
+            volumes: vec![("kernels".into(), gkm::csi::DRIVER_NAME.into())],
+            containers: vec![(
+                "containers[0] \"app\"".into(),
+                vec![gkm::csi::pods::VolumeMountInfo {
+                    volume: "kernels".into(),
+                    mount_path: "/cache".into(),
+                    ..Default::default()
+                }],
+            )],
+        };
+        Box::pin(async move { Ok(Some(p)) })
+    }
+}
+
 /// A plugin served on a unix socket, over its own store.
 struct Node {
     store: Arc<Store>,
@@ -153,6 +189,8 @@ impl Node {
             KernelMounter,
             gpus,
         ));
+        plugin.set_pod_source(Arc::new(AllAtCache));
+        plugin.probe_upper_layers().unwrap();
         let socket = root.join("csi.sock");
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn({
@@ -209,12 +247,17 @@ async fn sequential(
         .node_unpublish_volume(unpublish_req("warmup", &warm))
         .await
         .unwrap();
-    let source = node
+    let extracted = node.store.get(&image.digest).unwrap().unwrap();
+    let view = node
         .store
-        .get(&image.digest)
+        .ensure_view(
+            &extracted,
+            &gkm::kernel_cache::MountBase::at("/cache"),
+            "floor",
+        )
         .unwrap()
-        .unwrap()
-        .mount_source();
+        .expect("the cache's group files need a view");
+    let lowers = vec![view, extracted.mount_source()];
     let mut s = Sequential {
         floor_mount: Vec::new(),
         floor_pair: Vec::new(),
@@ -223,12 +266,27 @@ async fn sequential(
     };
     for i in 0..pairs {
         let ft = pods.join(format!("floor-{tag}-{i}"));
+        let (upper, work) = (
+            pods.join(format!("floor-u-{tag}-{i}")),
+            pods.join(format!("floor-w-{tag}-{i}")),
+        );
         let t0 = Instant::now();
-        std::fs::create_dir(&ft).unwrap();
-        KernelMounter.bind_read_only(&source, &ft).unwrap();
+        for d in [&ft, &upper, &work] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let spec = MountSpec::Overlay {
+            lowers: lowers.clone(),
+            upper: Some(UpperDirs {
+                upper: upper.clone(),
+                work: work.clone(),
+            }),
+        };
+        KernelMounter.mount(&spec, &ft).unwrap();
         let t1 = Instant::now();
         KernelMounter.unmount(&ft).unwrap();
         std::fs::remove_dir(&ft).unwrap();
+        std::fs::remove_dir(&upper).unwrap();
+        std::fs::remove_dir_all(&work).unwrap();
         s.floor_mount.push(t1 - t0);
         s.floor_pair.push(t0.elapsed());
 
@@ -371,13 +429,13 @@ async fn run() {
                 "volume records not fsynced"
             }
         );
-        row("floor: mkdir + bind + ro remount", &s.floor_mount);
-        row("floor: + umount + rmdir", &s.floor_pair);
+        row("floor: mkdir x3 + overlay mount", &s.floor_mount);
+        row("floor: + umount + rmdir x3", &s.floor_pair);
         row("NodePublishVolume", &s.publish);
         row("NodePublishVolume + NodeUnpublishVolume", &s.pair);
         let p99 = percentile(&s.publish, 0.99);
         println!(
-            "   publish p99 {:.2} ms (target < 2 ms); {:.1}x the floor's p99 (target within 5x)",
+            "   publish p99 {:.2} ms (target < 3 ms); {:.1}x the floor's p99 (target within 5x)",
             p99.as_secs_f64() * 1e3,
             p99.as_secs_f64() / percentile(&s.floor_mount, 0.99).as_secs_f64()
         );

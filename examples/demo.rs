@@ -1,7 +1,10 @@
 //! GKM end to end on one machine, with real components: etcd and kube-apiserver, an OCI
-//! registry, `gkm-controller` with its admission webhook, `gkm-agent` with a simulated GPU
-//! inventory; then a kernel cache is built and signed with `gkm build`, applied as a
-//! `GKMCache` with kubectl, and mounted the way kubelet mounts it into a pod.
+//! registry, `gkm-controller` with its admission webhooks, `gkm-agent` with a simulated GPU
+//! inventory; then a real Triton kernel cache (captured on an H200 at `/tmp/tc`, from
+//! `tests/fixtures/h200`) is built and signed with `gkm build`, applied as a `GKMCache` with
+//! kubectl, and delivered into a pod the way kubelet and the container runtime do, at
+//! another path than the one it was captured at; Triton's own lookup then finds every
+//! kernel there, and the pod's private write does not reach the shared tree.
 //!
 //! Run it through `scripts/demo.sh` (which installs the tools and builds the binaries):
 //! `cargo run --example demo -- --bin-dir TARGET/debug [--keep]`. Everything it starts
@@ -82,26 +85,6 @@ async fn wait<T>(what: &str, secs: u64, mut probe: impl AsyncFnMut() -> Option<T
     }
 }
 
-/// A small Triton cache: two kernels compiled for sm_90.
-fn sample_cache(dir: &Path) -> Result<()> {
-    for (hash, name) in [("4f3b9c", "matmul_kernel"), ("a81d07", "fused_attention")] {
-        let k = dir.join(hash);
-        std::fs::create_dir_all(&k)?;
-        std::fs::write(
-            k.join(format!("{name}.json")),
-            format!(
-                r#"{{"name":"{name}","num_warps":4,"num_stages":3,"target":{{"backend":"cuda","arch":90,"warp_size":32}}}}"#
-            ),
-        )?;
-        std::fs::write(
-            k.join(format!("{name}.cubin")),
-            format!("cubin of {name}\n"),
-        )?;
-        std::fs::write(k.join(format!("{name}.ptx")), format!("// ptx of {name}\n"))?;
-    }
-    Ok(())
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     gkm::install_crypto();
@@ -127,7 +110,7 @@ async fn main() -> Result<()> {
     let w = work.path();
     let mut steps = Steps {
         n: 0,
-        total: 9,
+        total: 11,
         started: Instant::now(),
     };
 
@@ -179,6 +162,14 @@ async fn main() -> Result<()> {
     .with_context(|| controller.log_tail())?;
     gkm_testenv::webhooks::register(&cluster, "gkm", port, &ca.cert_pem, ("gkm.io/demo", "on"))
         .await?;
+    gkm_testenv::webhooks::register_pod_env(
+        &cluster,
+        "gkm-pod-env",
+        port,
+        &ca.cert_pem,
+        ("gkm.io/demo", "on"),
+    )
+    .await?;
     let ns = gkm_testenv::webhooks::editor_namespace(
         &cluster,
         "ml-team",
@@ -235,13 +226,29 @@ async fn main() -> Result<()> {
     show("$ ", "gkm gpus --gpus-file gpus.yaml");
     show("  ", &String::from_utf8_lossy(&gpus.stdout));
 
-    steps.next("Building and signing a Triton kernel cache image with `gkm build`");
-    let src = w.join("triton-cache");
-    sample_cache(&src)?;
+    steps.next(
+        "Building and signing an image of a real Triton cache (captured on an H200 at /tmp/tc) with `gkm build`",
+    );
+    let fixture = workspace_root().join("tests/fixtures/h200/h200-triton-inductor-caches.tgz");
+    let untar = Command::new("tar")
+        .arg("-xzf")
+        .arg(&fixture)
+        .arg("-C")
+        .arg(w)
+        .arg("tc")
+        .output()?;
+    if !untar.status.success() {
+        bail!(
+            "unpacking {}: {}",
+            fixture.display(),
+            String::from_utf8_lossy(&untar.stderr)
+        );
+    }
+    let src = w.join("tc");
     let image = format!("{}/ml/llama-kernels:v1", registry.host());
     show(
         "$ ",
-        &format!("gkm build triton-cache --kind triton -t {image} --sign-key cosign.key"),
+        &format!("gkm build tc --kind triton -t {image} --sign-key cosign.key"),
     );
     let out = Command::new(bin_dir.join("gkm"))
         .arg("build")
@@ -262,6 +269,25 @@ async fn main() -> Result<()> {
         bail!("gkm build failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     show("  ", &String::from_utf8_lossy(&out.stdout));
+    let inspect = Command::new(bin_dir.join("gkm"))
+        .args([
+            "inspect",
+            &image,
+            "--insecure-registry",
+            registry.host(),
+            "--gpus-file",
+        ])
+        .arg(w.join("gpus.yaml"))
+        .output()?;
+    show("$ ", &format!("gkm inspect {image}"));
+    show(
+        "  ",
+        &String::from_utf8_lossy(&inspect.stdout)
+            .lines()
+            .filter(|l| !l.starts_with("  cache.") && !l.starts_with("Labels:"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
 
     steps
         .next("alice applies a GKMCache naming the image by tag; the webhook pins and verifies it");
@@ -306,14 +332,7 @@ async fn main() -> Result<()> {
     );
     let nodes: Api<GKMCacheNode> = Api::namespaced(cluster.admin_client().await?, &ns);
     let n = wait("node status Extracted", 120, async || {
-        let n = nodes.get_opt(NODE).await.ok()??;
-        let e = n
-            .status
-            .as_ref()?
-            .caches
-            .get("llama-kernels")?
-            .get(&digest)?
-            .clone();
+        let e = entry(&nodes, &digest).await?;
         (e.state == gkm::api::CacheState::Extracted).then_some(e)
     })
     .await
@@ -324,8 +343,50 @@ async fn main() -> Result<()> {
     );
     show("  ", &serde_norway::to_string(&n)?);
 
-    steps.next("kubelet's NodePublishVolume for a pod's inline volume: a read-only bind mount");
-    let target = w.join("pods/pod-uid-1/volumes/kubernetes.io~csi/kernels/mount");
+    steps
+        .next("A pod mounts the cache at a path of its own; admission sets TRITON_CACHE_DIR to it");
+    // The container's mountPath. The demo plays the container runtime, so the path lies in
+    // its folder; any path works.
+    let mount_path = w.join("pod-root/models/kernels");
+    std::fs::create_dir_all(&mount_path)?;
+    let pod_yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: vllm-server-0\n  namespace: {ns}\nspec:\n  nodeName: {NODE}\n  containers:\n    - name: server\n      image: vllm/vllm-openai\n      volumeMounts: [{{name: kernels, mountPath: {}}}]\n  volumes:\n    - name: kernels\n      csi:\n        driver: csi.gkm.io\n        volumeAttributes:\n          csi.gkm.io/GKMCache: llama-kernels\n          csi.gkm.io/namespace: {ns}\n",
+        mount_path.display()
+    );
+    std::fs::write(w.join("pod.yaml"), &pod_yaml)?;
+    show("pod.yaml  ", &pod_yaml);
+    show("$ ", "kubectl apply -f pod.yaml");
+    show(
+        "  ",
+        &kubectl(
+            &admin,
+            &["apply", "-f", &w.join("pod.yaml").display().to_string()],
+        )?,
+    );
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(cluster.admin_client().await?, &ns);
+    let pod = pods.get("vllm-server-0").await?;
+    let uid = pod.metadata.uid.clone().context("the pod has no uid")?;
+    for e in pod
+        .spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .flat_map(|c| c.env.iter().flatten())
+    {
+        show(
+            "",
+            &format!(
+                "env set by GKM's Pod webhook: {}={}",
+                e.name,
+                e.value.clone().unwrap_or_default()
+            ),
+        );
+    }
+
+    steps.next("kubelet's NodePublishVolume, and the runtime's bind into the container");
+    let target = w.join(format!(
+        "pods/{uid}/volumes/kubernetes.io~csi/kernels/mount"
+    ));
     std::fs::create_dir_all(target.parent().unwrap())?;
     let ch = gkm::csi::server::connect(&socket).await?;
     let req = pb::NodePublishVolumeRequest {
@@ -334,10 +395,9 @@ async fn main() -> Result<()> {
         volume_capability: Some(pb::VolumeCapability {
             access_type: Some(volume_capability::AccessType::Mount(Default::default())),
             access_mode: Some(pb::volume_capability::AccessMode {
-                mode: pb::volume_capability::access_mode::Mode::SingleNodeReaderOnly as i32,
+                mode: pb::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
             }),
         }),
-        readonly: true,
         volume_context: HashMap::from([
             (
                 gkm::csi::ATTR_CACHE.to_string(),
@@ -349,34 +409,95 @@ async fn main() -> Result<()> {
                 gkm::csi::CTX_POD_NAME.to_string(),
                 "vllm-server-0".to_string(),
             ),
-            (gkm::csi::CTX_POD_UID.to_string(), "pod-uid-1".to_string()),
+            (gkm::csi::CTX_POD_UID.to_string(), uid.clone()),
         ]),
         ..Default::default()
     };
     NodeClient::new(ch.clone()).node_publish_volume(req).await?;
+    rustix::mount::mount_bind_recursive(&target, &mount_path)?;
+    show("", &format!("target {}", target.display()));
+    show(
+        "",
+        &format!("  seen by the container at {}", mount_path.display()),
+    );
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    if let Some(line) = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(&*target.to_string_lossy()))
+    {
+        let opts = line.split(' ').nth(5).unwrap_or("");
+        show(
+            "",
+            &format!(
+                "  an overlay mount ({opts}): the shared tree read-only below, the path view above it, a private layer on top"
+            ),
+        );
+    }
+    let group = std::fs::read_dir(&mount_path)?
+        .flatten()
+        .find_map(|e| {
+            std::fs::read_dir(e.path())
+                .ok()?
+                .flatten()
+                .find(|f| f.file_name().to_string_lossy().starts_with("__grp__"))
+        })
+        .context("no group file in the cache")?;
+    let text = std::fs::read_to_string(group.path())?;
     show(
         "",
         &format!(
-            "mounted at {} (TRITON_CACHE_DIR for the pod):",
-            target.display()
+            "{} names its children at the pod's path:",
+            group.path().strip_prefix(&mount_path)?.display()
         ),
     );
-    let mut files = Vec::new();
-    walk(&target, &target, &mut files)?;
-    show("  ", &files.join("\n"));
-    match std::fs::write(target.join("injected.so"), b"x") {
-        Err(e) => show("", &format!("writing into the mount: refused ({e})")),
-        Ok(()) => bail!("the mount is writable"),
+    show("  ", &text.chars().take(200).collect::<String>());
+
+    steps.next("Real Triton in the pod's place: its own cache manager finds every kernel at the mount path");
+    let triton = gkm_testenv::triton::Triton::locate()?;
+    let l = triton.lookup(&mount_path)?;
+    show(
+        "",
+        &format!(
+            "Triton {}: {} of {} kernels resolve at {} (FileCacheManager.get_group, TRITON_CACHE_DIR={})",
+            l.triton,
+            l.resolved,
+            l.groups,
+            mount_path.display(),
+            mount_path.display()
+        ),
+    );
+    if l.resolved != l.groups || l.groups == 0 {
+        bail!("the cache does not hit at the pod's path: {:?}", l.missing);
     }
+    let shared = w
+        .join("store/store/sha256")
+        .join(digest.trim_start_matches("sha256:"))
+        .join("rootfs/io.triton.cache");
+    let miss = triton.compile(&mount_path, &["cuda:90:32"], true)?;
+    if let Some(e) = &miss.error {
+        bail!("a miss crashed Triton: {e}");
+    }
+    show(
+        "",
+        &format!(
+            "a kernel the cache lacks compiled without error ({} files written into the pod's private layer)",
+            miss.written.len()
+        ),
+    );
+    let leaked: Vec<&String> = miss
+        .written
+        .iter()
+        .filter(|f| shared.join(f).exists())
+        .collect();
+    if !leaked.is_empty() {
+        bail!("the pod's writes reached the shared tree: {leaked:?}");
+    }
+    show(
+        "",
+        "the shared tree is unchanged: none of those files is in it",
+    );
     let in_use = wait("InUse", 30, async || {
-        let n = nodes.get_opt(NODE).await.ok()??;
-        let e = n
-            .status
-            .as_ref()?
-            .caches
-            .get("llama-kernels")?
-            .get(&digest)?
-            .clone();
+        let e = entry(&nodes, &digest).await?;
         (e.state == gkm::api::CacheState::InUse).then_some(e)
     })
     .await?;
@@ -424,7 +545,22 @@ async fn main() -> Result<()> {
         );
         tokio::signal::ctrl_c().await?;
     }
+    rustix::mount::unmount(&mount_path, rustix::mount::UnmountFlags::DETACH)?;
     NodeClient::new(ch).node_unpublish_volume(unpublish).await?;
+    let done = wait("the miss counted", 30, async || {
+        let e = entry(&nodes, &digest).await?;
+        e.last_miss.is_some().then_some(e)
+    })
+    .await?;
+    show(
+        "",
+        &format!(
+            "after the pod: podsServed {}, kernelsCompiled {}: {}",
+            done.pods_served.unwrap_or(0),
+            done.kernels_compiled.unwrap_or(0),
+            done.last_miss.unwrap_or_default()
+        ),
+    );
     drop((agent, controller, registry, cluster));
     println!(
         "\n\x1b[1mDone in {:.1} s.\x1b[0m Everything it started has stopped and its files are removed.",
@@ -433,20 +569,8 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<std::io::Result<_>>()?;
-    entries.sort_by_key(|e| e.path());
-    for e in entries {
-        let p = e.path();
-        if e.file_type()?.is_dir() {
-            walk(root, &p, out)?;
-        } else {
-            out.push(format!(
-                "{}  ({} bytes)",
-                p.strip_prefix(root)?.display(),
-                e.metadata()?.len()
-            ));
-        }
-    }
-    Ok(())
+/// This node's status entry of the demo's cache and `digest`, once it exists.
+async fn entry(nodes: &Api<GKMCacheNode>, digest: &str) -> Option<gkm::api::CacheDigestStatus> {
+    let n = nodes.get_opt(NODE).await.ok()??;
+    n.status?.caches.get("llama-kernels")?.get(digest).cloned()
 }

@@ -15,12 +15,17 @@
 #   etcd                     comes from the `etcd-bin-vendored` crate (a dev-dependency),
 #                            so cargo fetches it; nothing to do here.
 #   skopeo, umoci            Debian packages, used by the extraction benchmark as a baseline.
+#   triton-python            a Python virtual environment with PyPI's Triton wheel, whose
+#                            compiler and cache manager decide hit or miss in the cache tests
+#                            (it compiles for cuda:90 and gfx942 on a CPU).
 set -Eeuo pipefail
 
 KUBE_VERSION=${KUBE_VERSION:-v1.36.3}
 COSIGN_VERSION=${COSIGN_VERSION:-v3.1.2}
 CRANE_VERSION=${CRANE_VERSION:-v0.21.9}
 CSI_SANITY_VERSION=${CSI_SANITY_VERSION:-v5.5.0}
+# The Triton of the H200 fixture (../shared/fixtures): its metadata says 3.6.0.
+TRITON_VERSION=${TRITON_VERSION:-3.6.0}
 
 TOOLS_DIR=${GKM_TOOLS_DIR:-$HOME/.cache/gkm/tools}
 BIN=$TOOLS_DIR/bin
@@ -159,6 +164,34 @@ referrers_registry() {
   ln -sfn "referrers-registry-$v" "$BIN/referrers-registry"
 }
 
+# A virtual environment with Triton, linked as $BIN/triton-python.
+triton_python() {
+  local v=$TRITON_VERSION
+  local venv=$TOOLS_DIR/py-triton-$v
+  step triton "PyPI triton==$v in a virtual environment"
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import triton, sys; sys.exit(triton.__version__ != '$v')" 2>/dev/null; then
+    echo "    cached: $venv"
+  else
+    local t0
+    t0=$(now)
+    rm -rf "$venv"
+    if ! python3 -m venv "$venv" 2>/dev/null; then
+      # Debian's python3 keeps venv in a package of its own.
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+      rm -rf "$venv"
+      python3 -m venv "$venv"
+    fi
+    "$venv/bin/pip" install -q --disable-pip-version-check "triton==$v"
+    echo "    installed in $(($(now) - t0))s"
+  fi
+  # A wrapper, not a link: Python finds its virtual environment from the path it was
+  # started by, and a link in $BIN would start the base interpreter.
+  rm -f "$BIN/triton-python"
+  printf '#!/bin/sh\nexec "%s" "$@"\n' "$venv/bin/python" >"$BIN/triton-python"
+  chmod +x "$BIN/triton-python"
+}
+
 T_ALL=$(now)
 kube_tools
 go_tool cosign github.com/sigstore/cosign/v3/cmd/cosign "$COSIGN_VERSION"
@@ -166,6 +199,7 @@ go_tool crane github.com/google/go-containerregistry/cmd/crane "$CRANE_VERSION"
 go_tool csi-sanity github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity "$CSI_SANITY_VERSION"
 debian_packages
 referrers_registry
+triton_python
 
 step versions "installed into $BIN"
 STEP=versions
@@ -176,5 +210,6 @@ printf '    %-15s %s\n' crane "$("$BIN/crane" version)"
 printf '    %-15s %s\n' csi-sanity "$("$BIN/csi-sanity" --version 2>&1 | head -1)"
 printf '    %-15s %s\n' skopeo "$(skopeo --version)"
 printf '    %-15s %s\n' umoci "$(umoci --version)"
+printf '    %-15s %s\n' triton "$("$BIN/triton-python" -c 'import sys, triton; print(triton.__version__, "on Python", sys.version.split()[0])')"
 printf '    %-15s %s\n' etcd "from the etcd-bin-vendored crate (cargo)"
 echo "install-tools: done in $(($(now) - T_ALL))s"

@@ -1,20 +1,23 @@
-//! `gkm build`: a Triton or vLLM kernel cache directory packaged as an OCI image in the MCV
-//! layout (the image format of the earlier GKM's `mcv` tool), pushed to a registry or
-//! written as an OCI image layout, and optionally signed. No container engine is involved.
+//! `gkm build`: a Triton, Inductor (`torch.compile`) or vLLM kernel cache directory
+//! packaged as an OCI image in the MCV layout (the image format of the earlier GKM's `mcv`
+//! tool, extended with the `inductor` kind), pushed to a registry or written as an OCI
+//! image layout, and optionally signed. No container engine is involved.
 //!
 //! Owns:
 //! - the scan of a cache directory ([`scan`]): what may go into an image (files, folders,
-//!   symbolic links that stay inside; nothing else), the kernel entries found from Triton's
-//!   per-kernel metadata JSON (`"target": {"backend", "arch", "warp_size"}`) wherever they lie
-//!   in the tree, the distinct GPU targets, the entry count and the cache size;
+//!   symbolic links that stay inside; nothing else; Triton's `tmp.pid_*` staging folders
+//!   are left out), the kernel entries found from Triton's per-kernel metadata wherever they
+//!   lie in the tree, the distinct GPU targets, the Triton versions, the Python ABI tags of
+//!   the launchers, the capture path the group files name, the entry count and the size
+//!   (the formats themselves: [`crate::kernel_cache`]);
 //! - the image ([`build`]): one deterministic gzip layer holding `io.<kind>.cache/` (the
 //!   directory's content) and `io.<kind>.manifest/manifest.json` (sorted entries, mtime 0,
 //!   uid/gid 0, permission bits kept but made readable by all: the tree is owned by root in
 //!   the image and pods run as any user, so a `0600` file becomes `0644`, a `0700` folder or
 //!   program `0755`; setuid, setgid and sticky bits are dropped), the config with the
-//!   `cache.<kind>.image/summary`, `entry-count` and `cache-size-bytes` labels, and the OCI
-//!   manifest. The same tree always gives the same digest. The layer is written to a temporary file while it is hashed, so
-//!   memory stays small whatever the cache size;
+//!   `cache.<kind>.image/*` labels ([`crate::kernel_cache::labels`]), and the OCI manifest.
+//!   The same tree always gives the same digest. The layer is written to a temporary file
+//!   while it is hashed, so memory stays small whatever the cache size;
 //! - the output: [`Pusher`] uploads the blobs and then the exact manifest bytes (so the
 //!   digest printed is the digest built), and signs the pushed digest in cosign's tag format
 //!   (keys and signatures: [`crate::trust::sign`]); [`write_oci_layout`] writes an OCI image
@@ -22,18 +25,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
-use std::fmt;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::str::FromStr;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::api::GpuBackend;
 use crate::gpu::compat::{CacheTarget, normalize_arch};
+use crate::kernel_cache::CacheLabels;
 use crate::oci::image::OCI_MANIFEST;
 use crate::oci::{PinnedRef, Pusher, Reference};
 use crate::trust::sign;
@@ -45,59 +47,11 @@ pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 /// The annotation of `index.json` that names an image in an OCI layout.
 pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
 
-/// Largest JSON file read to look for kernel metadata (Triton's are a few KiB).
-const MAX_METADATA_BYTES: u64 = 4 << 20;
+pub use crate::kernel_cache::CacheKind;
 
-/// The two kinds of kernel cache an MCV image carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CacheKind {
-    /// A Triton cache directory (`TRITON_CACHE_DIR`).
-    Triton,
-    /// A vLLM cache root (`VLLM_CACHE_ROOT`, holding `torch_compile_cache/`).
-    Vllm,
-}
-
-impl CacheKind {
-    /// `triton` or `vllm`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CacheKind::Triton => "triton",
-            CacheKind::Vllm => "vllm",
-        }
-    }
-
-    /// `io.<kind>.cache`: the folder of the layer that holds the cache.
-    pub fn cache_dir(self) -> String {
-        format!("io.{}.cache", self.as_str())
-    }
-
-    /// `io.<kind>.manifest`: the folder of the layer that holds `manifest.json`.
-    pub fn manifest_dir(self) -> String {
-        format!("io.{}.manifest", self.as_str())
-    }
-
-    /// `cache.<kind>.image/<key>`: a config label.
-    pub fn label(self, key: &str) -> String {
-        format!("cache.{}.image/{key}", self.as_str())
-    }
-}
-
-impl fmt::Display for CacheKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for CacheKind {
-    type Err = BuildError;
-    fn from_str(s: &str) -> Result<Self, BuildError> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "triton" => Ok(CacheKind::Triton),
-            "vllm" => Ok(CacheKind::Vllm),
-            _ => Err(BuildError::Usage(format!(
-                "--kind {s:?}: expected `triton` or `vllm`"
-            ))),
-        }
+impl From<crate::kernel_cache::UnknownKind> for BuildError {
+    fn from(e: crate::kernel_cache::UnknownKind) -> Self {
+        BuildError::Usage(format!("--{e}"))
     }
 }
 
@@ -214,15 +168,7 @@ pub fn parse_target(value: &str) -> Result<CacheTarget, BuildError> {
     })
 }
 
-fn parse_backend(s: &str) -> Result<GpuBackend, String> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "cuda" => Ok(GpuBackend::Cuda),
-        "hip" => Ok(GpuBackend::Hip),
-        other => Err(format!(
-            "backend {other:?} is not one GKM can match against GPUs (cuda, hip)"
-        )),
-    }
-}
+use crate::kernel_cache::triton::{self, parse_backend};
 
 /// One kernel of the cache, from its Triton metadata JSON: a line of `manifest.json`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -245,6 +191,8 @@ pub struct KernelEntry {
     pub num_stages: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub debug: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub triton_version: Option<String>,
 }
 
 fn ser_backend<S: serde::Serializer>(b: &GpuBackend, s: S) -> Result<S::Ok, S::Error> {
@@ -289,7 +237,23 @@ pub struct Scan {
     /// Regular files, and their total bytes (the `cache-size-bytes` label).
     pub files: u64,
     pub size_bytes: u64,
+    /// The `triton_version`s of the kernels' metadata.
+    pub triton_versions: BTreeSet<String>,
+    /// The Python ABI tags of the extension modules (Triton's launchers and driver helpers).
+    pub python_abis: BTreeSet<String>,
+    /// Capture directories the group files name, with how many children name each.
+    pub capture_roots: BTreeMap<String, u64>,
     nodes: Vec<Node>,
+}
+
+impl Scan {
+    /// The directory the cache was captured at: the one most group-file children name.
+    pub fn capture_path(&self) -> Option<String> {
+        self.capture_roots
+            .iter()
+            .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+            .map(|(root, _)| root.clone())
+    }
 }
 
 /// Walks `dir`, refusing what an image must not hold, and reads the kernel metadata.
@@ -305,6 +269,9 @@ pub fn scan(dir: &Path, kind: CacheKind) -> Result<Scan, BuildError> {
         entry_count: 0,
         files: 0,
         size_bytes: 0,
+        triton_versions: BTreeSet::new(),
+        python_abis: BTreeSet::new(),
+        capture_roots: BTreeMap::new(),
         nodes: vec![Node {
             rel: PathBuf::new(),
             mode: readable(meta.permissions().mode(), true),
@@ -362,6 +329,10 @@ fn walk(root: &Path, rel: &Path, s: &mut Scan) -> Result<(), BuildError> {
         let meta = std::fs::symlink_metadata(&path).map_err(io_err("reading", &path))?;
         let ft = meta.file_type();
         let mode = readable(meta.permissions().mode(), ft.is_dir());
+        if ft.is_dir() && name.as_bytes().starts_with(b"tmp.pid_") {
+            // Triton's staging folder of a write that was cut short: never part of a cache.
+            continue;
+        }
         if ft.is_dir() {
             s.nodes.push(Node {
                 rel: rel.clone(),
@@ -378,13 +349,28 @@ fn walk(root: &Path, rel: &Path, s: &mut Scan) -> Result<(), BuildError> {
                 mode,
                 kind: NodeKind::File { size },
             });
-            let name = name.as_bytes();
-            if name.ends_with(b".json")
-                && !name.starts_with(b"__grp__")
-                && size <= MAX_METADATA_BYTES
+            let name = name.to_string_lossy();
+            if size > triton::MAX_JSON_BYTES {
+                // Too big to be Triton's: neither metadata nor a group file.
+            } else if triton::is_group_file(&name) {
+                let bytes = std::fs::read(&path).map_err(io_err("reading", &path))?;
+                if let Some(children) = triton::parse_group(&bytes) {
+                    let rel_dir = rel.parent().map(rel_string).unwrap_or_default();
+                    for recorded in children.values() {
+                        if let Some(root) = triton::capture_root(&rel_dir, recorded) {
+                            *s.capture_roots.entry(root).or_default() += 1;
+                        }
+                    }
+                }
+            } else if name.ends_with(".json")
                 && let Some(k) = read_kernel_metadata(&path, &rel)?
             {
+                if let Some(v) = &k.triton_version {
+                    s.triton_versions.insert(v.clone());
+                }
                 s.kernels.push(k);
+            } else if let Some(abi) = triton::python_abi(&name) {
+                s.python_abis.insert(abi.to_string());
             }
         } else if ft.is_symlink() {
             let target = std::fs::read_link(&path).map_err(io_err("reading", &path))?;
@@ -450,52 +436,26 @@ fn link_stays_inside(rel: &Path, target: &Path) -> bool {
     !target.as_os_str().is_empty()
 }
 
-/// Reads `path` as Triton kernel metadata: `None` when it is some other JSON (not JSON at
-/// all, or no `target` object with a `backend`); an error when it is kernel metadata whose
-/// target GKM cannot use (another backend, no arch, no warp size).
+/// Reads `path` as Triton kernel metadata ([`triton::KernelMetadata::parse`]), as a line
+/// of `manifest.json`; an error names the file whose target GKM cannot use.
 fn read_kernel_metadata(path: &Path, rel: &Path) -> Result<Option<KernelEntry>, BuildError> {
     let bytes = std::fs::read(path).map_err(io_err("reading", path))?;
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
-        return Ok(None);
-    };
-    let Some(target) = v.get("target").and_then(|t| t.as_object()) else {
-        return Ok(None);
-    };
-    let Some(backend) = target.get("backend") else {
-        return Ok(None);
-    };
-    let bad = |reason: String| BuildError::BadMetadata {
+    let meta = triton::KernelMetadata::parse(&bytes).map_err(|reason| BuildError::BadMetadata {
         path: path.display().to_string(),
         reason,
-    };
-    let backend = backend
-        .as_str()
-        .ok_or_else(|| bad("target.backend is not a string".into()))
-        .and_then(|b| parse_backend(b).map_err(bad))?;
-    let arch = match target.get("arch") {
-        Some(serde_json::Value::String(a)) if !a.trim().is_empty() => normalize_arch(a),
-        Some(serde_json::Value::Number(n)) if n.is_u64() => n.to_string(),
-        _ => return Err(bad("target.arch is neither a name nor a number".into())),
-    };
-    let warp_size = target
-        .get("warp_size")
-        .and_then(|w| w.as_u64())
-        .and_then(|w| u32::try_from(w).ok())
-        .filter(|w| *w > 0)
-        .ok_or_else(|| bad("target.warp_size is not a positive number".into()))?;
-    let str_field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-    let num_field = |k: &str| v.get(k).and_then(|x| x.as_u64());
-    Ok(Some(KernelEntry {
+    })?;
+    Ok(meta.map(|m| KernelEntry {
         path: rel_string(rel),
-        name: str_field("name"),
-        hash: str_field("hash"),
-        backend,
-        arch,
-        warp_size,
-        ptx_version: num_field("ptx_version"),
-        num_warps: num_field("num_warps"),
-        num_stages: num_field("num_stages"),
-        debug: v.get("debug").and_then(|x| x.as_bool()),
+        name: m.name,
+        hash: m.hash,
+        backend: m.target.backend,
+        arch: m.target.arch,
+        warp_size: m.target.warp_size,
+        ptx_version: m.ptx_version,
+        num_warps: m.num_warps,
+        num_stages: m.num_stages,
+        debug: m.debug,
+        triton_version: m.triton_version,
     }))
 }
 
@@ -601,6 +561,10 @@ fn choose_targets(
                 " (a vLLM cache holds them in triton_cache/ folders of torch_compile_cache/ once Triton kernels were compiled)"
                     .to_string()
             }
+            CacheKind::Inductor => {
+                " (an Inductor cache holds them under triton/<device>/ once torch.compile ran on a GPU)"
+                    .to_string()
+            }
             CacheKind::Triton => String::new(),
         };
         return Err(BuildError::NoTargets {
@@ -617,13 +581,16 @@ pub fn build(dir: &Path, opts: &BuildOptions) -> Result<BuiltImage, BuildError> 
     let targets = choose_targets(dir, &scan, opts)?;
     let kind = opts.kind;
     let summary = summary_json(&targets);
-    let labels: BTreeMap<String, String> = [
-        (kind.label("summary"), summary.clone()),
-        (kind.label("entry-count"), scan.entry_count.to_string()),
-        (kind.label("cache-size-bytes"), scan.size_bytes.to_string()),
-    ]
-    .into_iter()
-    .collect();
+    let labels = CacheLabels {
+        kind: Some(kind),
+        summary_raw: Some(summary.clone()),
+        entry_count: Some(scan.entry_count),
+        size_bytes: Some(scan.size_bytes),
+        triton_versions: scan.triton_versions.iter().cloned().collect(),
+        python_abis: scan.python_abis.iter().cloned().collect(),
+        capture_path: scan.capture_path(),
+    }
+    .to_labels(kind);
     let manifest_json = cache_manifest_json(&scan, &targets);
 
     let tmp = tempfile::Builder::new()
@@ -673,7 +640,9 @@ fn cache_manifest_json(scan: &Scan, targets: &[CacheTarget]) -> Vec<u8> {
     let summary: serde_json::Value =
         serde_json::from_str(&summary_json(targets)).expect("JSON we wrote");
     let entries = match scan.kind {
-        CacheKind::Triton => serde_json::to_value(&scan.kernels).expect("JSON into memory"),
+        CacheKind::Triton | CacheKind::Inductor => {
+            serde_json::to_value(&scan.kernels).expect("JSON into memory")
+        }
         CacheKind::Vllm => {
             let mut groups: BTreeMap<String, Vec<&KernelEntry>> = BTreeMap::new();
             for k in &scan.kernels {
@@ -1166,6 +1135,60 @@ mod tests {
         assert_eq!(readable(0o700, true), 0o755);
         assert_eq!(readable(0o1777, true), 0o777);
         assert_eq!(readable(0o664, false), 0o664);
+    }
+
+    #[test]
+    fn an_inductor_tree_records_triton_versions_launcher_abis_and_the_capture_path() {
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("triton/0/KEYA");
+        std::fs::create_dir_all(&key).unwrap();
+        std::fs::write(
+            key.join("k.json"),
+            br#"{"name":"k","triton_version":"3.6.0","target":{"backend":"cuda","arch":90,"warp_size":32}}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            key.join("__grp__k.json"),
+            br#"{"child_paths":{"k.json":"/tmp/ic/triton/0/KEYA/k.json","k.cubin":"/tmp/ic/triton/0/KEYA/k.cubin"}}"#,
+        )
+        .unwrap();
+        let helper = d.path().join("triton/0/KEYB");
+        std::fs::create_dir_all(&helper).unwrap();
+        std::fs::write(
+            helper.join("__triton_launcher.cpython-312-x86_64-linux-gnu.so"),
+            b"\x7fELF",
+        )
+        .unwrap();
+        // Triton's staging folder of an interrupted write is no part of the cache.
+        std::fs::create_dir_all(d.path().join("triton/0/KEYA/tmp.pid_7_abc")).unwrap();
+        std::fs::create_dir_all(d.path().join("fxgraph/ab")).unwrap();
+        std::fs::write(d.path().join("fxgraph/ab/entry"), b"graph").unwrap();
+
+        let img = build(
+            d.path(),
+            &BuildOptions {
+                kind: CacheKind::Inductor,
+                targets: vec![],
+            },
+        )
+        .unwrap();
+        let labels = CacheLabels::read(&img.labels);
+        assert_eq!(labels.kind, Some(CacheKind::Inductor));
+        assert_eq!(labels.triton_versions, ["3.6.0"]);
+        assert_eq!(labels.python_abis, ["cpython-312-x86_64-linux-gnu"]);
+        assert_eq!(labels.capture_path.as_deref(), Some("/tmp/ic"));
+        assert!(
+            img.labels.contains_key("cache.inductor.image/summary"),
+            "{:?}",
+            img.labels
+        );
+        let s = scan(d.path(), CacheKind::Inductor).unwrap();
+        assert!(
+            !s.nodes
+                .iter()
+                .any(|n| n.rel.to_string_lossy().contains("tmp.pid_")),
+            "staging folders are left out"
+        );
     }
 
     #[test]

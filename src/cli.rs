@@ -54,6 +54,12 @@ pub struct Inspection {
     pub info: ImageInfo,
     pub kind: Option<String>,
     pub targets: Vec<String>,
+    /// The Triton versions, Python ABI tags and capture path the labels record.
+    pub triton_versions: Vec<String>,
+    pub python_abis: Vec<String>,
+    pub capture_path: Option<String>,
+    /// The variable a pod sets to the mount path (`TRITON_CACHE_DIR`, ...).
+    pub env: Option<String>,
     pub gpus: Vec<GpuInfo>,
     pub compatible: Vec<String>,
     pub incompatible: Vec<String>,
@@ -79,12 +85,21 @@ pub async fn inspect(
         image: pinned.to_string(),
         kind: None,
         targets: Vec::new(),
+        triton_versions: Vec::new(),
+        python_abis: Vec::new(),
+        capture_path: None,
+        env: None,
         gpus,
         compatible: Vec::new(),
         incompatible: Vec::new(),
         reasons: Vec::new(),
         info,
     };
+    let labels = out.info.cache_labels();
+    out.env = labels.kind.map(|k| k.env_var().to_string());
+    out.triton_versions = labels.triton_versions;
+    out.python_abis = labels.python_abis;
+    out.capture_path = labels.capture_path;
     if let Some((kind, label)) = out.info.summary_label() {
         out.kind = Some(kind.to_string());
         let summary =
@@ -145,6 +160,23 @@ impl Inspection {
                         self.targets.join(", ")
                     }
                 );
+                let or_unknown = |v: &[String]| {
+                    if v.is_empty() {
+                        "not recorded".to_string()
+                    } else {
+                        v.join(", ")
+                    }
+                };
+                let _ = writeln!(s, "Triton:    {}", or_unknown(&self.triton_versions));
+                let _ = writeln!(s, "Python:    {}", or_unknown(&self.python_abis));
+                let _ = writeln!(
+                    s,
+                    "Captured:  {}",
+                    self.capture_path.as_deref().unwrap_or("not recorded")
+                );
+                if let Some(env) = &self.env {
+                    let _ = writeln!(s, "Use:       {env}=<the volume's mountPath>");
+                }
             }
             None => {
                 let _ = writeln!(
@@ -243,7 +275,7 @@ pub struct BuildRequest {
     pub oci_layout: Option<PathBuf>,
 }
 
-/// `gkm build DIR --kind triton|vllm -t REF`: packages a kernel cache directory as an MCV
+/// `gkm build DIR --kind triton|inductor|vllm -t REF`: packages a kernel cache directory as an MCV
 /// image, pushes it (or writes an OCI layout) and signs it when asked. Progress goes to
 /// stderr; the returned line (`REPO@sha256:…`, or `PATH@sha256:…` for a layout) is what
 /// the command prints on stdout.

@@ -4,6 +4,8 @@
 //! One module per concern:
 //! - [`agent`]: the node agent's configuration and wiring (`gkm-agent`).
 //! - [`api`]: the custom resources and the names other programs depend on.
+//! - [`kernel_cache`]: the kernel cache formats (Triton metadata and group files, Inductor
+//!   trees, image labels), path views, and what a pod compiled on a miss.
 //! - [`gpu`]: this node's GPUs (NVML, KFD sysfs, simulated) and cache compatibility.
 //! - [`oci`]: image references, credentials, digest-pinned pulls, hardened extraction,
 //!   pushes and cross-registry copies.
@@ -23,6 +25,7 @@ pub mod cli;
 pub mod csi;
 pub mod gpu;
 pub mod health;
+pub mod kernel_cache;
 pub mod metrics;
 pub mod oci;
 pub mod promote;

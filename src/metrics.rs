@@ -28,6 +28,12 @@ pub struct ResultLabels {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabel {
+    /// `<kind>/<namespace>/<name>` of a cache (the namespace is empty for a cluster cache).
+    pub cache: String,
+}
+
 /// Every metric the agent exports.
 pub struct Metrics {
     registry: Registry,
@@ -40,6 +46,8 @@ pub struct Metrics {
     pub reconciles: Family<ResultLabels, Counter>,
     pub node_status_writes: Counter,
     pub volumes: Gauge,
+    pub pods_served: Family<CacheLabel, Counter>,
+    pub kernels_compiled: Family<CacheLabel, Counter>,
 }
 
 impl Metrics {
@@ -57,6 +65,8 @@ impl Metrics {
             reconciles: Family::default(),
             node_status_writes: Counter::default(),
             volumes: Gauge::default(),
+            pods_served: Family::default(),
+            kernels_compiled: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -104,6 +114,16 @@ impl Metrics {
             "Volumes published on this node",
             m.volumes.clone(),
         );
+        registry.register(
+            "cache_pods_served",
+            "Volumes published per cache (pods served)",
+            m.pods_served.clone(),
+        );
+        registry.register(
+            "cache_kernels_compiled",
+            "Cache entries pods compiled themselves because their cache missed, per cache",
+            m.kernels_compiled.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -119,6 +139,15 @@ impl Metrics {
         };
         self.csi_calls.get_or_create(&labels).inc();
         self.csi_seconds.get_or_create(&labels).observe(seconds);
+    }
+
+    /// Counts `n` on `family` for the cache `cache`.
+    pub fn per_cache(family: &Family<CacheLabel, Counter>, cache: &str, n: u64) {
+        family
+            .get_or_create(&CacheLabel {
+                cache: cache.into(),
+            })
+            .inc_by(n);
     }
 
     pub fn result(family: &Family<ResultLabels, Counter>, result: &str) {
@@ -153,6 +182,7 @@ mod tests {
         let m = Metrics::new();
         m.csi_call("publish", "OK", 0.002);
         Metrics::result(&m.pulls, "ok");
+        Metrics::per_cache(&m.kernels_compiled, "GKMCache/ns/c", 3);
         let text = m.encode();
         for name in [
             "gkm_csi_calls_total{op=\"publish\",code=\"OK\"} 1",
@@ -161,6 +191,7 @@ mod tests {
             "gkm_extracted_bytes_total",
             "gkm_gc_removed_digests_total",
             "gkm_volumes",
+            "gkm_cache_kernels_compiled_total{cache=\"GKMCache/ns/c\"} 3",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -8,7 +8,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use gkm::api::{CacheDigestStatus, CacheState, GKMCache, GKMCacheNode, RESOLVED_DIGEST_ANNOTATION};
-use gkm::csi::pb::identity_client::IdentityClient;
 use gkm::csi::pb::node_client::NodeClient;
 use gkm::csi::pb::{self, volume_capability};
 use gkm_testenv::faulty::StaticRegistry;
@@ -88,6 +87,8 @@ impl Agent {
             format!("--health-addr={health}"),
             "--gc-grace-seconds=0".to_string(),
             "--log=gkm=debug".to_string(),
+            // These tests create no Pod objects: do not wait for them.
+            "--pod-wait-millis=100".to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let bin = PathBuf::from(env!("CARGO_BIN_EXE_gkm-agent"));
@@ -106,22 +107,9 @@ impl Agent {
     }
 
     async fn node(&self) -> NodeClient<tonic::transport::Channel> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(ch) = gkm::csi::server::connect(&self.socket).await
-                && let Ok(r) = IdentityClient::new(ch.clone())
-                    .probe(pb::ProbeRequest {})
-                    .await
-                && r.get_ref().ready == Some(true)
-            {
-                return NodeClient::new(ch);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent not ready; log:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        match gkm::csi::server::connect_ready(&self.socket, Duration::from_secs(30)).await {
+            Ok(ch) => NodeClient::new(ch),
+            Err(why) => panic!("agent not ready ({why}); log:\n{}", self.log()),
         }
     }
 
@@ -261,15 +249,12 @@ fn state(n: Option<&GKMCacheNode>, cache: &str, digest: &str) -> Option<CacheSta
 }
 
 async fn event_reasons(ns: &str, object: &str) -> Vec<String> {
-    let api: Api<k8s_openapi::api::events::v1::Event> =
-        Api::namespaced(shared_cluster().admin_client().await.unwrap(), ns);
-    api.list(&ListParams::default())
+    shared_cluster()
+        .events_about(ns, object)
         .await
         .unwrap()
-        .items
         .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object))
-        .filter_map(|e| e.reason)
+        .map(|(reason, _)| reason)
         .collect()
 }
 

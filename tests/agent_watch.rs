@@ -107,6 +107,7 @@ async fn a_known_cache_publishes_while_the_api_server_is_down() {
             pod_namespace: ns.clone(),
             pod_name: "p".into(),
             pod_uid: "u".into(),
+            read_only: false,
         })
         .await
         .expect("published from the watch cache");

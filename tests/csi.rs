@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gkm::api::{ClusterGKMCache, GKMCache, RESOLVED_DIGEST_ANNOTATION};
+use gkm::csi::pb;
 use gkm::csi::pb::node_client::NodeClient;
-use gkm::csi::pb::{self, identity_client::IdentityClient};
 use gkm::csi::{
     ATTR_CACHE, ATTR_CLUSTER_CACHE, ATTR_NAMESPACE, CTX_POD_NAME, CTX_POD_NAMESPACE, CTX_POD_UID,
 };
@@ -43,6 +43,8 @@ impl Agent {
                 shared_cluster().admin_kubeconfig().display()
             ),
             "--log=gkm=debug".to_string(),
+            // These tests create no Pod objects: do not wait for them.
+            "--pod-wait-millis=100".to_string(),
             // Many agents run at once here: each on a port of its own.
             "--health-addr=127.0.0.1:0".to_string(),
         ];
@@ -61,22 +63,9 @@ impl Agent {
     }
 
     async fn node(&self) -> NodeClient<tonic::transport::Channel> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(ch) = gkm::csi::server::connect(&self.socket).await {
-                let mut id = IdentityClient::new(ch.clone());
-                if let Ok(r) = id.probe(pb::ProbeRequest {}).await
-                    && r.get_ref().ready == Some(true)
-                {
-                    return NodeClient::new(ch);
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent not ready; log:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        match gkm::csi::server::connect_ready(&self.socket, Duration::from_secs(20)).await {
+            Ok(ch) => NodeClient::new(ch),
+            Err(why) => panic!("agent not ready ({why}); log:\n{}", self.log()),
         }
     }
 
@@ -246,7 +235,7 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 }
 
 #[tokio::test]
-async fn pods_see_the_cache_read_only_share_one_digest_and_stay_in_their_namespace() {
+async fn pods_get_private_views_of_one_shared_digest_and_stay_in_their_namespace() {
     let cluster = shared_cluster();
     let ns = cluster.new_namespace("csi-a").await.unwrap();
     let fx = push_cache(&[Target::new("cuda", "90", 32)]).await;
@@ -255,7 +244,8 @@ async fn pods_see_the_cache_read_only_share_one_digest_and_stay_in_their_namespa
     let mut node = agent.node().await;
     let attrs = [(ATTR_CACHE, "llama"), (ATTR_NAMESPACE, ns.as_str())];
 
-    // Pod 1: the target holds the cache tree, read-only, nosuid, nodev.
+    // Pod 1: the target holds the cache tree, writable into the volume's own layer,
+    // nosuid, nodev.
     let t1 = agent.target("uid-p1", "cache");
     node.node_publish_volume(kubelet_publish("csi-vol-1", &t1, &attrs, &ns, "p1"))
         .await
@@ -265,14 +255,8 @@ async fn pods_see_the_cache_read_only_share_one_digest_and_stay_in_their_namespa
         files(fx.src.path()),
         "the pod sees io.triton.cache/ at its mount path"
     );
-    let err = std::fs::write(t1.join("0a1b/evil"), b"x").unwrap_err();
-    assert_eq!(
-        err.raw_os_error(),
-        Some(rustix::io::Errno::ROFS.raw_os_error()),
-        "{err}"
-    );
     let opts = mount_options(&t1).expect("the target is a mount point");
-    for o in ["ro", "nosuid", "nodev"] {
+    for o in ["rw", "nosuid", "nodev"] {
         assert!(opts.split(',').any(|x| x == o), "{o} missing in {opts}");
     }
     assert!(
@@ -300,6 +284,41 @@ async fn pods_see_the_cache_read_only_share_one_digest_and_stay_in_their_namespa
         .unwrap()
         .count();
     assert_eq!(digests, 1);
+
+    // A pod's write lands in its own layer: not in the shared tree, not in pod 2's view.
+    std::fs::write(t1.join("0a1b/compiled-on-a-miss"), b"x").unwrap();
+    std::fs::write(t1.join("0a1b/kernel.cubin"), b"overwritten").unwrap();
+    let shared = agent
+        .store()
+        .join("store/sha256")
+        .join(fx.image.digest.trim_start_matches("sha256:"))
+        .join("rootfs/io.triton.cache/0a1b");
+    assert!(!shared.join("compiled-on-a-miss").exists());
+    assert_eq!(
+        std::fs::read(shared.join("kernel.cubin")).unwrap(),
+        b"cubin 0a1b"
+    );
+    assert!(!t2.join("0a1b/compiled-on-a-miss").exists());
+    assert_eq!(
+        std::fs::read(t2.join("0a1b/kernel.cubin")).unwrap(),
+        b"cubin 0a1b"
+    );
+
+    // Strictly read-only when the pod asks: writes fail.
+    let t5 = agent.target("uid-p5", "cache");
+    let mut ro = kubelet_publish("csi-vol-5", &t5, &attrs, &ns, "p5");
+    ro.readonly = true;
+    node.node_publish_volume(ro).await.unwrap();
+    let err = std::fs::write(t5.join("0a1b/evil"), b"x").unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(rustix::io::Errno::ROFS.raw_os_error()),
+        "{err}"
+    );
+    assert!(mount_options(&t5).unwrap().split(',').any(|x| x == "ro"));
+    node.node_unpublish_volume(unpublish("csi-vol-5", &t5))
+        .await
+        .unwrap();
 
     // A pod of another namespace is refused, and nothing is mounted for it.
     let other = cluster.new_namespace("csi-b").await.unwrap();

@@ -157,15 +157,24 @@ pub async fn run(
         cfg.policy.clone(),
         puller.clone(),
     ));
-    let admission = Admission::new(
-        TrustVerifier::new(trust.clone(), puller),
-        cfg.args.trusted_users.clone(),
-    );
     let client = if cfg.args.self_signed_certs || !cfg.args.webhook_only {
         Some(kube_client(cfg.args.kubeconfig.as_ref()).await?)
     } else {
         None
     };
+    let mut admission = Admission::new(
+        TrustVerifier::new(trust.clone(), puller.clone()),
+        cfg.args.trusted_users.clone(),
+    );
+    // The cache variables of pods need the caches' objects: only with API access.
+    if let Some(client) = &client {
+        admission =
+            admission.with_cache_kinds(Arc::new(crate::webhook::pod_env::ApiCacheKinds::new(
+                client.clone(),
+                puller,
+                cfg.policy.verification.timeout,
+            )));
+    }
     // Promotion checks callers with the API server, so it needs a client.
     let promote = client.clone().map(|client| crate::promote::PromoteApi {
         gate: crate::promote::KubeGatekeeper { client },

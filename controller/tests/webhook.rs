@@ -631,6 +631,156 @@ async fn pod_policy_namespaces_run_only_signed_trusted_images_pinned_by_digest()
         .unwrap();
 }
 
+/// A pod whose containers mount `csi.gkm.io` volumes: `(container, volume, mountPath,
+/// own TRITON_CACHE_DIR)`, each volume naming the GKMCache of the same name in `ns`.
+fn cache_pod(ns: &str, name: &str, mounts: &[(&str, &str, &str, Option<&str>)]) -> Pod {
+    let mut volumes: Vec<&str> = mounts.iter().map(|m| m.1).collect();
+    volumes.dedup();
+    let containers: Vec<serde_json::Value> = mounts
+        .iter()
+        .map(|(c, v, path, own)| {
+            let mut c = serde_json::json!({"name": c, "image": "busybox",
+                "volumeMounts": [{"name": v, "mountPath": path}]});
+            if let Some(own) = own {
+                c["env"] = serde_json::json!([{"name": "TRITON_CACHE_DIR", "value": own}]);
+            }
+            c
+        })
+        .collect();
+    let volumes: Vec<serde_json::Value> = volumes
+        .iter()
+        .map(|v| {
+            serde_json::json!({"name": v, "csi": {"driver": "csi.gkm.io",
+                "volumeAttributes": {"csi.gkm.io/GKMCache": v, "csi.gkm.io/namespace": ns}}})
+        })
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"containers": containers, "volumes": volumes},
+    }))
+    .unwrap()
+}
+
+fn env_of(p: &Pod, container: &str) -> Vec<(String, String)> {
+    p.spec
+        .as_ref()
+        .unwrap()
+        .containers
+        .iter()
+        .find(|c| c.name == container)
+        .unwrap()
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect()
+}
+
+#[tokio::test]
+async fn pods_that_mount_a_cache_get_its_variable_at_their_mount_path() {
+    use gkm_testenv::image::{CacheKind, Compression, ImageBuilder};
+    let port = main_webhook();
+    let cluster = shared_cluster();
+    gkm_testenv::webhooks::register_pod_env(
+        cluster,
+        "gkm-test-pod-env",
+        port,
+        &env().ca.cert_pem,
+        (SELECTOR, "pod-env"),
+    )
+    .await
+    .unwrap();
+    let ns =
+        gkm_testenv::webhooks::editor_namespace(cluster, "wh-env", &[(SELECTOR, "pod-env")], &[])
+            .await
+            .unwrap();
+    let admin = cluster.admin_client().await.unwrap();
+
+    // Two caches as the cache webhook leaves them: a Triton one and an Inductor one (the
+    // kind comes from the image's labels).
+    let caches: Api<GKMCache> = Api::namespaced(admin.clone(), &ns);
+    for (name, kind) in [
+        ("triton", CacheKind::Triton),
+        ("inductor", CacheKind::Inductor),
+    ] {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::create_dir(src.path().join("k")).unwrap();
+        std::fs::write(src.path().join("k/kernel.cubin"), name).unwrap();
+        let image = ImageBuilder::mcv(
+            kind,
+            src.path(),
+            &[Target::new("cuda", "90", 32)],
+            Compression::Gzip,
+        )
+        .unwrap()
+        .push(
+            shared_registry(),
+            &format!("trusted/{}", unique_name(name)),
+            Some("v1"),
+        )
+        .await
+        .unwrap();
+        caches
+            .create(
+                &PostParams::default(),
+                &cache(name, &image.by_tag(), Some(&image.digest)),
+            )
+            .await
+            .unwrap();
+    }
+
+    let pods: Api<Pod> = Api::namespaced(admin, &ns);
+    let mounts = [
+        ("app", "triton", "/opt/kernels", None),
+        ("own", "triton", "/cache", Some("/root/.triton")),
+        ("torch", "inductor", "/inductor", None),
+    ];
+    // The API server picks a new webhook configuration up shortly after it is written.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut attempt = 0;
+    let created = loop {
+        attempt += 1;
+        let p = pods
+            .create(
+                &PostParams::default(),
+                &cache_pod(&ns, &format!("p{attempt}"), &mounts),
+            )
+            .await
+            .unwrap();
+        if !env_of(&p, "app").is_empty() || Instant::now() > deadline {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        env_of(&created, "app"),
+        [("TRITON_CACHE_DIR".to_string(), "/opt/kernels".to_string())]
+    );
+    assert_eq!(
+        env_of(&created, "own"),
+        [("TRITON_CACHE_DIR".to_string(), "/root/.triton".to_string())],
+        "a container's own value is kept (the response warns)"
+    );
+    assert_eq!(
+        env_of(&created, "torch"),
+        [(
+            "TORCHINDUCTOR_CACHE_DIR".to_string(),
+            "/inductor".to_string()
+        )]
+    );
+
+    // A cache that does not exist: the pod is admitted unchanged.
+    let p = pods
+        .create(
+            &PostParams::default(),
+            &cache_pod(&ns, "missing", &[("app", "nope", "/c", None)]),
+        )
+        .await
+        .unwrap();
+    assert!(env_of(&p, "app").is_empty());
+}
+
 /// Grants service account `ns/name` the right to promote (create on promotions.gkm.io)
 /// and returns a token of it.
 async fn promoter_token(cluster: &Cluster, ns: &str, name: &str, grant: bool) -> String {

@@ -65,6 +65,15 @@ pub struct AgentArgs {
     /// Seconds between garbage-collection sweeps of the store (also run after unpublishes).
     #[arg(long, env = "GKM_GC_INTERVAL_SECONDS", default_value_t = 60)]
     pub gc_interval_seconds: u64,
+    /// Milliseconds a publish waits for its pod to appear in the agent's watch of this
+    /// node's pods (to learn where the pod mounts the volume) before it mounts without a
+    /// path view, with a Warning Event on the pod.
+    #[arg(long, env = "GKM_POD_WAIT_MILLIS", default_value_t = 2000)]
+    pub pod_wait_millis: u64,
+    /// Seconds between scans of live volumes' private layers for kernels the pods
+    /// compiled (cache misses, shown in node status and as Events).
+    #[arg(long, env = "GKM_MISS_SCAN_INTERVAL_SECONDS", default_value_t = 60)]
+    pub miss_scan_interval_seconds: u64,
     /// Refuse caches whose image carries no GPU targets.
     #[arg(long, env = "GKM_REQUIRE_GPU_CLAIMS", default_value_t = false)]
     pub require_gpu_claims: bool,
@@ -107,6 +116,8 @@ pub struct AgentConfig {
     pub pull_policy: PullPolicy,
     pub health_addr: std::net::SocketAddr,
     pub gc_interval: Duration,
+    pub miss_scan_interval: Duration,
+    pub pod_wait: Duration,
     pub log_json: bool,
     pub log: String,
 }
@@ -142,6 +153,9 @@ impl AgentArgs {
                 self.store_root.display()
             ));
         }
+        if let Some(why) = crate::csi::mount::unusable_layer_path(&self.store_root) {
+            errs.push(format!("--store-root {}: {why}", self.store_root.display()));
+        }
         for (flag, file) in [
             ("--gpus-file", &self.gpus_file),
             ("--registry-auth", &self.registry_auth),
@@ -174,6 +188,15 @@ impl AgentArgs {
         if self.gc_interval_seconds == 0 {
             errs.push("--gc-interval-seconds 0: must be at least 1".to_string());
         }
+        if self.pod_wait_millis >= 60_000 {
+            errs.push(format!(
+                "--pod-wait-millis {}: must be under 60000 (kubelet gives up on a publish after 120 s)",
+                self.pod_wait_millis
+            ));
+        }
+        if self.miss_scan_interval_seconds == 0 {
+            errs.push("--miss-scan-interval-seconds 0: must be at least 1".to_string());
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log).is_err() {
             errs.push(format!("--log {:?}: not a log filter", self.log));
         }
@@ -196,6 +219,8 @@ impl AgentArgs {
             pull_policy: self.pull_policy,
             health_addr,
             gc_interval: Duration::from_secs(self.gc_interval_seconds),
+            miss_scan_interval: Duration::from_secs(self.miss_scan_interval_seconds),
+            pod_wait: Duration::from_millis(self.pod_wait_millis),
             log_json: self.log_json,
             log: self.log,
         })

@@ -67,6 +67,7 @@ pub async fn run(
             node_name: cfg.node_name.clone(),
             publish_timeout: cfg.publish_timeout,
             allow_unclaimed: !cfg.require_gpu_claims,
+            pod_wait: cfg.pod_wait,
             ..Default::default()
         },
         store.clone(),
@@ -82,8 +83,9 @@ pub async fn run(
             policy: cfg.pull_policy,
             allow_unclaimed: !cfg.require_gpu_claims,
             gc_interval: cfg.gc_interval,
+            miss_scan_interval: cfg.miss_scan_interval,
         },
-        client,
+        client.clone(),
         store,
         puller,
         caches.clone(),
@@ -91,14 +93,20 @@ pub async fn run(
         queue.clone(),
     ));
     plugin.on_volume_change(Box::new({
-        let (q, ctx) = (queue.clone(), Arc::downgrade(&ctx));
-        move |key| {
-            q.add(status::Scope::of(key));
+        let ctx = Arc::downgrade(&ctx);
+        move |event| {
             if let Some(ctx) = ctx.upgrade() {
-                ctx.gc_nudge.notify_one();
+                ctx.volume_event(event);
             }
         }
     }));
+    plugin.set_pod_source(Arc::new(watch::PodWatch::start(
+        client.clone(),
+        &cfg.node_name,
+    )));
+    // Where the store cannot hold a writable layer, volumes are read-only (each publish
+    // says so in a Warning Event on its pod).
+    let _ = plugin.probe_upper_layers();
     let dropped = plugin.reconcile_records()?;
 
     let ready: health::Readiness = Arc::new({
@@ -128,6 +136,7 @@ pub async fn run(
         tokio::spawn(health),
         tokio::spawn(reconcile::run_loop(ctx.clone(), rx, stopped())),
         tokio::spawn(reconcile::gc_loop(ctx.clone())),
+        tokio::spawn(reconcile::miss_loop(ctx.clone())),
         tokio::spawn({
             let ctx = ctx.clone();
             async move { reconcile::queue_startup_work(&ctx).await }

@@ -24,10 +24,10 @@ use tokio::sync::{Notify, mpsc};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::config::PullPolicy;
-use super::status::{CacheView, Phase, Scope, desired_caches};
+use super::status::{CacheView, Facts, Phase, Scope, desired_caches};
 use super::watch::WatchResolver;
 use crate::api::{ClusterGKMCacheNode, GKMCacheNode, GpuInfo, NodeStatus};
-use crate::csi::{CacheKey, CacheResolver, ResolvedCache};
+use crate::csi::{CacheKey, CacheResolver, ResolvedCache, VolumeEvent};
 use crate::gpu::Fitness;
 use crate::metrics::{Metrics, global as metrics};
 use crate::oci::{PinnedRef, Puller, parse_reference};
@@ -121,6 +121,8 @@ pub struct LoopConfig {
     pub policy: PullPolicy,
     pub allow_unclaimed: bool,
     pub gc_interval: Duration,
+    /// How often live volumes' private layers are scanned for compiled kernels.
+    pub miss_scan_interval: Duration,
 }
 
 /// The two kinds of Kubernetes Event.
@@ -151,6 +153,8 @@ pub struct Context {
     /// Wakes the GC loop (after an unpublish).
     pub gc_nudge: Notify,
     state: Mutex<LoopState>,
+    /// Entries each live volume had compiled at its last scan (counted into metrics).
+    misses: Mutex<HashMap<String, u64>>,
 }
 
 #[derive(Default)]
@@ -185,6 +189,121 @@ impl Context {
             queue,
             gc_nudge: Notify::new(),
             state: Mutex::default(),
+            misses: Mutex::default(),
+        }
+    }
+
+    /// What the CSI plugin reports of a volume: counts it, queues its cache's node object,
+    /// wakes the GC after an unpublish, and tells the pod's owner (Events) what they should
+    /// know: a volume that will miss, and kernels a pod compiled.
+    pub fn volume_event(self: &Arc<Self>, event: &VolumeEvent) {
+        let rec = event.record();
+        if let Some(key) = rec.cache_key() {
+            self.queue.add(Scope::of(&key));
+        }
+        let m = metrics();
+        match event {
+            VolumeEvent::Published(_) => Metrics::per_cache(&m.pods_served, &rec.cache_id(), 1),
+            VolumeEvent::Unpublished { compiled, why, .. } => {
+                let counted = self
+                    .misses
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&rec.volume_id)
+                    .unwrap_or(0);
+                let delta = compiled.entries().saturating_sub(counted);
+                Metrics::per_cache(&m.kernels_compiled, &rec.cache_id(), delta);
+                if let Some(why) = why.clone().filter(|_| delta > 0) {
+                    let (ctx, rec) = (self.clone(), rec.clone());
+                    tokio::spawn(async move { ctx.tell_miss(&rec, why).await });
+                }
+                self.gc_nudge.notify_one();
+            }
+            VolumeEvent::Warning {
+                reason, message, ..
+            } => {
+                let (ctx, rec, reason, message) =
+                    (self.clone(), rec.clone(), *reason, message.clone());
+                tokio::spawn(async move {
+                    let pod = pod_ref(&rec);
+                    ctx.post_event(pod, reason, EventType::Warning, truncate(message, 1000))
+                        .await;
+                });
+            }
+        }
+    }
+
+    /// Scans each live writable volume's private layer; what grew since the last scan is
+    /// counted, reported on the cache as a Warning Event, and shown in node status.
+    pub async fn scan_misses(self: &Arc<Self>) {
+        let store = self.store.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            store
+                .volumes()
+                .into_iter()
+                .filter(|r| r.mount.writable())
+                .filter_map(|r| {
+                    let upper = store.volume_dirs(&r.volume_id).upper;
+                    let c = crate::kernel_cache::misses::scan(&upper).ok()?;
+                    let why = crate::csi::explain_compiled(&store, &r, &c);
+                    Some((r, c.entries(), why))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (rec, entries, why) in found {
+            let grew = {
+                let mut seen = self.misses.lock().unwrap_or_else(|e| e.into_inner());
+                let before = seen.insert(rec.volume_id.clone(), entries).unwrap_or(0);
+                entries.saturating_sub(before)
+            };
+            if grew == 0 {
+                continue;
+            }
+            Metrics::per_cache(&metrics().kernels_compiled, &rec.cache_id(), grew);
+            if let Some(key) = rec.cache_key() {
+                self.queue.add(Scope::of(&key));
+            }
+            if let Some(why) = why {
+                self.tell_miss(&rec, format!("{why} (so far; the pod still runs)"))
+                    .await;
+            }
+        }
+    }
+
+    /// Entries live volumes of `cache_id` and `digest` compiled so far (last scan).
+    fn live_misses(&self, cache_id: &str, digest: &str) -> u64 {
+        let seen = self.misses.lock().unwrap_or_else(|e| e.into_inner());
+        self.store
+            .volumes()
+            .iter()
+            .filter(|v| v.cache_id() == cache_id && v.digest == digest)
+            .map(|v| seen.get(&v.volume_id).copied().unwrap_or(0))
+            .sum()
+    }
+
+    /// A Warning Event on the cache (and this node's object of its scope) about kernels a
+    /// pod of `rec` compiled.
+    async fn tell_miss(&self, rec: &VolumeRecord, why: String) {
+        let Some(key) = rec.cache_key() else { return };
+        let note = truncate(format!("node {}: {why}", self.cfg.node), 1000);
+        let node = self.node_object_ref(&Scope::of(&key));
+        self.post_event(
+            node,
+            crate::csi::reasons::KERNELS_COMPILED,
+            EventType::Warning,
+            format!("{key}: {note}"),
+        )
+        .await;
+        if let Some(cache) = self.caches.object_ref(&key) {
+            self.post_event(
+                cache,
+                crate::csi::reasons::KERNELS_COMPILED,
+                EventType::Warning,
+                note,
+            )
+            .await;
         }
     }
 
@@ -423,6 +542,18 @@ impl Context {
     }
 }
 
+/// A reference to the pod of a volume, for Events.
+fn pod_ref(rec: &VolumeRecord) -> k8s_openapi::api::core::v1::ObjectReference {
+    k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(rec.pod_name.clone()),
+        namespace: Some(rec.pod_namespace.clone()),
+        uid: (!rec.pod_uid.is_empty()).then(|| rec.pod_uid.clone()),
+        ..Default::default()
+    }
+}
+
 /// 1 s, 2 s, 4 s, … up to 5 minutes.
 fn backoff(attempt: u32) -> Duration {
     Duration::from_secs(1u64 << attempt.saturating_sub(1).min(8)).min(Duration::from_secs(300))
@@ -486,6 +617,38 @@ pub async fn reconcile(scope: &Scope, ctx: &Arc<Context>) -> Result<(), Error> {
         }
     }
 
+    let mut facts = Facts::default();
+    let digests_of = |key: &CacheKey| -> Vec<String> {
+        let mut ds: Vec<String> = scope_volumes
+            .iter()
+            .filter(|v| v.cache_key().as_ref() == Some(key))
+            .map(|v| v.digest.clone())
+            .collect();
+        ds.extend(
+            caches
+                .iter()
+                .filter(|c| c.key == *key)
+                .filter_map(|c| c.digest.clone()),
+        );
+        ds.sort();
+        ds.dedup();
+        ds
+    };
+    for c in &caches {
+        let id = format!("{}/{}/{}", c.key.kind(), c.key.namespace(), c.key.name());
+        for digest in digests_of(&c.key) {
+            let live = ctx.live_misses(&id, &digest);
+            let mut u = ctx.store.usage(&id, &digest).unwrap_or_default();
+            u.kernels_compiled += live;
+            facts
+                .usage
+                .insert((c.key.name().to_string(), digest.clone()), u);
+            if let Some(e) = ctx.store.get(&digest)? {
+                facts.labels.insert(digest, e.meta.image.cache_labels());
+            }
+        }
+    }
+
     let previous = ctx.previous(scope).await?;
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let status = NodeStatus {
@@ -495,6 +658,7 @@ pub async fn reconcile(scope: &Scope, ctx: &Arc<Context>) -> Result<(), Error> {
             &views,
             &phases,
             &scope_volumes,
+            &facts,
             &previous
                 .as_ref()
                 .map(|p| p.caches.clone())
@@ -701,6 +865,14 @@ pub async fn gc_loop(ctx: Arc<Context>) {
             Err(e) => warn!(error = %e, "garbage collection"),
         }
         super::memory::trim();
+    }
+}
+
+/// Scans live volumes for compiled kernels every `miss_scan_interval`.
+pub async fn miss_loop(ctx: Arc<Context>) {
+    loop {
+        tokio::time::sleep(ctx.cfg.miss_scan_interval).await;
+        ctx.scan_misses().await;
     }
 }
 

@@ -8,7 +8,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{CacheDigestStatus, CacheState};
 use crate::gpu::Fitness;
-use crate::store::VolumeRecord;
+use crate::kernel_cache::CacheLabels;
+use crate::store::{Usage, VolumeRecord};
 
 /// The node object a change lands in: the node's `ClusterGKMCacheNode`, or its
 /// `GKMCacheNode` in one namespace.
@@ -62,12 +63,21 @@ pub struct CacheView {
     pub digest: Option<String>,
 }
 
+/// What pods did with each digest of each cache on this node (cache name, digest) →
+/// usage, the live volumes' compiled entries included; and what each digest's labels say.
+#[derive(Clone, Debug, Default)]
+pub struct Facts {
+    pub usage: HashMap<(String, String), Usage>,
+    pub labels: HashMap<String, CacheLabels>,
+}
+
 /// The `caches` map of a node object's status. `previous` is what was last written:
 /// an entry that has not changed keeps its `lastUpdated`.
 pub fn desired_caches(
     caches: &[CacheView],
     phases: &HashMap<String, Phase>,
     volumes: &[&VolumeRecord],
+    facts: &Facts,
     previous: &BTreeMap<String, BTreeMap<String, CacheDigestStatus>>,
     now: &Time,
 ) -> BTreeMap<String, BTreeMap<String, CacheDigestStatus>> {
@@ -92,6 +102,16 @@ pub fn desired_caches(
             entries.insert(digest.to_string(), entry(&phase, pods, true));
         }
         for (digest, e) in entries.iter_mut() {
+            if let Some(u) = facts.usage.get(&(cache.name.clone(), digest.clone())) {
+                e.pods_served = Some(u.pods_served as i64);
+                e.kernels_compiled = Some(u.kernels_compiled as i64);
+                e.last_miss = u.last_miss.clone();
+            }
+            if let Some(l) = facts.labels.get(digest) {
+                e.triton_versions = l.triton_versions.clone();
+                e.python_abis = l.python_abis.clone();
+                e.capture_path = l.capture_path.clone();
+            }
             let before = previous.get(&cache.name).and_then(|m| m.get(digest));
             e.last_updated = match before {
                 Some(b) if same_but_time(b, e) => b.last_updated.clone(),
@@ -148,7 +168,7 @@ fn entry(phase: &Phase, mut pods: Vec<String>, outdated: bool) -> CacheDigestSta
         },
         size_bytes: size,
         pods,
-        last_updated: None,
+        ..Default::default()
     }
 }
 
@@ -192,6 +212,7 @@ mod tests {
             pod_namespace: "ns".into(),
             pod_name: pod.into(),
             pod_uid: "u".into(),
+            mount: Default::default(),
         }
     }
 
@@ -236,7 +257,14 @@ mod tests {
                 .map(|p| (D1.to_string(), p))
                 .into_iter()
                 .collect();
-            let out = desired_caches(&cache("c", Some(D1)), &phases, &[], &empty, &now(1));
+            let out = desired_caches(
+                &cache("c", Some(D1)),
+                &phases,
+                &[],
+                &Facts::default(),
+                &empty,
+                &now(1),
+            );
             assert_eq!(one(&out, D1), want, "{phase:?}");
         }
     }
@@ -248,6 +276,7 @@ mod tests {
             &cache("c", Some(D1)),
             &phases,
             &[],
+            &Facts::default(),
             &BTreeMap::new(),
             &now(1),
         );
@@ -279,6 +308,7 @@ mod tests {
             &cache("c", Some(D2)),
             &phases,
             &[&a, &b],
+            &Facts::default(),
             &BTreeMap::new(),
             &now(1),
         );
@@ -291,6 +321,7 @@ mod tests {
             &cache("c", Some(D2)),
             &phases,
             &[&b],
+            &Facts::default(),
             &BTreeMap::new(),
             &now(1),
         );
@@ -304,10 +335,47 @@ mod tests {
             &cache("c", None),
             &HashMap::new(),
             &[&v],
+            &Facts::default(),
             &BTreeMap::new(),
             &now(1),
         );
         assert!(out.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn usage_and_label_facts_show_beside_the_state() {
+        let phases = HashMap::from([(D1.to_string(), Phase::Pulling)]);
+        let mut facts = Facts::default();
+        facts.usage.insert(
+            ("c".into(), D1.into()),
+            Usage {
+                pods_served: 4,
+                kernels_compiled: 3,
+                pods_with_misses: 1,
+                last_miss: Some("pod ns/p compiled 3 kernel(s)".into()),
+            },
+        );
+        facts.labels.insert(
+            D1.into(),
+            CacheLabels {
+                triton_versions: vec!["3.6.0".into()],
+                capture_path: Some("/tmp/tc".into()),
+                ..Default::default()
+            },
+        );
+        let out = desired_caches(
+            &cache("c", Some(D1)),
+            &phases,
+            &[],
+            &facts,
+            &BTreeMap::new(),
+            &now(1),
+        );
+        let e = &out["c"][D1];
+        assert_eq!((e.pods_served, e.kernels_compiled), (Some(4), Some(3)));
+        assert!(e.last_miss.as_deref().unwrap().contains("ns/p"));
+        assert_eq!(e.triton_versions, ["3.6.0"]);
+        assert_eq!(e.capture_path.as_deref(), Some("/tmp/tc"));
     }
 
     #[test]
@@ -317,10 +385,18 @@ mod tests {
             &cache("c", Some(D1)),
             &phases,
             &[],
+            &Facts::default(),
             &BTreeMap::new(),
             &now(1),
         );
-        let again = desired_caches(&cache("c", Some(D1)), &phases, &[], &first, &now(2));
+        let again = desired_caches(
+            &cache("c", Some(D1)),
+            &phases,
+            &[],
+            &Facts::default(),
+            &first,
+            &now(2),
+        );
         assert_eq!(again, first);
         let phases = HashMap::from([(
             D1.to_string(),
@@ -329,7 +405,14 @@ mod tests {
                 fit: fit(true),
             },
         )]);
-        let changed = desired_caches(&cache("c", Some(D1)), &phases, &[], &first, &now(3));
+        let changed = desired_caches(
+            &cache("c", Some(D1)),
+            &phases,
+            &[],
+            &Facts::default(),
+            &first,
+            &now(3),
+        );
         assert_eq!(changed["c"][D1].last_updated, Some(now(3)));
     }
 }

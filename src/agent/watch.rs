@@ -198,3 +198,96 @@ impl CacheResolver for WatchResolver {
         self.ready.load(Ordering::Relaxed)
     }
 }
+
+/// The agent's watch of the pods on its node (`spec.nodeName` = the node), trimmed to
+/// what the CSI plugin needs to learn where a pod mounts its volume: the pod's identity,
+/// its volumes' CSI drivers, and its containers' `volumeMounts`. Serves
+/// [`crate::csi::PodSource`].
+#[derive(Clone)]
+pub struct PodWatch {
+    pods: Store<k8s_openapi::api::core::v1::Pod>,
+    ready: Arc<AtomicBool>,
+}
+
+impl PodWatch {
+    /// Starts the watch on the current tokio runtime.
+    pub fn start(client: kube::Client, node: &str) -> Self {
+        use k8s_openapi::api::core::v1::Pod;
+        let (pods, writer) = reflector::store();
+        let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+        let stream = reflector::reflector(writer, watcher(Api::<Pod>::all(client), cfg))
+            .default_backoff()
+            .modify(trim_pod)
+            .touched_objects();
+        tokio::spawn(stream.for_each(|r| {
+            if let Err(e) = r {
+                warn!(error = %e, "Pod watch (retrying)");
+            }
+            futures::future::ready(())
+        }));
+        let ready = Arc::new(AtomicBool::new(false));
+        let (store, flag) = (pods.clone(), ready.clone());
+        tokio::spawn(async move {
+            if store.wait_until_ready().await.is_ok() {
+                flag.store(true, Ordering::Relaxed);
+                info!(pods = store.state().len(), "pod watch synced");
+            }
+        });
+        Self { pods, ready }
+    }
+}
+
+/// Keeps of a pod only what [`crate::csi::pods::PodMounts`] reads: a node runs a few
+/// hundred pods at most, but their specs (environment, probes, resources) are large.
+fn trim_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
+    use k8s_openapi::api::core::v1::{Container, PodSpec, Volume};
+    let meta = &mut pod.metadata;
+    meta.managed_fields = None;
+    meta.labels = None;
+    meta.annotations = None;
+    meta.owner_references = None;
+    pod.status = None;
+    let Some(spec) = pod.spec.take() else { return };
+    let keep = |c: Container| Container {
+        name: c.name,
+        volume_mounts: c.volume_mounts,
+        ..Default::default()
+    };
+    pod.spec = Some(PodSpec {
+        containers: spec.containers.into_iter().map(keep).collect(),
+        init_containers: spec
+            .init_containers
+            .map(|cs| cs.into_iter().map(keep).collect()),
+        volumes: spec.volumes.map(|vs| {
+            vs.into_iter()
+                .map(|v| Volume {
+                    name: v.name,
+                    csi: v.csi.map(|c| k8s_openapi::api::core::v1::CSIVolumeSource {
+                        driver: c.driver,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect()
+        }),
+        node_name: spec.node_name,
+        ..Default::default()
+    });
+}
+
+impl crate::csi::PodSource for PodWatch {
+    fn lookup<'a>(
+        &'a self,
+        pod: &'a crate::csi::PodRef,
+    ) -> futures::future::BoxFuture<'a, Result<Option<crate::csi::PodMounts>, String>> {
+        Box::pin(async move {
+            if !self.ready.load(Ordering::Relaxed) {
+                return Err("the agent's pod watch has not synced yet".into());
+            }
+            Ok(self
+                .pods
+                .get(&ObjectRef::new(&pod.name).within(&pod.namespace))
+                .map(|p| crate::csi::PodMounts::from_pod(&p)))
+        })
+    }
+}

@@ -119,6 +119,26 @@ pub struct CacheDigestStatus {
     /// `namespace/name` of the pods that mount this digest on this node.
     #[serde(default)]
     pub pods: Vec<String>,
+    /// Volumes of this cache and digest published on this node so far (one per pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods_served: Option<i64>,
+    /// Cache entries (kernels and launchers) that pods on this node compiled themselves
+    /// because the cache did not hold them: the cache missed. Zero for a cache that hits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernels_compiled: Option<i64>,
+    /// The last miss, in words: the pod, how many entries it compiled, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_miss: Option<String>,
+    /// The Triton versions of the cache's kernels (image label `triton-versions`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub triton_versions: Vec<String>,
+    /// The Python ABI tags of the cache's launchers (image label `python-abis`).
+    #[serde(default, rename = "pythonABIs", skip_serializing_if = "Vec::is_empty")]
+    pub python_abis: Vec<String>,
+    /// Where the cache was captured (image label `capture-path`); pods may mount it
+    /// anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture_path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_updated: Option<Time>,
 }
@@ -153,13 +173,19 @@ mod tests {
             reasons: vec!["GPU-2: arch 80 is not among the targets [90]".into()],
             size_bytes: Some(42),
             pods: vec!["ns/p".into()],
-            last_updated: None,
+            pods_served: Some(3),
+            kernels_compiled: Some(0),
+            python_abis: vec!["cpython-312-x86_64-linux-gnu".into()],
+            ..Default::default()
         };
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["state"], "InUse");
         assert_eq!(v["compatibleGPUs"][0], "GPU-1");
         assert_eq!(v["incompatibleGPUs"][0], "GPU-2");
         assert_eq!(v["sizeBytes"], 42);
+        assert_eq!(v["podsServed"], 3);
+        assert_eq!(v["kernelsCompiled"], 0);
+        assert_eq!(v["pythonABIs"][0], "cpython-312-x86_64-linux-gnu");
     }
 
     #[test]

@@ -75,12 +75,14 @@ enum Command {
         #[command(flatten)]
         registry: RegistryArgs,
     },
-    /// Package a Triton or vLLM cache directory as an OCI image (MCV layout) and push it.
+    /// Package a Triton, Inductor (torch.compile) or vLLM cache directory as an OCI image
+    /// (MCV layout) and push it.
     Build {
-        /// The cache directory (TRITON_CACHE_DIR, or a vLLM cache root).
+        /// The cache directory (TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR, or a vLLM cache
+        /// root).
         dir: PathBuf,
         /// What the directory holds.
-        #[arg(long, value_parser = ["triton", "vllm"])]
+        #[arg(long, value_parser = ["triton", "inductor", "vllm"])]
         kind: String,
         /// Where to push: REGISTRY/REPO[:TAG]; with --oci-layout, the image's name there.
         #[arg(

@@ -1,15 +1,20 @@
 //! The CSI node plugin `csi.gkm.io`: Identity and Node services for inline ephemeral
-//! volumes that mount a kernel cache read-only into a pod.
+//! volumes that mount a kernel cache into a pod.
 //!
 //! Publishing a volume: validate the request; if the volume is already published, check
 //! its mount and finish what a crash may have left undone; otherwise resolve the cache to
 //! its verified digest, check the pod's namespace may use it, extract the digest (bounded
 //! in time; kubelet retries on UNAVAILABLE), check the node's GPUs against the cache's
-//! targets, record the volume durably, and bind-mount read-only. Unpublishing undoes it.
-//! Every error maps to its gRPC code in one table ([`CsiError::code`]).
+//! targets, learn where the pod mounts the volume and build the path view that makes the
+//! cache hit there, record the volume durably, and mount it: by default a private overlay
+//! (the shared tree read-only below, the view above it, a writable layer of the volume's
+//! own on top, so a miss compiles without crashing and without touching the shared tree),
+//! or strictly read-only when asked. Unpublishing undoes it and counts what the pod
+//! compiled. Every error maps to its gRPC code in one table ([`CsiError::code`]).
 
 pub mod error;
 pub mod mount;
+pub mod pods;
 pub mod resolver;
 pub mod server;
 
@@ -22,13 +27,16 @@ use std::time::Duration;
 use tracing::{Instrument, info, info_span, warn};
 
 pub use error::CsiError;
-pub use mount::{KernelMounter, MountState, Mounter, RecordingMounter};
+pub use mount::{KernelMounter, MountSpec, MountState, Mounter, RecordingMounter, UpperDirs};
+pub use pods::{PodMounts, PodRef, PodSource, StaticPods};
 pub use resolver::{ApiResolver, CacheKey, CacheResolver, ResolvedCache, StaticResolver};
 
 use crate::api::GpuInfo;
 use crate::gpu::Fitness;
+use crate::kernel_cache::MountBase;
+use crate::kernel_cache::misses::{self, Compiled};
 use crate::oci::{PinnedRef, Puller, parse_reference};
-use crate::store::{Extracted, Store, VolumeRecord};
+use crate::store::{Extracted, Store, VolumeMount, VolumeRecord};
 
 /// Generated from `proto/csi.proto`.
 #[allow(clippy::all, missing_docs)]
@@ -43,6 +51,10 @@ pub const DEFAULT_SOCKET: &str = "/var/lib/kubelet/plugins/csi.gkm.io/csi.sock";
 pub const ATTR_CACHE: &str = "csi.gkm.io/GKMCache";
 pub const ATTR_NAMESPACE: &str = "csi.gkm.io/namespace";
 pub const ATTR_CLUSTER_CACHE: &str = "csi.gkm.io/ClusterGKMCache";
+/// `"false"` asks for a strictly read-only volume (no private writable layer: a kernel the
+/// cache lacks then fails to compile with EROFS). The default is `"true"`. The volume's
+/// `readOnly: true` (CSI's `readonly`) asks for the same.
+pub const ATTR_WRITABLE: &str = "csi.gkm.io/writable";
 /// Pod information kubelet adds because the CSIDriver sets `podInfoOnMount`.
 pub const CTX_POD_NAME: &str = "csi.storage.k8s.io/pod.name";
 pub const CTX_POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
@@ -59,6 +71,9 @@ pub struct PluginConfig {
     /// Whether caches without GPU targets (no `cache.*.image/summary` label) may be used.
     pub allow_unclaimed: bool,
     pub max_volumes_per_node: i64,
+    /// Longest a publish waits for the pod to appear in the pod source (the agent's watch
+    /// may see a new pod a moment after kubelet does).
+    pub pod_wait: Duration,
 }
 
 impl Default for PluginConfig {
@@ -68,6 +83,7 @@ impl Default for PluginConfig {
             publish_timeout: Duration::from_secs(90),
             allow_unclaimed: true,
             max_volumes_per_node: 1024,
+            pod_wait: Duration::from_secs(2),
         }
     }
 }
@@ -81,6 +97,18 @@ pub struct PublishRequest {
     pub pod_namespace: String,
     pub pod_name: String,
     pub pod_uid: String,
+    /// Strictly read-only: CSI's `readonly`, or `csi.gkm.io/writable: "false"`.
+    pub read_only: bool,
+}
+
+impl PublishRequest {
+    fn pod(&self) -> PodRef {
+        PodRef {
+            namespace: self.pod_namespace.clone(),
+            name: self.pod_name.clone(),
+            uid: self.pod_uid.clone(),
+        }
+    }
 }
 
 /// The plugin's state, shared by the Identity and Node services.
@@ -94,11 +122,55 @@ pub struct Plugin<R: CacheResolver, M: Mounter> {
     busy: Mutex<HashSet<String>>,
     ready: AtomicBool,
     on_change: std::sync::OnceLock<VolumeListener>,
+    pods: std::sync::OnceLock<Arc<dyn PodSource>>,
+    /// Whether the store can hold a writable overlay layer, or why not.
+    upper_layers: RwLock<Result<(), String>>,
 }
 
-/// Told which cache a volume belonged to after each publish and unpublish that changed
-/// something (the agent reconciles that cache's node object and runs its GC).
-pub type VolumeListener = Box<dyn Fn(&CacheKey) + Send + Sync>;
+/// What happened to a volume, for the agent: each publish and unpublish that changed
+/// something (it reconciles that cache's node object and runs its GC), and what the pod's
+/// owner should know (it becomes a Warning Event on the pod or the cache).
+#[derive(Clone, Debug)]
+pub enum VolumeEvent {
+    Published(VolumeRecord),
+    Unpublished {
+        record: VolumeRecord,
+        /// What the pod compiled into its private layer.
+        compiled: Compiled,
+        /// Why, in words, when it compiled anything.
+        why: Option<String>,
+    },
+    /// A published volume will not hit for some or all of the pod's containers.
+    Warning {
+        record: VolumeRecord,
+        /// A CamelCase Event reason.
+        reason: &'static str,
+        message: String,
+    },
+}
+
+impl VolumeEvent {
+    pub fn record(&self) -> &VolumeRecord {
+        match self {
+            VolumeEvent::Published(r) => r,
+            VolumeEvent::Unpublished { record, .. } | VolumeEvent::Warning { record, .. } => record,
+        }
+    }
+}
+
+/// Told of every [`VolumeEvent`].
+pub type VolumeListener = Box<dyn Fn(&VolumeEvent) + Send + Sync>;
+
+/// Event reasons of [`VolumeEvent::Warning`].
+pub mod reasons {
+    /// The store's filesystem cannot hold a writable overlay layer: the volume is
+    /// read-only.
+    pub const READ_ONLY_FALLBACK: &str = "CacheReadOnly";
+    /// Where the pod sees the volume is not (fully) known: some kernels will miss.
+    pub const MOUNT_PATH: &str = "CacheMountPath";
+    /// A pod compiled kernels the cache did not hold.
+    pub const KERNELS_COMPILED: &str = "KernelsCompiled";
+}
 
 /// Marks a volume busy for the duration of one call.
 struct VolumeGuard<'a> {
@@ -134,21 +206,83 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
             busy: Mutex::new(HashSet::new()),
             ready: AtomicBool::new(true),
             on_change: std::sync::OnceLock::new(),
+            pods: std::sync::OnceLock::new(),
+            upper_layers: RwLock::new(Ok(())),
         }
     }
 
-    /// Sets the listener told of every volume change (once; later calls are ignored).
+    /// Sets the listener told of every volume event (once; later calls are ignored).
     pub fn on_volume_change(&self, listener: VolumeListener) {
         let _ = self.on_change.set(listener);
     }
 
-    fn changed(&self, key: &CacheKey) {
-        crate::metrics::global()
-            .volumes
-            .set(self.store.volumes().len() as i64);
-        if let Some(f) = self.on_change.get() {
-            f(key);
+    /// Sets where the plugin reads pods' mount paths (once; later calls are ignored).
+    /// Without one, views are never built and every publish warns that the path is unknown.
+    pub fn set_pod_source(&self, pods: Arc<dyn PodSource>) {
+        let _ = self.pods.set(pods);
+    }
+
+    fn tell(&self, event: VolumeEvent) {
+        if matches!(
+            event,
+            VolumeEvent::Published(_) | VolumeEvent::Unpublished { .. }
+        ) {
+            crate::metrics::global()
+                .volumes
+                .set(self.store.volumes().len() as i64);
         }
+        if let Some(f) = self.on_change.get() {
+            f(&event);
+        }
+    }
+
+    /// Finds out, with a scratch overlay under the store root, whether the store's
+    /// filesystem can hold a volume's writable layer (overlayfs refuses an upper layer on
+    /// overlayfs itself, as on kind nodes, and on some network filesystems). Until this
+    /// runs, writable layers are assumed to work. Returns the reason when they do not;
+    /// volumes are then strictly read-only, each with a Warning Event.
+    pub fn probe_upper_layers(&self) -> Result<(), String> {
+        let result = self.try_upper_layer();
+        if let Err(why) = &result {
+            warn!(reason = %why, "volumes will be read-only");
+        }
+        *self.upper_layers.write().unwrap_or_else(|e| e.into_inner()) = result.clone();
+        result
+    }
+
+    fn try_upper_layer(&self) -> Result<(), String> {
+        let root = self.store.root().join("overlays");
+        let dir = tempfile::Builder::new()
+            .prefix(".probe-")
+            .tempdir_in(&root)
+            .map_err(|e| format!("creating a scratch directory in {}: {e}", root.display()))?;
+        let p = |n: &str| {
+            let p = dir.path().join(n);
+            std::fs::create_dir(&p)
+                .map(|()| p.clone())
+                .map_err(|e| format!("creating {}: {e}", p.display()))
+        };
+        let (lower, upper, work, target) = (p("lower")?, p("upper")?, p("work")?, p("mnt")?);
+        let spec = MountSpec::Overlay {
+            lowers: vec![lower],
+            upper: Some(UpperDirs { upper, work }),
+        };
+        self.mounter.mount(&spec, &target).map_err(|e| {
+            format!(
+                "the store {} cannot hold an overlay's writable layer ({e})",
+                self.store.root().display()
+            )
+        })?;
+        self.mounter
+            .unmount(&target)
+            .map_err(|e| format!("unmounting the probe {}: {e}", target.display()))
+    }
+
+    fn upper_layers(&self) -> Result<(), String> {
+        self.upper_layers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn config(&self) -> &PluginConfig {
@@ -237,6 +371,37 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
             let extracted = self.extract(&cache, &digest).await?;
             self.check_gpus(&req.cache, &extracted)?;
 
+            let mut warnings = Vec::new();
+            let writable = match (req.read_only, self.upper_layers()) {
+                (true, _) => false,
+                (false, Ok(())) => true,
+                (false, Err(why)) => {
+                    warnings.push((
+                        reasons::READ_ONLY_FALLBACK,
+                        format!(
+                            "{why}: the volume is read-only, so a kernel the cache lacks fails to compile (EROFS)"
+                        ),
+                    ));
+                    false
+                }
+            };
+            let (base, path_warning) = self.mount_base(req).await;
+            if let Some(w) = path_warning {
+                warnings.push((reasons::MOUNT_PATH, w));
+            }
+            let view = match &base {
+                Some(b) => self.view(&req.cache, &extracted, b, &req.volume_id).await?,
+                None => None,
+            };
+            let mount = if writable || view.is_some() {
+                VolumeMount::Overlay {
+                    writable,
+                    view,
+                    base,
+                }
+            } else {
+                VolumeMount::ReadOnlyBind
+            };
             let rec = VolumeRecord {
                 volume_id: req.volume_id.clone(),
                 target_path: req.target_path.clone(),
@@ -247,21 +412,99 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
                 pod_namespace: req.pod_namespace.clone(),
                 pod_name: req.pod_name.clone(),
                 pod_uid: req.pod_uid.clone(),
+                mount,
             };
             // Durable before the mount: a restarted agent must know every mount it made.
             self.store
                 .record_volume(&rec)
                 .map_err(|e| CsiError::Records(Box::new(e)))?;
-            if let Err(e) = self.mount(&extracted.mount_source(), &req.target_path) {
+            if let Err(e) = self.mount(&rec, &extracted) {
                 let _ = self.store.remove_volume(&req.volume_id);
                 return Err(e);
             }
-            info!("published");
-            self.changed(&req.cache);
+            self.store.count_served(&rec);
+            info!(writable, view = ?rec_view(&rec), "published");
+            self.tell(VolumeEvent::Published(rec.clone()));
+            for (reason, message) in warnings {
+                warn!(reason, %message, "volume published with a warning");
+                self.tell(VolumeEvent::Warning {
+                    record: rec.clone(),
+                    reason,
+                    message,
+                });
+            }
             Ok(())
         }
         .instrument(span)
         .await
+    }
+
+    /// Where the pod sees the volume, and what the pod's owner should know when that is
+    /// not (fully) known. Never fails: without a path the volume works and misses.
+    async fn mount_base(&self, req: &PublishRequest) -> (Option<MountBase>, Option<String>) {
+        let Some(source) = self.pods.get() else {
+            return (
+                None,
+                Some("the agent does not watch pods, so it cannot tell where the pod mounts the volume: kernels the cache holds are compiled again".into()),
+            );
+        };
+        let pod = req.pod();
+        let deadline = tokio::time::Instant::now() + self.cfg.pod_wait;
+        let found = loop {
+            match source.lookup(&pod).await {
+                Ok(Some(p)) if pod.uid.is_empty() || p.uid == pod.uid => break Ok(p),
+                Ok(_) | Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(_) => {
+                    break Err(format!(
+                        "pod {pod} (uid {}) is not in the agent's view of this node's pods after {:?}",
+                        pod.uid, self.cfg.pod_wait
+                    ));
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        match found {
+            Ok(p) => {
+                let volume = pods::volume_of_target(&req.target_path, &pod.uid);
+                let d = pods::decide(&p, volume.as_deref());
+                (d.base, d.warning)
+            }
+            Err(why) => (
+                None,
+                Some(format!(
+                    "{why}: GKM cannot tell where the pod mounts the volume, so kernels the cache holds are compiled again"
+                )),
+            ),
+        }
+    }
+
+    /// The path view of `extracted` for `base`, built off the async threads.
+    async fn view(
+        &self,
+        cache: &CacheKey,
+        extracted: &Extracted,
+        base: &MountBase,
+        volume_id: &str,
+    ) -> Result<Option<PathBuf>, CsiError> {
+        let (store, e, b, id) = (
+            self.store.clone(),
+            extracted.clone(),
+            base.clone(),
+            volume_id.to_string(),
+        );
+        tokio::task::spawn_blocking(move || store.ensure_view(&e, &b, &id))
+            .await
+            .map_err(|join| CsiError::Io {
+                op: "building the path view of",
+                path: extracted.dir.clone(),
+                source: std::io::Error::other(join),
+            })?
+            .map_err(|e| CsiError::Store {
+                cache: cache.to_string(),
+                source: Box::new(e),
+            })
     }
 
     /// The cache `key` names, or NOT_FOUND.
@@ -296,10 +539,10 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
                 self.extract(&cache, &rec.digest).await?
             }
         };
-        let source = extracted.mount_source();
+        let spec = self.spec(rec, &extracted);
         match self
             .mounter
-            .state(&req.target_path, Some(&source))
+            .state(&req.target_path, Some(&spec))
             .map_err(|e| CsiError::Io {
                 op: "inspecting",
                 path: req.target_path.clone(),
@@ -313,7 +556,39 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
             }),
             MountState::Absent | MountState::NotMounted => {
                 warn!("volume recorded but not mounted; finishing the publish");
-                self.mount(&source, &req.target_path)
+                // A view the record names is complete or absent (built by one rename);
+                // absent only if someone removed it: build it again.
+                if let VolumeMount::Overlay {
+                    view: Some(v),
+                    base: Some(b),
+                    ..
+                } = &rec.mount
+                    && !v.is_dir()
+                {
+                    self.view(&req.cache, &extracted, b, &rec.volume_id).await?;
+                }
+                self.mount(rec, &extracted)
+            }
+        }
+    }
+
+    /// What `rec`'s mount shows.
+    fn spec(&self, rec: &VolumeRecord, extracted: &Extracted) -> MountSpec {
+        match &rec.mount {
+            VolumeMount::ReadOnlyBind => MountSpec::Bind {
+                source: extracted.mount_source(),
+            },
+            VolumeMount::Overlay { writable, view, .. } => {
+                let mut lowers: Vec<PathBuf> = view.iter().cloned().collect();
+                lowers.push(extracted.mount_source());
+                let upper = writable.then(|| {
+                    let d = self.store.volume_dirs(&rec.volume_id);
+                    UpperDirs {
+                        upper: d.upper,
+                        work: d.work,
+                    }
+                });
+                MountSpec::Overlay { lowers, upper }
             }
         }
     }
@@ -370,7 +645,10 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
         }
     }
 
-    fn mount(&self, source: &Path, target: &Path) -> Result<(), CsiError> {
+    /// Mounts `rec` at its target: creates the target and, for a writable volume, fresh
+    /// private directories (what an earlier mount of the volume left there is discarded).
+    fn mount(&self, rec: &VolumeRecord, extracted: &Extracted) -> Result<(), CsiError> {
+        let target = &rec.target_path;
         let io = |op, source| CsiError::Io {
             op,
             path: target.to_path_buf(),
@@ -381,14 +659,20 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io("creating the target", e)),
         }
+        if rec.mount.writable() {
+            self.store
+                .create_volume_dirs(&rec.volume_id)
+                .map_err(|e| CsiError::Records(Box::new(e)))?;
+        }
+        let spec = self.spec(rec, extracted);
         self.mounter
-            .bind_read_only(source, target)
-            .map_err(|e| io("bind-mounting onto", e))
+            .mount(&spec, target)
+            .map_err(|e| io("mounting onto", e))
     }
 
-    /// At start: drops the records of volumes whose mount is gone (the node rebooted, or
-    /// someone unmounted it), so they pin no digest. Kubelet publishes again any volume it
-    /// still wants. Returns how many were dropped.
+    /// At start: drops the records (and private directories) of volumes whose mount is
+    /// gone (the node rebooted, or someone unmounted it), so they pin no digest. Kubelet
+    /// publishes again any volume it still wants. Returns how many were dropped.
     pub fn reconcile_records(&self) -> Result<usize, CsiError> {
         let mut dropped = 0;
         for rec in self.store.volumes() {
@@ -435,11 +719,26 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
                     warn!(recorded = %rec.target_path.display(), "unpublish of another target; keeping the record");
                 }
                 Some(rec) => {
+                    // Counted before the private layer goes with the record.
+                    let compiled = if rec.mount.writable() {
+                        let upper = self.store.volume_dirs(volume_id).upper;
+                        tokio::task::spawn_blocking(move || misses::scan(&upper))
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                            .unwrap_or_default()
+                    } else {
+                        Compiled::default()
+                    };
+                    let why = explain_compiled(&self.store, &rec, &compiled);
+                    self.store.count_compiled(&rec, compiled.entries(), why.clone());
                     self.store.remove_volume(volume_id).map_err(|e| CsiError::Records(Box::new(e)))?;
-                    info!("unpublished");
-                    if let Some(key) = rec.cache_key() {
-                        self.changed(&key);
-                    }
+                    info!(compiled = compiled.entries(), "unpublished");
+                    self.tell(VolumeEvent::Unpublished {
+                        record: rec,
+                        compiled,
+                        why,
+                    });
                 }
                 None => {}
             }
@@ -447,6 +746,44 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// Why a pod of `rec` compiled `c`, from the digest's labels and targets, naming the pod;
+/// `None` when it compiled nothing.
+pub fn explain_compiled(store: &Store, rec: &VolumeRecord, c: &Compiled) -> Option<String> {
+    let labels = store
+        .get(&rec.digest)
+        .ok()
+        .flatten()
+        .map(|e| e.meta.image.cache_labels())
+        .unwrap_or_default();
+    let targets = labels
+        .summary()
+        .and_then(Result::ok)
+        .map(|s| {
+            s.targets
+                .iter()
+                .map(|t| {
+                    format!(
+                        "{}:{}:{}",
+                        crate::gpu::backend_name(t.backend),
+                        crate::gpu::compat::normalize_arch(&t.arch),
+                        t.warp_size
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    misses::explain(c, &labels, &targets)
+        .map(|why| format!("pod {}/{} {why}", rec.pod_namespace, rec.pod_name))
+}
+
+/// The view a record's mount uses, for logs.
+fn rec_view(rec: &VolumeRecord) -> Option<String> {
+    match &rec.mount {
+        VolumeMount::Overlay { view: Some(v), .. } => Some(v.display().to_string()),
+        _ => None,
     }
 }
 
@@ -483,12 +820,25 @@ pub fn validate_publish(r: &pb::NodePublishVolumeRequest) -> Result<PublishReque
         return Err(CsiError::Missing("volume_capability.access_mode"));
     }
     let ctx = &r.volume_context;
-    let cache = cache_key(ctx)?;
+    let cache = cache_key_of_attributes(ctx)?;
     let pod_namespace = ctx
         .get(CTX_POD_NAMESPACE)
         .filter(|s| !s.is_empty())
         .ok_or(CsiError::Missing("volume_context[csi.storage.k8s.io/pod.namespace] (the CSIDriver must set podInfoOnMount)"))?
         .clone();
+    let writable = match ctx
+        .get(ATTR_WRITABLE)
+        .map(|v| v.trim().to_ascii_lowercase())
+    {
+        None => true,
+        Some(v) if v == "true" => true,
+        Some(v) if v == "false" => false,
+        Some(v) => {
+            return Err(CsiError::BadAttributes(format!(
+                "{ATTR_WRITABLE} is {v:?}; it takes \"true\" (the default) or \"false\""
+            )));
+        }
+    };
     Ok(PublishRequest {
         volume_id: r.volume_id.clone(),
         target_path,
@@ -496,11 +846,16 @@ pub fn validate_publish(r: &pb::NodePublishVolumeRequest) -> Result<PublishReque
         pod_namespace,
         pod_name: ctx.get(CTX_POD_NAME).cloned().unwrap_or_default(),
         pod_uid: ctx.get(CTX_POD_UID).cloned().unwrap_or_default(),
+        read_only: r.readonly || !writable,
     })
 }
 
-/// Which cache the volume attributes name.
-fn cache_key(ctx: &std::collections::HashMap<String, String>) -> Result<CacheKey, CsiError> {
+/// Which cache the volume attributes (`volumeAttributes`) name: `csi.gkm.io/GKMCache` with
+/// `csi.gkm.io/namespace` a GKMCache, without it (or `csi.gkm.io/ClusterGKMCache`) a
+/// ClusterGKMCache. The one reading of these attributes, for the plugin and admission.
+pub fn cache_key_of_attributes(
+    ctx: &std::collections::HashMap<String, String>,
+) -> Result<CacheKey, CsiError> {
     let ns = ctx.get(ATTR_NAMESPACE).filter(|s| !s.is_empty());
     match (
         ctx.get(ATTR_CACHE).filter(|s| !s.is_empty()),

@@ -193,3 +193,30 @@ pub async fn connect(path: &Path) -> Result<tonic::transport::Channel, tonic::tr
         }))
         .await
 }
+
+/// A channel to the plugin at `path` once its Probe answers ready, trying every 50 ms for
+/// at most `timeout`; the last reason it was not, on timeout. What kubelet's plugin
+/// registration (and the tests) wait for.
+pub async fn connect_ready(
+    path: &Path,
+    timeout: std::time::Duration,
+) -> Result<tonic::transport::Channel, String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let why = match connect(path).await {
+            Ok(ch) => match super::pb::identity_client::IdentityClient::new(ch.clone())
+                .probe(ProbeRequest {})
+                .await
+            {
+                Ok(r) if r.get_ref().ready == Some(true) => return Ok(ch),
+                Ok(_) => "the plugin says it is not ready".to_string(),
+                Err(e) => format!("Probe failed: {e}"),
+            },
+            Err(e) => format!("cannot connect to {}: {e}", path.display()),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(why);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

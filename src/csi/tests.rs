@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tonic::Code;
 
@@ -52,7 +53,7 @@ fn plant(root: &Path, digest: &str, summary: Option<&str>) {
             layers: vec![],
             labels,
         },
-        layout: CacheLayout::Triton,
+        layout: CacheLayout::Mcv(crate::kernel_cache::CacheKind::Triton),
         files: 1,
         size_bytes: 1,
         entries: 1,
@@ -140,6 +141,20 @@ impl Env {
             pod_namespace: pod_ns.into(),
             pod_name: "pod".into(),
             pod_uid: "uid-1".into(),
+            read_only: false,
+        }
+    }
+
+    /// The writable overlay a volume of the planted digest gets (no view: the planted tree
+    /// has no group files).
+    fn overlay(&self, vol: &str) -> MountSpec {
+        let d = self.plugin.store().volume_dirs(vol);
+        MountSpec::Overlay {
+            lowers: vec![self.source()],
+            upper: Some(UpperDirs {
+                upper: d.upper,
+                work: d.work,
+            }),
         }
     }
 
@@ -158,10 +173,15 @@ async fn publish_mounts_the_cache_tree_once_and_records_it() {
     e.plugin.publish(&req).await.unwrap();
     assert_eq!(
         e.plugin.mounter().calls(),
-        [Call::Bind {
-            source: e.source(),
+        [Call::Mount {
+            spec: e.overlay("vol-1"),
             target: req.target_path.clone()
         }]
+    );
+    let dirs = e.plugin.store().volume_dirs("vol-1");
+    assert!(
+        dirs.upper.is_dir() && dirs.work.is_dir(),
+        "private layer created"
     );
     let rec = e.plugin.store().volume("vol-1").unwrap();
     assert_eq!(
@@ -334,7 +354,7 @@ async fn images_without_gpu_claims_follow_the_policy() {
 #[tokio::test]
 async fn a_failed_mount_leaves_no_record() {
     let e = env();
-    *e.plugin.mounter().fail_next_bind.lock().unwrap() = Some(1); // EPERM
+    *e.plugin.mounter().fail_next_mount.lock().unwrap() = Some(1); // EPERM
     let err = e
         .plugin
         .publish(&e.req("v", ns_key("team-a", "llama"), "team-a"))
@@ -344,6 +364,10 @@ async fn a_failed_mount_leaves_no_record() {
     assert!(
         e.plugin.store().volume("v").is_none(),
         "refcounts stay exact"
+    );
+    assert!(
+        !e.plugin.store().volume_dirs("v").dir.exists(),
+        "no private layer left behind"
     );
 }
 
@@ -359,6 +383,10 @@ async fn unpublish_is_idempotent_and_survives_a_vanished_mount() {
     );
     assert!(!req.target_path.exists(), "target removed");
     assert_eq!(e.plugin.store().refcount(DIGEST), 0);
+    assert!(
+        !e.plugin.store().volume_dirs("vol-u").dir.exists(),
+        "the private layer goes with the volume"
+    );
 
     // Again: nothing to do, no kernel call, OK.
     e.plugin.unpublish("vol-u", &req.target_path).await.unwrap();
@@ -508,4 +536,276 @@ async fn records_of_vanished_mounts_are_dropped_at_start() {
     assert!(e.plugin.store().volume("vol-live").is_some());
     assert!(e.plugin.store().volume("vol-gone").is_none());
     assert_eq!(e.plugin.store().refcount(DIGEST), 1);
+}
+
+/// A listener that keeps every event.
+fn events(e: &Env) -> Arc<Mutex<Vec<VolumeEvent>>> {
+    let seen: Arc<Mutex<Vec<VolumeEvent>>> = Arc::default();
+    let s = seen.clone();
+    e.plugin
+        .on_volume_change(Box::new(move |ev| s.lock().unwrap().push(ev.clone())));
+    seen
+}
+
+fn warnings(seen: &Mutex<Vec<VolumeEvent>>) -> Vec<(&'static str, String)> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            VolumeEvent::Warning {
+                reason, message, ..
+            } => Some((*reason, message.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Gives the planted digest a Triton kernel whose group file names `/capture`.
+fn plant_kernel(e: &Env) {
+    let key = e.source().join("KEYA");
+    std::fs::create_dir_all(&key).unwrap();
+    std::fs::write(key.join("k.cubin"), b"\x7fELF").unwrap();
+    std::fs::write(
+        key.join("k.json"),
+        br#"{"name":"k","triton_version":"3.6.0","target":{"backend":"cuda","arch":90,"warp_size":32}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        key.join("__grp__k.json"),
+        br#"{"child_paths":{"k.cubin":"/capture/KEYA/k.cubin","k.json":"/capture/KEYA/k.json"}}"#,
+    )
+    .unwrap();
+}
+
+/// A pod whose container mounts volume `kernels` at `path`, and a kubelet-shaped target.
+fn pod_at(e: &Env, pods: &StaticPods, path: &str) -> PublishRequest {
+    let mut req = e.req("vol-k", ns_key("team-a", "llama"), "team-a");
+    req.target_path = e
+        .root
+        .join("kubelet/pods/uid-1/volumes/kubernetes.io~csi/kernels/mount");
+    std::fs::create_dir_all(req.target_path.parent().unwrap()).unwrap();
+    pods.insert(
+        "team-a",
+        "pod",
+        PodMounts {
+            uid: "uid-1".into(),
+            volumes: vec![("kernels".into(), DRIVER_NAME.into())],
+            containers: vec![(
+                "containers[0] \"app\"".into(),
+                vec![pods::VolumeMountInfo {
+                    volume: "kernels".into(),
+                    mount_path: path.into(),
+                    ..Default::default()
+                }],
+            )],
+        },
+    );
+    req
+}
+
+#[tokio::test]
+async fn a_view_for_the_pods_mount_path_sits_above_the_shared_tree() {
+    let e = env();
+    plant_kernel(&e);
+    let pods = Arc::new(StaticPods::default());
+    e.plugin.set_pod_source(pods.clone());
+    let seen = events(&e);
+    let req = pod_at(&e, &pods, "/opt/kernels");
+    e.plugin.publish(&req).await.unwrap();
+
+    let Some(MountSpec::Overlay { lowers, upper }) = e.plugin.mounter().mounted(&req.target_path)
+    else {
+        panic!("not an overlay");
+    };
+    assert!(upper.is_some(), "writable by default");
+    assert_eq!(lowers.len(), 2, "{lowers:?}");
+    assert_eq!(lowers[1], e.source(), "the shared tree at the bottom");
+    let grp = std::fs::read(lowers[0].join("KEYA/__grp__k.json")).unwrap();
+    let children = crate::kernel_cache::triton::parse_group(&grp).unwrap();
+    assert_eq!(children["k.cubin"], "/opt/kernels/KEYA/k.cubin");
+    assert_eq!(
+        std::fs::read(e.source().join("KEYA/__grp__k.json")).unwrap(),
+        br#"{"child_paths":{"k.cubin":"/capture/KEYA/k.cubin","k.json":"/capture/KEYA/k.json"}}"#,
+        "the shared tree is never modified"
+    );
+    assert!(warnings(&seen).is_empty(), "{:?}", warnings(&seen));
+    let rec = e.plugin.store().volume("vol-k").unwrap();
+    assert!(matches!(
+        rec.mount,
+        VolumeMount::Overlay { writable: true, base: Some(ref b), .. } if b.path == "/opt/kernels"
+    ));
+
+    // A second pod at the same path shares the view.
+    let mut second = req.clone();
+    second.volume_id = "vol-k2".into();
+    second.pod_uid = String::new();
+    second.target_path = e.target("vol-k2");
+    e.plugin.publish(&second).await.unwrap();
+    let Some(MountSpec::Overlay { lowers: l2, .. }) =
+        e.plugin.mounter().mounted(&second.target_path)
+    else {
+        panic!("not an overlay");
+    };
+    assert_eq!(l2[0], lowers[0], "one view per digest and path");
+}
+
+#[tokio::test]
+async fn a_read_only_volume_still_hits_through_a_read_only_overlay() {
+    let e = env();
+    plant_kernel(&e);
+    let pods = Arc::new(StaticPods::default());
+    e.plugin.set_pod_source(pods.clone());
+    let mut req = pod_at(&e, &pods, "/cache");
+    req.read_only = true;
+    e.plugin.publish(&req).await.unwrap();
+    let Some(MountSpec::Overlay { lowers, upper }) = e.plugin.mounter().mounted(&req.target_path)
+    else {
+        panic!("not an overlay");
+    };
+    assert_eq!((lowers.len(), upper), (2, None));
+    assert!(!e.plugin.store().volume_dirs("vol-k").dir.exists());
+
+    // Without group files there is nothing to rewrite: a plain read-only bind.
+    let plain = e.req("vol-plain", ns_key("team-a", "plain"), "team-a");
+    let plain = PublishRequest {
+        read_only: true,
+        ..plain
+    };
+    e.plugin.publish(&plain).await.unwrap();
+    assert!(matches!(
+        e.plugin.mounter().mounted(&plain.target_path),
+        Some(MountSpec::Bind { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_store_that_cannot_hold_a_writable_layer_falls_back_to_read_only_with_a_warning() {
+    let e = env();
+    *e.plugin.mounter().refuse_upper.lock().unwrap() = Some(22); // EINVAL, as overlayfs says
+    let why = e.plugin.probe_upper_layers().unwrap_err();
+    assert!(
+        why.contains("cannot hold an overlay's writable layer"),
+        "{why}"
+    );
+    let seen = events(&e);
+    let req = e.req("vol-ro", ns_key("team-a", "llama"), "team-a");
+    e.plugin.publish(&req).await.unwrap();
+    assert!(
+        !e.plugin
+            .mounter()
+            .mounted(&req.target_path)
+            .unwrap()
+            .writable()
+    );
+    let w = warnings(&seen);
+    assert!(
+        w.iter()
+            .any(|(r, m)| *r == reasons::READ_ONLY_FALLBACK && m.contains("EROFS")),
+        "{w:?}"
+    );
+    let overlays = e.root.join("overlays");
+    assert_eq!(
+        std::fs::read_dir(&overlays).unwrap().count(),
+        0,
+        "a read-only volume has no private layer, and the probe left nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_pod_the_agent_cannot_see_still_mounts_with_a_warning() {
+    let e = env_with(
+        PluginConfig {
+            node_name: "node-1".into(),
+            pod_wait: Duration::from_millis(100),
+            ..Default::default()
+        },
+        vec![h100()],
+    );
+    plant_kernel(&e);
+    e.plugin.set_pod_source(Arc::new(StaticPods::default()));
+    let seen = events(&e);
+    let req = e.req("vol-unseen", ns_key("team-a", "llama"), "team-a");
+    e.plugin.publish(&req).await.unwrap();
+    let spec = e.plugin.mounter().mounted(&req.target_path).unwrap();
+    assert!(spec.writable(), "misses compile into the private layer");
+    let w = warnings(&seen);
+    assert!(
+        w.iter()
+            .any(|(r, m)| *r == reasons::MOUNT_PATH && m.contains("team-a/pod")),
+        "{w:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_unpublish_counts_what_the_pod_compiled_and_says_why() {
+    let e = env();
+    plant_kernel(&e);
+    let seen = events(&e);
+    let req = e.req("vol-miss", ns_key("team-a", "llama"), "team-a");
+    e.plugin.publish(&req).await.unwrap();
+    // What a miss leaves in the private layer: a kernel of another Triton.
+    let upper = e.plugin.store().volume_dirs("vol-miss").upper;
+    let key = upper.join("NEWKEY");
+    std::fs::create_dir_all(&key).unwrap();
+    std::fs::write(
+        key.join("k2.json"),
+        br#"{"name":"k2","triton_version":"3.5.0","target":{"backend":"cuda","arch":90,"warp_size":32}}"#,
+    )
+    .unwrap();
+    std::fs::write(key.join("__grp__k2.json"), b"{\"child_paths\":{}}").unwrap();
+    e.plugin
+        .unpublish("vol-miss", &req.target_path)
+        .await
+        .unwrap();
+    let ev = seen.lock().unwrap().clone();
+    let (compiled, why) = ev
+        .iter()
+        .find_map(|e| match e {
+            VolumeEvent::Unpublished { compiled, why, .. } => Some((compiled.clone(), why.clone())),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(compiled.kernels, 1);
+    let why = why.unwrap();
+    assert!(why.contains("pod team-a/pod"), "{why}");
+    let usage = e
+        .plugin
+        .store()
+        .usage("GKMCache/team-a/llama", DIGEST)
+        .unwrap();
+    assert_eq!((usage.pods_served, usage.kernels_compiled), (1, 1));
+    assert!(!upper.exists(), "the layer goes with the volume");
+}
+
+#[tokio::test]
+async fn a_crash_between_record_and_mount_gets_a_fresh_private_layer() {
+    let e = env();
+    let req = e.req("vol-c", ns_key("team-a", "llama"), "team-a");
+    e.plugin.publish(&req).await.unwrap();
+    let upper = e.plugin.store().volume_dirs("vol-c").upper;
+    std::fs::write(upper.join("stale"), b"from the lost mount").unwrap();
+    e.plugin.mounter().vanish(&req.target_path);
+    e.plugin.publish(&req).await.unwrap();
+    assert!(e.plugin.mounter().is_mounted(&req.target_path));
+    assert!(!upper.join("stale").exists(), "a new mount starts empty");
+}
+
+#[tokio::test]
+async fn writable_false_and_csi_readonly_both_ask_for_read_only() {
+    let pod = (CTX_POD_NAMESPACE, "ns");
+    let ro = publish_request(
+        "v",
+        "/t",
+        &[(ATTR_CACHE, "c"), pod, (ATTR_WRITABLE, "False")],
+    );
+    assert!(validate_publish(&ro).unwrap().read_only);
+    let mut csi_ro = publish_request("v", "/t", &[(ATTR_CACHE, "c"), pod]);
+    csi_ro.readonly = true;
+    assert!(validate_publish(&csi_ro).unwrap().read_only);
+    let rw = publish_request("v", "/t", &[(ATTR_CACHE, "c"), pod]);
+    assert!(!validate_publish(&rw).unwrap().read_only);
+    let bad = publish_request("v", "/t", &[(ATTR_CACHE, "c"), pod, (ATTR_WRITABLE, "yes")]);
+    let err = validate_publish(&bad).unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.to_string().contains(ATTR_WRITABLE), "{err}");
 }

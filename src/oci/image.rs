@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::Compression;
+use crate::kernel_cache::CacheKind;
 
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
@@ -103,49 +104,76 @@ impl ImageInfo {
         self.layers.iter().map(|l| l.size).sum()
     }
 
-    /// The `cache.<kind>.image/summary` label and its kind (`triton`, `vllm`), if present.
+    /// The `cache.<kind>.image/summary` label and its kind (`triton`, `inductor`, `vllm`),
+    /// if present.
     pub fn summary_label(&self) -> Option<(&'static str, &str)> {
-        for kind in ["triton", "vllm"] {
-            if let Some(v) = self.labels.get(&format!("cache.{kind}.image/summary")) {
-                return Some((kind, v.as_str()));
-            }
-        }
-        None
+        CacheKind::ALL.into_iter().find_map(|kind| {
+            self.labels
+                .get(&kind.label(crate::kernel_cache::labels::SUMMARY))
+                .map(|v| (kind.as_str(), v.as_str()))
+        })
+    }
+
+    /// What the `cache.<kind>.image/*` labels say.
+    pub fn cache_labels(&self) -> crate::kernel_cache::CacheLabels {
+        crate::kernel_cache::CacheLabels::read(&self.labels)
     }
 }
 
-/// Where in an extracted image the pod's view starts.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+/// Where in an extracted image the pod's view starts: the `io.<kind>.cache/` folder of an
+/// MCV-layout image, else the image root. Written as `triton`, `inductor`, `vllm` or
+/// `plain` in the store's metadata.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum CacheLayout {
-    /// MCV Triton cache: the pod sees `io.triton.cache/`.
-    Triton,
-    /// MCV vLLM cache: the pod sees `io.vllm.cache/`.
-    Vllm,
+    /// An MCV-layout cache of this kind.
+    Mcv(CacheKind),
     /// Any other image: the pod sees the image root.
     Plain,
 }
 
 impl CacheLayout {
-    /// Detects the layout of an extracted root.
+    /// Detects the layout of an extracted root (the first kind whose folder exists).
     pub fn detect(rootfs: &Path) -> Self {
         let is_dir = |p: &str| std::fs::symlink_metadata(rootfs.join(p)).is_ok_and(|m| m.is_dir());
-        if is_dir("io.triton.cache") {
-            CacheLayout::Triton
-        } else if is_dir("io.vllm.cache") {
-            CacheLayout::Vllm
-        } else {
-            CacheLayout::Plain
-        }
+        CacheKind::ALL
+            .into_iter()
+            .find(|k| is_dir(&k.cache_dir()))
+            .map_or(CacheLayout::Plain, CacheLayout::Mcv)
     }
 
     /// The folder below the image root that the pod sees, if not the root.
-    pub fn subdir(self) -> Option<&'static str> {
+    pub fn subdir(self) -> Option<String> {
         match self {
-            CacheLayout::Triton => Some("io.triton.cache"),
-            CacheLayout::Vllm => Some("io.vllm.cache"),
+            CacheLayout::Mcv(kind) => Some(kind.cache_dir()),
             CacheLayout::Plain => None,
         }
+    }
+
+    /// The kind of cache, if the image has the MCV layout.
+    pub fn kind(self) -> Option<CacheKind> {
+        match self {
+            CacheLayout::Mcv(kind) => Some(kind),
+            CacheLayout::Plain => None,
+        }
+    }
+}
+
+impl From<CacheLayout> for String {
+    fn from(l: CacheLayout) -> String {
+        l.kind().map_or("plain", CacheKind::as_str).to_string()
+    }
+}
+
+impl TryFrom<String> for CacheLayout {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s == "plain" {
+            return Ok(CacheLayout::Plain);
+        }
+        s.parse()
+            .map(CacheLayout::Mcv)
+            .map_err(|e: crate::kernel_cache::UnknownKind| e.to_string())
     }
 }
 
@@ -184,11 +212,23 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         assert_eq!(CacheLayout::detect(d.path()), CacheLayout::Plain);
         std::fs::create_dir(d.path().join("io.vllm.cache")).unwrap();
-        assert_eq!(CacheLayout::detect(d.path()), CacheLayout::Vllm);
+        assert_eq!(
+            CacheLayout::detect(d.path()),
+            CacheLayout::Mcv(CacheKind::Vllm)
+        );
         std::fs::create_dir(d.path().join("io.triton.cache")).unwrap();
         assert_eq!(
-            CacheLayout::detect(d.path()).subdir(),
+            CacheLayout::detect(d.path()).subdir().as_deref(),
             Some("io.triton.cache")
+        );
+        for l in [CacheLayout::Plain, CacheLayout::Mcv(CacheKind::Inductor)] {
+            let json = serde_json::to_string(&l).unwrap();
+            assert_eq!(serde_json::from_str::<CacheLayout>(&json).unwrap(), l);
+        }
+        assert_eq!(
+            serde_json::from_str::<CacheLayout>("\"triton\"").unwrap(),
+            CacheLayout::Mcv(CacheKind::Triton),
+            "metadata written before the inductor kind still reads"
         );
     }
 }

@@ -6,11 +6,16 @@
 //!   pod that uses that digest; `store/sha256/<hex>/meta.json`: what was extracted.
 //! - `store/tmp/`: extractions in progress and trees being deleted. A tree becomes visible
 //!   only complete, by one rename from here; whatever is left here at start is removed.
-//! - `volumes/<volume id>.json`: one record per published volume, written atomically
-//!   (a temporary file, fsync, rename), so a restarted agent knows every mount it made.
+//! - `volumes/<key>.json`: one record per published volume ([`volume_key`] of its id),
+//!   written atomically (a temporary file, fsync, rename), so a restarted agent knows every mount it made.
 //!   The folder is not fsynced: a rename lost to a power failure loses a record whose
 //!   mount did not survive the reboot either, and the agent drops records whose mount is
 //!   gone when it starts. An unreadable record is set aside, not fatal.
+//! - `overlays/<key>/{upper,work}`: a writable volume's private layer, created empty at
+//!   publish and removed at unpublish; directories without a record are removed at start.
+//! - `store/sha256/<hex>/views/<base key>/`: path views of a digest (group files rewritten
+//!   for one mount path), shared by the volumes that mount the digest there.
+//! - `usage.json`: per cache and digest, pods served and kernels they compiled.
 //! - `lock`: held (flock) by the one agent that owns this root.
 //!
 //! Garbage collection removes a digest only when no volume references it, no cache on this
@@ -47,6 +52,21 @@ pub enum StoreError {
     Pull(#[from] PullError),
     #[error("{0}: not a sha256 digest")]
     BadDigest(String),
+    #[error("building a path view: {0}")]
+    View(Box<crate::kernel_cache::view::ViewError>),
+}
+
+/// The usage counts' file under the store root.
+const USAGE_FILE: &str = "usage.json";
+
+/// Most shared path views one digest keeps (see [`Store::ensure_view`]).
+pub const MAX_VIEWS: usize = 64;
+
+/// The name of a volume's directory: 32 hex digits of the sha256 of its id, so any id CSI
+/// allows (up to 128 bytes of anything) makes a short, safe file name.
+pub fn volume_key(volume_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(volume_id.as_bytes())[..16])
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -135,9 +155,71 @@ pub struct VolumeRecord {
     pub pod_namespace: String,
     pub pod_name: String,
     pub pod_uid: String,
+    /// How the volume is mounted. Records written before overlay volumes existed read as
+    /// [`VolumeMount::ReadOnlyBind`], which is what they were.
+    #[serde(default)]
+    pub mount: VolumeMount,
+}
+
+/// How a published volume is mounted.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum VolumeMount {
+    /// The shared tree, bound read-only.
+    #[default]
+    ReadOnlyBind,
+    /// An overlay of the shared tree (and, when `view` is set, the path view above it),
+    /// writable into the volume's own upper directory when `writable`.
+    #[serde(rename_all = "camelCase")]
+    Overlay {
+        writable: bool,
+        /// The path view stacked above the tree (`store/sha256/<hex>/views/<key>`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        view: Option<PathBuf>,
+        /// Where the pod sees the volume, when known (what the view was made for).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        base: Option<crate::kernel_cache::MountBase>,
+    },
+}
+
+impl VolumeMount {
+    pub fn writable(&self) -> bool {
+        matches!(self, VolumeMount::Overlay { writable: true, .. })
+    }
+}
+
+/// A volume's private directories: `overlays/<key>/{upper,work}` under the store root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeDirs {
+    pub dir: PathBuf,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+}
+
+/// What pods did with one digest of one cache on this node.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    /// Volumes published.
+    pub pods_served: u64,
+    /// Cache entries (kernels and launchers) compiled in volumes already unpublished.
+    pub kernels_compiled: u64,
+    /// Volumes that compiled anything.
+    pub pods_with_misses: u64,
+    /// The last miss, in words: the pod, the count and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_miss: Option<String>,
 }
 
 impl VolumeRecord {
+    /// `<kind>/<namespace>/<name>`: the cache this volume mounts, as the usage table keys it.
+    pub fn cache_id(&self) -> String {
+        format!(
+            "{}/{}/{}",
+            self.cache_kind, self.cache_namespace, self.cache_name
+        )
+    }
+
     /// The cache this volume mounts, or `None` for a record of an unknown kind.
     pub fn cache_key(&self) -> Option<crate::csi::CacheKey> {
         match self.cache_kind.as_str() {
@@ -153,9 +235,13 @@ impl VolumeRecord {
     }
 }
 
+/// `usage.json`: `<cache>` (as [`VolumeRecord::cache_id`]) → digest → usage.
+type UsageTable = BTreeMap<String, BTreeMap<String, Usage>>;
+
 #[derive(Default)]
 struct State {
     volumes: BTreeMap<String, VolumeRecord>,
+    usage: UsageTable,
     /// When each unreferenced, unwanted digest was first seen so.
     idle_since: HashMap<String, Instant>,
 }
@@ -181,6 +267,7 @@ impl Store {
             root.join("store/sha256"),
             root.join("store/tmp"),
             root.join("volumes"),
+            root.join("overlays"),
         ] {
             fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
         }
@@ -236,6 +323,28 @@ impl Store {
                 }
             }
         }
+        // Volume directories whose record is gone: a crash between removing the record
+        // and the directories, or a record dropped while the agent was down.
+        let keys: HashSet<String> = state.volumes.keys().map(|id| volume_key(id)).collect();
+        let odir = root.join("overlays");
+        for entry in fs::read_dir(&odir)
+            .map_err(io_err("listing", &odir))?
+            .flatten()
+        {
+            if !keys.contains(&*entry.file_name().to_string_lossy()) {
+                warn!(path = %entry.path().display(), "removing the directories of a volume that has no record");
+                remove_tree(&entry.path())?;
+            }
+        }
+        let usage_path = root.join(USAGE_FILE);
+        state.usage = match fs::read(&usage_path) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                warn!(path = %usage_path.display(), error = %e, "unreadable usage counts; starting from zero");
+                UsageTable::default()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => UsageTable::default(),
+            Err(e) => return Err(io_err("reading", &usage_path)(e)),
+        };
         info!(root = %root.display(), volumes = state.volumes.len(), "store opened");
         Ok(Self {
             cfg,
@@ -470,13 +579,157 @@ impl Store {
         Ok(())
     }
 
-    /// Removes a volume's record (after its unmount). Returns it, or None if unknown.
-    pub fn remove_volume(&self, volume_id: &str) -> Result<Option<VolumeRecord>> {
-        let path = self.record_path(volume_id);
-        match fs::remove_file(&path) {
+    /// A volume's private directories (whether or not they exist).
+    pub fn volume_dirs(&self, volume_id: &str) -> VolumeDirs {
+        let dir = self.cfg.root.join("overlays").join(volume_key(volume_id));
+        VolumeDirs {
+            upper: dir.join("upper"),
+            work: dir.join("work"),
+            dir,
+        }
+    }
+
+    /// Creates a volume's upper and work directories empty, discarding what an earlier
+    /// mount of the same volume left there.
+    pub fn create_volume_dirs(&self, volume_id: &str) -> Result<VolumeDirs> {
+        let d = self.volume_dirs(volume_id);
+        fs::create_dir_all(&d.dir).map_err(io_err("creating", &d.dir))?;
+        for p in [&d.upper, &d.work] {
+            remove_tree(p)?;
+            fs::create_dir(p).map_err(io_err("creating", p))?;
+        }
+        // Pods run as any user: the upper directory becomes the mount's root, so it must
+        // let them in as the shared tree does.
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&d.upper, fs::Permissions::from_mode(0o755))
+            .map_err(io_err("setting the mode of", &d.upper))?;
+        Ok(d)
+    }
+
+    /// The path view of `e` for `base` (see [`crate::kernel_cache::view`]), built once per
+    /// digest and base and shared by every volume that mounts the digest there; `None`
+    /// when the cache needs none (no group file names a child elsewhere than the pod sees
+    /// it). Past [`MAX_VIEWS`] views of one digest, the view is built in the volume's own
+    /// directory instead (removed with the volume), so pods choosing ever new paths cannot
+    /// fill the store. Blocking.
+    pub fn ensure_view(
+        &self,
+        e: &Extracted,
+        base: &crate::kernel_cache::MountBase,
+        volume_id: &str,
+    ) -> Result<Option<PathBuf>> {
+        let views = e.dir.join("views");
+        let shared = views.join(base.key());
+        let none_marker = views.join(format!("{}.none", base.key()));
+        if shared.is_dir() {
+            return Ok(Some(shared));
+        }
+        if none_marker.exists() {
+            return Ok(None);
+        }
+        let count = fs::read_dir(&views).map(|d| d.count()).unwrap_or(0);
+        let private = count >= MAX_VIEWS;
+        let tmp_root = self.cfg.root.join("store/tmp");
+        let tmp = tempfile::Builder::new()
+            .prefix("view-")
+            .tempdir_in(&tmp_root)
+            .map_err(io_err("creating a temporary directory in", &tmp_root))?;
+        let stats = crate::kernel_cache::view::build(&e.mount_source(), base, tmp.path())
+            .map_err(|err| StoreError::View(Box::new(err)))?;
+        let dest = if private {
+            self.volume_dirs(volume_id).dir.join("view")
+        } else {
+            shared
+        };
+        if stats.rewritten == 0 {
+            if !private {
+                fs::create_dir_all(&views).map_err(io_err("creating", &views))?;
+                write_atomic(false, &none_marker, b"")?;
+            }
+            return Ok(None);
+        }
+        let parent = dest.parent().expect("views live in a folder");
+        fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+        if private {
+            remove_tree(&dest)?;
+        }
+        let from = tmp.keep();
+        match rustix::fs::rename(&from, &dest) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("removing", &path)(e)),
+            // Another publish built the same view first: use that one.
+            Err(rustix::io::Errno::EXIST) | Err(rustix::io::Errno::NOTEMPTY) => {
+                remove_tree(&from)?;
+            }
+            Err(err) => {
+                let _ = remove_tree(&from);
+                return Err(io_err("renaming into place", &dest)(err.into()));
+            }
+        }
+        info!(digest = %e.digest, base = %base, groups = stats.groups, rewritten = stats.rewritten, private, "path view built");
+        Ok(Some(dest))
+    }
+
+    /// Counts a published volume of `rec`'s cache and digest.
+    pub fn count_served(&self, rec: &VolumeRecord) {
+        self.update_usage(rec, |u| u.pods_served += 1);
+    }
+
+    /// Counts the entries a volume of `rec` compiled, with the sentence that explains them.
+    pub fn count_compiled(&self, rec: &VolumeRecord, entries: u64, why: Option<String>) {
+        if entries == 0 {
+            return;
+        }
+        self.update_usage(rec, |u| {
+            u.kernels_compiled += entries;
+            u.pods_with_misses += 1;
+            u.last_miss = why;
+        });
+    }
+
+    /// What pods did with `digest` of the cache `cache_id` ([`VolumeRecord::cache_id`]).
+    pub fn usage(&self, cache_id: &str, digest: &str) -> Option<Usage> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .usage
+            .get(cache_id)
+            .and_then(|m| m.get(digest))
+            .cloned()
+    }
+
+    fn update_usage(&self, rec: &VolumeRecord, f: impl FnOnce(&mut Usage)) {
+        let bytes = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            f(state
+                .usage
+                .entry(rec.cache_id())
+                .or_default()
+                .entry(rec.digest.clone())
+                .or_default());
+            serde_json::to_vec(&state.usage).expect("usage serialises")
+        };
+        // Counts, not state: a write lost to a crash loses a few counts, nothing else.
+        if let Err(e) = write_atomic(false, &self.cfg.root.join(USAGE_FILE), &bytes) {
+            warn!(error = %e, "could not save the usage counts");
+        }
+    }
+
+    /// Removes a volume's record and its private directories (after its unmount). Returns
+    /// the record, or None if unknown.
+    pub fn remove_volume(&self, volume_id: &str) -> Result<Option<VolumeRecord>> {
+        remove_tree(&self.volume_dirs(volume_id).dir)?;
+        for path in [
+            self.record_path(volume_id),
+            self.legacy_record_path(volume_id),
+        ] {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // An id whose escaped form is no file name never had a legacy record.
+                Err(e)
+                    if e.raw_os_error() == Some(rustix::io::Errno::NAMETOOLONG.raw_os_error()) => {}
+                Err(e) => return Err(io_err("removing", &path)(e)),
+            }
         }
         Ok(self
             .state
@@ -515,7 +768,16 @@ impl Store {
             .count()
     }
 
+    /// `volumes/<key>.json`, named by [`volume_key`]: any id CSI allows fits a file name.
     fn record_path(&self, volume_id: &str) -> PathBuf {
+        self.cfg
+            .root
+            .join("volumes")
+            .join(format!("{}.json", volume_key(volume_id)))
+    }
+
+    /// Where releases before the hashed names wrote the record: the id escaped.
+    fn legacy_record_path(&self, volume_id: &str) -> PathBuf {
         self.cfg
             .root
             .join("volumes")
@@ -577,11 +839,14 @@ impl Store {
                     path: grave.clone(),
                     source: std::io::Error::other(e),
                 })??;
-            self.state
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .idle_since
-                .remove(&digest);
+            {
+                let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                state.idle_since.remove(&digest);
+                for per_digest in state.usage.values_mut() {
+                    per_digest.remove(&digest);
+                }
+                state.usage.retain(|_, m| !m.is_empty());
+            }
             info!(%digest, "garbage-collected");
             crate::metrics::global().gc_removed.inc();
             removed.push(digest);
@@ -654,6 +919,11 @@ mod tests {
             pod_namespace: "ns".into(),
             pod_name: "p".into(),
             pod_uid: "uid".into(),
+            mount: VolumeMount::Overlay {
+                writable: true,
+                view: None,
+                base: None,
+            },
         }
     }
 
@@ -681,7 +951,7 @@ mod tests {
                 layers: vec![],
                 labels: Default::default(),
             },
-            layout: CacheLayout::Triton,
+            layout: CacheLayout::Mcv(crate::kernel_cache::CacheKind::Triton),
             files: 0,
             size_bytes: 0,
             entries: 0,

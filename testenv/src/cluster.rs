@@ -249,6 +249,26 @@ impl Cluster {
         Ok(())
     }
 
+    /// The Events (`events.k8s.io/v1`) in `namespace` about the object named `name`, as
+    /// `(reason, note)` pairs.
+    pub async fn events_about(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Vec<(String, String)>, Error> {
+        let api: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.admin_client().await?, namespace);
+        Ok(api
+            .list(&Default::default())
+            .await
+            .map_err(|e| Error::kube(format!("listing Events in {namespace}"), e))?
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+            .collect())
+    }
+
     /// A new namespace with a unique name starting with `prefix`.
     pub async fn new_namespace(&self, prefix: &str) -> Result<String, Error> {
         let name = crate::unique_name(prefix);

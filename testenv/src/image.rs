@@ -41,14 +41,17 @@ pub enum MediaTypes {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CacheKind {
     Triton,
+    Inductor,
     Vllm,
 }
 
 impl CacheKind {
-    /// `triton` or `vllm`: `io.<kind>.cache/` in the layer, `cache.<kind>.image/` labels.
+    /// `triton`, `inductor` or `vllm`: `io.<kind>.cache/` in the layer,
+    /// `cache.<kind>.image/` labels.
     pub fn as_str(self) -> &'static str {
         match self {
             CacheKind::Triton => "triton",
+            CacheKind::Inductor => "inductor",
             CacheKind::Vllm => "vllm",
         }
     }

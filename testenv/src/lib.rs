@@ -7,12 +7,15 @@
 //! - [`Registry`]: an OCI registry (`crane registry serve`, with the referrers API).
 //! - [`image`]: builds and pushes images in the kernel-cache (MCV) layout.
 //! - [`Cosign`]: a cosign key pair; signs and verifies with the real cosign.
+//! - [`triton::Triton`]: PyPI's Triton, compiling real kernels for GPU targets on the CPU and
+//!   deciding, with its own cache manager, whether a delivered cache hits.
 //!
 //! Processes never outlive the test process (see [`process`]). One cluster and one
 //! registry may be shared across a test binary ([`shared_cluster`], [`shared_registry`]);
 //! tests keep apart by using unique namespaces and repositories, and make their own
 //! clients (a `kube::Client` belongs to the tokio runtime it was made on).
 
+pub mod agent;
 pub mod cluster;
 pub mod cosign;
 pub mod faulty;
@@ -22,6 +25,7 @@ pub mod pki;
 pub mod process;
 pub mod registry;
 pub mod tools;
+pub mod triton;
 pub mod webhooks;
 
 use std::path::PathBuf;

@@ -16,6 +16,8 @@ pub enum Tool {
     Cosign,
     Crane,
     CsiSanity,
+    /// A Python with PyPI's Triton (`install-tools.sh` makes a virtual environment).
+    TritonPython,
 }
 
 impl Tool {
@@ -27,6 +29,7 @@ impl Tool {
             Tool::Cosign => "cosign",
             Tool::Crane => "crane",
             Tool::CsiSanity => "csi-sanity",
+            Tool::TritonPython => "triton-python",
         }
     }
 }

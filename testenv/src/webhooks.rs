@@ -86,6 +86,18 @@ fn local(port: u16, path: &str, ca_pem: &str) -> WebhookClientConfig {
     }
 }
 
+/// Rules matching `operations` on core `v1` `resources`.
+fn pod_rules(operations: &[&str], resources: &[&str]) -> Vec<RuleWithOperations> {
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+    vec![RuleWithOperations {
+        api_groups: Some(vec!["".into()]),
+        api_versions: Some(vec!["v1".into()]),
+        operations: Some(strings(operations)),
+        resources: Some(strings(resources)),
+        scope: None,
+    }]
+}
+
 /// The namespaces carrying `label`.
 fn labelled(label: (&str, &str)) -> LabelSelector {
     LabelSelector {
@@ -118,13 +130,10 @@ pub async fn register_pod_policy(
             side_effects: "None".into(),
             timeout_seconds: Some(10),
             namespace_selector: Some(labelled(label)),
-            rules: Some(vec![RuleWithOperations {
-                api_groups: Some(vec!["".into()]),
-                api_versions: Some(vec!["v1".into()]),
-                operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
-                resources: Some(vec!["pods".into(), "pods/ephemeralcontainers".into()]),
-                scope: None,
-            }]),
+            rules: Some(pod_rules(
+                &["CREATE", "UPDATE"],
+                &["pods", "pods/ephemeralcontainers"],
+            )),
             ..Default::default()
         }]),
     };
@@ -136,6 +145,46 @@ pub async fn register_pod_policy(
         )
         .await
         .map_err(|e| Error::kube(format!("registering the pod webhook {name}"), e))?;
+    Ok(())
+}
+
+/// Registers (server-side applies) a MutatingWebhookConfiguration named `name` for the
+/// cache variables of pods, calling `https://127.0.0.1:<port>/mutate-pods` trusted by
+/// `ca_pem`, for pod creates in namespaces labelled `label`. failurePolicy Ignore, as
+/// deployed.
+pub async fn register_pod_env(
+    cluster: &Cluster,
+    name: &str,
+    port: u16,
+    ca_pem: &str,
+    label: (&str, &str),
+) -> Result<(), Error> {
+    let client = cluster.admin_client().await?;
+    let m = MutatingWebhookConfiguration {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            ..Default::default()
+        },
+        webhooks: Some(vec![MutatingWebhook {
+            name: "pod-env.gkm.io".into(),
+            admission_review_versions: vec!["v1".into()],
+            client_config: local(port, "mutate-pods", ca_pem),
+            failure_policy: Some("Ignore".into()),
+            side_effects: "None".into(),
+            timeout_seconds: Some(10),
+            namespace_selector: Some(labelled(label)),
+            rules: Some(pod_rules(&["CREATE"], &["pods"])),
+            ..Default::default()
+        }]),
+    };
+    Api::<MutatingWebhookConfiguration>::all(client)
+        .patch(
+            name,
+            &PatchParams::apply("gkm-testenv").force(),
+            &Patch::Apply(&m),
+        )
+        .await
+        .map_err(|e| Error::kube(format!("registering the pod-env webhook {name}"), e))?;
     Ok(())
 }
 

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::verify::{ImageVerifier, VerifiedImage};
 
+pub mod pod_env;
 pub mod pods;
 pub mod server;
 
@@ -35,6 +36,11 @@ pub enum Decision {
         warnings: Vec<String>,
     },
     Deny(String),
+    /// Allow, applying this JSON patch (the Pod environment rule).
+    Patch {
+        patch: json_patch::Patch,
+        warnings: Vec<String>,
+    },
 }
 
 /// The admission rules, with the verifier they ask.
@@ -43,6 +49,8 @@ pub struct Admission<V: ImageVerifier> {
     /// Usernames (e.g. `system:serviceaccount:gkm-system:gkm-promoter`) exempt from the
     /// annotation rules.
     trusted_users: Vec<String>,
+    /// Where the Pod environment rule learns cache kinds (none without API access).
+    kinds: Option<std::sync::Arc<dyn pod_env::CacheKindSource>>,
 }
 
 /// The parts of a cache object the rules look at.
@@ -96,7 +104,19 @@ impl<V: ImageVerifier> Admission<V> {
         Self {
             verifier,
             trusted_users,
+            kinds: None,
         }
+    }
+
+    /// Lets the Pod environment rule look up cache kinds.
+    pub fn with_cache_kinds(mut self, kinds: std::sync::Arc<dyn pod_env::CacheKindSource>) -> Self {
+        self.kinds = Some(kinds);
+        self
+    }
+
+    /// The Pod environment rule (`/mutate-pods`).
+    pub async fn mutate_pod(&self, req: &AdmissionRequest<DynamicObject>) -> Decision {
+        pod_env::mutate(self.kinds.as_deref(), req).await
     }
 
     fn trusted(&self, req: &AdmissionRequest<DynamicObject>) -> bool {
@@ -215,6 +235,16 @@ impl Decision {
                     .clone()
                     .with_patch(digest_patch(req.object.as_ref(), &digest))
                 {
+                    Ok(r) => resp = r,
+                    Err(e) => {
+                        return AdmissionResponse::from(req)
+                            .deny(format!("building the patch: {e}"));
+                    }
+                }
+                warnings
+            }
+            Decision::Patch { patch, warnings } => {
+                match resp.clone().with_patch(patch) {
                     Ok(r) => resp = r,
                     Err(e) => {
                         return AdmissionResponse::from(req)

@@ -1,5 +1,5 @@
 //! The HTTPS admission server (rustls): `POST /mutate`, `POST /validate` (caches),
-//! `POST /validate-pods` (the Pod policy), `POST /api/images/verify-and-promote`,
+//! `POST /validate-pods` (the Pod policy), `POST /mutate-pods` (the cache variables), `POST /api/images/verify-and-promote`,
 //! `GET /healthz`, `GET /readyz`.
 
 use std::convert::Infallible;
@@ -123,7 +123,7 @@ async fn handle<V: ImageVerifier, G: Gatekeeper>(
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz" | "/readyz") => Ok(reply(StatusCode::OK, b"ok".to_vec())),
-        (&Method::POST, "/mutate" | "/validate" | "/validate-pods") => {
+        (&Method::POST, "/mutate" | "/validate" | "/validate-pods" | "/mutate-pods") => {
             let body = match req.into_body().collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(e) => return Ok(reply(StatusCode::BAD_REQUEST, e.to_string().into_bytes())),
@@ -160,6 +160,7 @@ async fn handle<V: ImageVerifier, G: Gatekeeper>(
                 match path.as_str() {
                     "/mutate" => admission.mutate(&request).await,
                     "/validate" => admission.validate(&request).await,
+                    "/mutate-pods" => admission.mutate_pod(&request).await,
                     _ => admission.validate_pod(&request).await,
                 }
             }
@@ -167,7 +168,7 @@ async fn handle<V: ImageVerifier, G: Gatekeeper>(
             .await;
             let outcome = match &decision {
                 super::Decision::Allow { .. } => "allowed",
-                super::Decision::SetDigest { .. } => "mutated",
+                super::Decision::SetDigest { .. } | super::Decision::Patch { .. } => "mutated",
                 super::Decision::Deny(_) => "denied",
             };
             crate::metrics::global().admission(
