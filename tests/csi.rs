@@ -428,6 +428,19 @@ async fn a_restarted_agent_unpublishes_what_it_mounted_before() {
 
     let agent = Agent::start_in(dir);
     let mut node = agent.node().await;
+    // Kubelet publishes a running pod's volume again after a restart: the live overlay is
+    // recognised (OK, nothing remounted) and keeps what the pod wrote.
+    std::fs::write(ta.join("written-by-the-pod"), b"x").unwrap();
+    node.node_publish_volume(kubelet_publish(
+        "vol-a",
+        &ta,
+        &[(ATTR_CLUSTER_CACHE, &name)],
+        "anywhere",
+        "a",
+    ))
+    .await
+    .unwrap();
+    assert!(ta.join("written-by-the-pod").exists());
     node.node_unpublish_volume(unpublish("vol-a", &ta))
         .await
         .unwrap();
@@ -440,6 +453,10 @@ async fn a_restarted_agent_unpublishes_what_it_mounted_before() {
         .unwrap()
         .count();
     assert_eq!(records, 0, "refcounts exact: no record left");
+    let layers = std::fs::read_dir(agent.store().join("overlays"))
+        .unwrap()
+        .count();
+    assert_eq!(layers, 0, "no private layer left");
 }
 
 #[tokio::test]

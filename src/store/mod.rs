@@ -1068,6 +1068,37 @@ mod tests {
     }
 
     #[test]
+    fn private_layers_without_a_record_are_removed_at_open_and_others_kept() {
+        let root = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(cfg(root.path())).unwrap();
+            store.record_volume(&record("kept", D1)).unwrap();
+            let kept = store.create_volume_dirs("kept").unwrap();
+            std::fs::write(kept.upper.join("compiled"), b"x").unwrap();
+            // A crash after the record went and before its directories did.
+            let orphan = store.create_volume_dirs("orphan").unwrap();
+            std::fs::write(orphan.upper.join("compiled"), b"x").unwrap();
+        }
+        let store = Store::open(cfg(root.path())).unwrap();
+        assert!(store.volume_dirs("kept").upper.join("compiled").exists());
+        assert!(!store.volume_dirs("orphan").dir.exists());
+        store.remove_volume("kept").unwrap();
+        assert!(!store.volume_dirs("kept").dir.exists());
+    }
+
+    #[test]
+    fn any_volume_id_makes_a_short_file_name() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(cfg(root.path())).unwrap();
+        let long = "x/".repeat(64);
+        store.record_volume(&record(&long, D1)).unwrap();
+        store.create_volume_dirs(&long).unwrap();
+        assert_eq!(store.volume(&long).unwrap().volume_id, long);
+        assert_eq!(volume_key(&long).len(), 32);
+        assert!(store.remove_volume(&long).unwrap().is_some());
+    }
+
+    #[test]
     fn escape_keeps_ids_readable_and_safe() {
         assert_eq!(escape("csi-0123abcd"), "csi-0123abcd");
         assert_eq!(escape("../x"), "%2E.%2Fx");
