@@ -15,6 +15,16 @@
 #   etcd                     comes from the `etcd-bin-vendored` crate (a dev-dependency),
 #                            so cargo fetches it; nothing to do here.
 #   skopeo, umoci            Debian packages, used by the extraction benchmark as a baseline.
+#   kubelet                  built from the same throwaway module as kube-apiserver
+#   containerd, containerd-shim-runc-v2, ctr
+#                            containerd 2.x from the Go module proxy (no btrfs/devmapper/zfs)
+#   runc, busybox-static, containernetworking-plugins
+#                            Debian packages for the test node (runc runs the containers,
+#                            busybox is the test image, the loopback CNI plugin makes the
+#                            node Ready)
+#   gkm-pause                the pod sandbox's init process (testenv/node/pause), static
+#   gkm-registrar            registers csi.gkm.io with the test node's kubelet
+#                            (testenv/node/registrar; node-driver-registrar's role)
 #   triton-python            a Python virtual environment with PyPI's Triton wheel, whose
 #                            compiler and cache manager decide hit or miss in the cache tests
 #                            (it compiles for cuda:90 and gfx942 on a CPU).
@@ -24,6 +34,8 @@ KUBE_VERSION=${KUBE_VERSION:-v1.36.3}
 COSIGN_VERSION=${COSIGN_VERSION:-v3.1.2}
 CRANE_VERSION=${CRANE_VERSION:-v0.21.9}
 CSI_SANITY_VERSION=${CSI_SANITY_VERSION:-v5.5.0}
+# The newest containerd 2.x the Go module proxy serves (kubelet 1.36 needs 2.x).
+CONTAINERD_VERSION=${CONTAINERD_VERSION:-v2.4.2}
 # The Triton of the H200 fixture (../shared/fixtures): its metadata says 3.6.0.
 TRITON_VERSION=${TRITON_VERSION:-3.6.0}
 
@@ -71,8 +83,8 @@ go_tool() {
 kube_tools() {
   local v=$KUBE_VERSION
   local staging_v="v0.${v#v1.}"
-  if [ -x "$BIN/kube-apiserver-$v" ] && [ -x "$BIN/kubectl-$v" ]; then
-    step kube-apiserver "cached: $BIN/kube-apiserver-$v"
+  if [ -x "$BIN/kube-apiserver-$v" ] && [ -x "$BIN/kubectl-$v" ] && [ -x "$BIN/kubelet-$v" ]; then
+    step kube-apiserver "cached: $BIN/kube-apiserver-$v, kubectl, kubelet"
   else
     step kube-module "throwaway module for k8s.io/kubernetes@$v (staging at $staging_v)"
     local dir=$TOOLS_DIR/src/kube-$v
@@ -99,6 +111,7 @@ package tools
 import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
 )
 EOF
     (cd "$dir" && go mod tidy)
@@ -106,26 +119,28 @@ EOF
     local minor=${v#v1.}
     minor=${minor%%.*}
     local ldflags="-X k8s.io/component-base/version.gitVersion=$v -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/client-go/pkg/version.gitVersion=$v -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
-    step kube-apiserver "go build (the first build takes a while on 2 cores)"
-    local t0
-    t0=$(now)
-    (cd "$dir" && go build -trimpath -ldflags "$ldflags" -o "$BIN/kube-apiserver-$v" k8s.io/kubernetes/cmd/kube-apiserver)
-    echo "    built in $(($(now) - t0))s"
-    step kubectl "go build"
-    t0=$(now)
-    (cd "$dir" && go build -trimpath -ldflags "$ldflags" -o "$BIN/kubectl-$v" k8s.io/kubernetes/cmd/kubectl)
-    echo "    built in $(($(now) - t0))s"
+    local t0 cmd
+    for cmd in kube-apiserver kubectl kubelet; do
+      [ -x "$BIN/$cmd-$v" ] && continue
+      step "$cmd" "go build (the first build takes a while on 2 cores)"
+      t0=$(now)
+      (cd "$dir" && go build -trimpath -ldflags "$ldflags" -o "$BIN/$cmd-$v" "k8s.io/kubernetes/cmd/$cmd")
+      echo "    built in $(($(now) - t0))s"
+    done
   fi
   ln -sfn "kube-apiserver-$v" "$BIN/kube-apiserver"
   ln -sfn "kubectl-$v" "$BIN/kubectl"
+  ln -sfn "kubelet-$v" "$BIN/kubelet"
 }
 
 debian_packages() {
-  step debian "skopeo umoci (extraction benchmark baseline)"
+  step debian "skopeo umoci (extraction benchmark baseline); runc busybox-static containernetworking-plugins (test node)"
   local missing=()
-  for p in skopeo umoci; do
+  for p in skopeo umoci runc; do
     command -v "$p" >/dev/null 2>&1 || missing+=("$p")
   done
+  [ -x /bin/busybox ] || missing+=(busybox-static)
+  [ -x /usr/lib/cni/loopback ] || missing+=(containernetworking-plugins)
   if [ ${#missing[@]} -eq 0 ]; then
     echo "    present"
     return
@@ -164,6 +179,60 @@ referrers_registry() {
   ln -sfn "referrers-registry-$v" "$BIN/referrers-registry"
 }
 
+# containerd 2.x, its runc shim and ctr, under versioned names.
+containerd_tools() {
+  local v=$CONTAINERD_VERSION
+  step containerd "github.com/containerd/containerd/v2@$v (containerd, containerd-shim-runc-v2, ctr)"
+  local cmd
+  if [ -x "$BIN/containerd-$v" ] && [ -x "$BIN/containerd-shim-runc-v2-$v" ] && [ -x "$BIN/ctr-$v" ]; then
+    echo "    cached: $BIN/containerd-$v"
+  else
+    local t0 tmp
+    t0=$(now)
+    tmp=$(mktemp -d)
+    GOBIN=$tmp go install -trimpath -tags "no_btrfs no_devmapper no_zfs" \
+      -ldflags "-X github.com/containerd/containerd/v2/version.Version=$v" \
+      "github.com/containerd/containerd/v2/cmd/containerd@$v" \
+      "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$v" \
+      "github.com/containerd/containerd/v2/cmd/ctr@$v"
+    for cmd in containerd containerd-shim-runc-v2 ctr; do
+      mv "$tmp/$cmd" "$BIN/$cmd-$v"
+    done
+    rm -rf "$tmp"
+    echo "    built in $(($(now) - t0))s"
+  fi
+  # containerd finds its shim on PATH by this exact name.
+  for cmd in containerd containerd-shim-runc-v2 ctr; do
+    ln -sfn "$cmd-$v" "$BIN/$cmd"
+  done
+}
+
+# go_program NAME DIR FILE...: builds the Go program in testenv/DIR (static) as
+# $BIN/NAME-<hash of FILEs>, linked as $BIN/NAME. Built from a copy: GOFLAGS=-mod=mod may
+# rewrite go.mod/go.sum, never in the checkout.
+go_program() {
+  local name=$1 sub=$2
+  shift 2
+  local src
+  src=$(cd "$(dirname "${BASH_SOURCE[0]}")/../testenv/$sub" && pwd)
+  local hash
+  hash=$(cd "$src" && cat "$@" | sha256sum | cut -c1-12)
+  local target=$BIN/$name-$hash
+  step "$name" "testenv/$sub (static)"
+  if [ -x "$target" ]; then
+    echo "    cached: $target"
+  else
+    local t0 dir
+    t0=$(now)
+    dir=$(mktemp -d)
+    (cd "$src" && cp "$@" "$dir/")
+    (cd "$dir" && go build -trimpath -ldflags "-s -w" -o "$target" .)
+    rm -rf "$dir"
+    echo "    built in $(($(now) - t0))s"
+  fi
+  ln -sfn "$name-$hash" "$BIN/$name"
+}
+
 # A virtual environment with Triton, linked as $BIN/triton-python.
 triton_python() {
   local v=$TRITON_VERSION
@@ -197,8 +266,13 @@ kube_tools
 go_tool cosign github.com/sigstore/cosign/v3/cmd/cosign "$COSIGN_VERSION"
 go_tool crane github.com/google/go-containerregistry/cmd/crane "$CRANE_VERSION"
 go_tool csi-sanity github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity "$CSI_SANITY_VERSION"
+containerd_tools
 debian_packages
 referrers_registry
+# The test node's pod sandbox init process, and its CSI driver registrar (the role of
+# node-driver-registrar, which the Go module proxy refuses to serve).
+go_program gkm-pause node/pause main.go go.mod
+go_program gkm-registrar node/registrar main.go go.mod go.sum
 triton_python
 
 step versions "installed into $BIN"
@@ -210,6 +284,10 @@ printf '    %-15s %s\n' crane "$("$BIN/crane" version)"
 printf '    %-15s %s\n' csi-sanity "$("$BIN/csi-sanity" --version 2>&1 | head -1)"
 printf '    %-15s %s\n' skopeo "$(skopeo --version)"
 printf '    %-15s %s\n' umoci "$(umoci --version)"
+printf '    %-15s %s\n' kubelet "$("$BIN/kubelet" --version)"
+printf '    %-15s %s\n' containerd "$("$BIN/containerd" --version)"
+printf '    %-15s %s\n' runc "$(runc --version | head -1)"
+printf '    %-15s %s\n' busybox "$(/bin/busybox | head -1)"
 printf '    %-15s %s\n' triton "$("$BIN/triton-python" -c 'import sys, triton; print(triton.__version__, "on Python", sys.version.split()[0])')"
 printf '    %-15s %s\n' etcd "from the etcd-bin-vendored crate (cargo)"
 echo "install-tools: done in $(($(now) - T_ALL))s"

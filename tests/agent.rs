@@ -742,3 +742,42 @@ async fn an_agent_killed_mid_extraction_converges_after_restart() {
         "temporaries were left behind"
     );
 }
+
+/// An agent may start before its kubelet registered the Node (a harness, or a DaemonSet
+/// pod scheduled early by a custom scheduler): the node objects it wrote are adopted by
+/// the Node once it appears.
+#[tokio::test]
+async fn node_objects_are_adopted_by_a_node_that_appears_later() {
+    let cluster = shared_cluster();
+    let ns = cluster.new_namespace("agent-owner").await.unwrap();
+    let node = unique_name("gpu-node-late");
+    let image = push_cache(
+        &unique_name("agent/late"),
+        "v1",
+        "late",
+        &[Target::new("cuda", "90", 32)],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), &node, shared_registry().host(), &[]).await;
+    Api::<GKMCache>::namespaced(cluster.admin_client().await.unwrap(), &ns)
+        .create(&PostParams::default(), &cache("late", &image))
+        .await
+        .unwrap();
+    let n = wait_node(&agent, &ns, "the node object", |n| n.is_some()).await;
+    assert!(
+        n.unwrap()
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .is_empty(),
+        "no Node yet: no owner"
+    );
+    let uid = ensure_node(&node).await;
+    let n = wait_node(&agent, &ns, "the Node as owner", |n| {
+        n.and_then(|n| n.metadata.owner_references.clone())
+            .is_some_and(|o| o.iter().any(|r| r.kind == "Node" && r.uid == uid))
+    })
+    .await;
+    assert!(n.unwrap().status.is_some(), "the status was kept");
+}

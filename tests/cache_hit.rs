@@ -178,27 +178,8 @@ impl Node {
             .join("store/sha256")
             .join(digest.trim_start_matches("sha256:"))
             .join("rootfs");
-        hash_tree(&root)
+        gkm_testenv::fixtures::hash_tree(&root).unwrap()
     }
-}
-
-fn hash_tree(root: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.insert(
-                    p.strip_prefix(root).unwrap().display().to_string(),
-                    hex::encode(Sha256::digest(std::fs::read(&p).unwrap())),
-                );
-            }
-        }
-    }
-    out
 }
 
 /// `gkm build DIR --kind KIND -t REPO:v1`, pushed to the shared registry; the digest.

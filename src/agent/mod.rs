@@ -79,7 +79,6 @@ pub async fn run(
     let ctx = Arc::new(reconcile::Context::new(
         reconcile::LoopConfig {
             node: cfg.node_name.clone(),
-            node_owner: node_owner(&client, &cfg.node_name).await,
             policy: cfg.pull_policy,
             allow_unclaimed: !cfg.require_gpu_claims,
             gc_interval: cfg.gc_interval,
@@ -137,6 +136,7 @@ pub async fn run(
         tokio::spawn(reconcile::run_loop(ctx.clone(), rx, stopped())),
         tokio::spawn(reconcile::gc_loop(ctx.clone())),
         tokio::spawn(reconcile::miss_loop(ctx.clone())),
+        tokio::spawn(reconcile::owner_loop(ctx.clone())),
         tokio::spawn({
             let ctx = ctx.clone();
             async move { reconcile::queue_startup_work(&ctx).await }
@@ -174,35 +174,4 @@ async fn kube_client(cfg: &AgentConfig) -> Result<kube::Client> {
             .context("finding the cluster (in-cluster or kubeconfig)")?,
     };
     Ok(kube::Client::try_from(config)?)
-}
-
-/// This node's `Node` object as an owner reference, so the node objects the agent creates
-/// are garbage-collected with it. Not fatal when it cannot be read (no such Node, as with
-/// a simulated node name, or the API server briefly away): the objects are then unowned,
-/// as they were before, and the log says so.
-async fn node_owner(
-    client: &kube::Client,
-    node: &str,
-) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> {
-    use k8s_openapi::api::core::v1::Node;
-    use kube::Resource;
-    match kube::Api::<Node>::all(client.clone()).get_opt(node).await {
-        Ok(Some(n)) => n.controller_owner_ref(&()).map(|mut r| {
-            // Owned, not controlled: the Node's controller is not GKM's.
-            r.controller = None;
-            r.block_owner_deletion = None;
-            r
-        }),
-        Ok(None) => {
-            tracing::warn!(
-                node,
-                "no Node object of this name: node objects will not be removed with the node"
-            );
-            None
-        }
-        Err(e) => {
-            tracing::warn!(node, error = %e, "cannot read this Node: node objects will not be removed with the node");
-            None
-        }
-    }
 }

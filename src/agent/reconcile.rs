@@ -114,10 +114,6 @@ impl WorkQueue {
 #[derive(Clone, Debug)]
 pub struct LoopConfig {
     pub node: String,
-    /// This node's `Node` object, set as the owner of the node objects the agent creates,
-    /// so Kubernetes' garbage collector removes them with the node. `None` when it could
-    /// not be read at start (the objects are then not owned).
-    pub node_owner: Option<OwnerReference>,
     pub policy: PullPolicy,
     pub allow_unclaimed: bool,
     pub gc_interval: Duration,
@@ -155,6 +151,20 @@ pub struct Context {
     state: Mutex<LoopState>,
     /// Entries each live volume had compiled at its last scan (counted into metrics).
     misses: Mutex<HashMap<String, u64>>,
+    /// This node's `Node` as the owner of the node objects, once it could be read.
+    owner: Mutex<Owner>,
+}
+
+/// The node objects' owner: this node's `Node`, so Kubernetes' garbage collector removes
+/// them with it. Read lazily and retried until the Node exists (an agent may start before
+/// its kubelet registered the Node); objects written before are adopted then.
+#[derive(Default)]
+struct Owner {
+    reference: Option<OwnerReference>,
+    /// Scopes whose object carries the reference.
+    owned: HashSet<Scope>,
+    /// Whether the Node's absence was logged already.
+    warned: bool,
 }
 
 #[derive(Default)]
@@ -190,7 +200,63 @@ impl Context {
             gc_nudge: Notify::new(),
             state: Mutex::default(),
             misses: Mutex::default(),
+            owner: Mutex::default(),
         }
+    }
+
+    /// The owner reference to this node's `Node`, reading the Node when it is not known
+    /// yet. `None` while there is no such Node (a simulated node name, or kubelet has not
+    /// registered it yet) or it cannot be read.
+    async fn owner(&self) -> Option<OwnerReference> {
+        if let Some(r) = self
+            .owner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reference
+            .clone()
+        {
+            return Some(r);
+        }
+        use k8s_openapi::api::core::v1::Node;
+        use kube::Resource;
+        let node = &self.cfg.node;
+        let found = match Api::<Node>::all(self.client.clone()).get_opt(node).await {
+            Ok(Some(n)) => n.controller_owner_ref(&()).map(|mut r| {
+                // Owned, not controlled: the Node's controller is not GKM's.
+                r.controller = None;
+                r.block_owner_deletion = None;
+                r
+            }),
+            Ok(None) => None,
+            Err(e) => {
+                debug!(node, error = %e, "cannot read this Node");
+                None
+            }
+        };
+        let mut o = self.owner.lock().unwrap_or_else(|e| e.into_inner());
+        match &found {
+            Some(_) => info!(node, "node objects are owned by this Node from now on"),
+            None if !o.warned => {
+                o.warned = true;
+                warn!(
+                    node,
+                    "no Node object of this name yet: node objects are not owned by it (and not removed with it) until it appears"
+                );
+            }
+            None => {}
+        }
+        o.reference = found.clone();
+        found
+    }
+
+    /// Whether `scope`'s object still lacks the owner reference.
+    fn unowned(&self, scope: &Scope) -> bool {
+        !self
+            .owner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .owned
+            .contains(scope)
     }
 
     /// What the CSI plugin reports of a volume: counts it, queues its cache's node object,
@@ -725,17 +791,25 @@ pub async fn reconcile(scope: &Scope, ctx: &Arc<Context>) -> Result<(), Error> {
         }
         return Ok(());
     }
-    if previous.as_ref() == Some(&status) {
+    let owner = if ctx.unowned(scope) {
+        ctx.owner().await
+    } else {
+        None
+    };
+    // The object's metadata is applied when it is created, and once more when the Node
+    // becomes known (adopting an object created before).
+    let metadata = previous.is_none() || owner.is_some();
+    if previous.as_ref() == Some(&status) && !metadata {
         debug!(%scope, "node status unchanged");
         return Ok(());
     }
-    let create = previous.is_none();
+    let meta = metadata.then_some(owner.as_ref());
     match scope {
         Scope::Cluster => {
             apply_status(
                 &Api::<ClusterGKMCacheNode>::all(ctx.client.clone()),
                 node,
-                create.then_some(ctx.cfg.node_owner.as_ref()),
+                meta,
                 &status,
             )
             .await
@@ -744,7 +818,7 @@ pub async fn reconcile(scope: &Scope, ctx: &Arc<Context>) -> Result<(), Error> {
             apply_status(
                 &Api::<GKMCacheNode>::namespaced(ctx.client.clone(), ns),
                 node,
-                create.then_some(ctx.cfg.node_owner.as_ref()),
+                meta,
                 &status,
             )
             .await
@@ -753,14 +827,21 @@ pub async fn reconcile(scope: &Scope, ctx: &Arc<Context>) -> Result<(), Error> {
     .map_err(Error::kube(format!(
         "applying the status of {scope} {node}"
     )))?;
+    if owner.is_some() {
+        ctx.owner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .owned
+            .insert(scope.clone());
+    }
     metrics().node_status_writes.inc();
     info!(%scope, caches = status.caches.len(), "node status applied");
     ctx.state().written.insert(scope.clone(), Some(status));
     Ok(())
 }
 
-/// Server-side applies a node object's status, creating the object first when `create`
-/// is `Some` (owned by the given Node, if any).
+/// Server-side applies a node object's status, applying its metadata first when `create`
+/// is `Some` (owned by the given Node, if any; creating the object if it does not exist).
 async fn apply_status<K>(
     api: &Api<K>,
     node: &str,
@@ -865,6 +946,22 @@ pub async fn gc_loop(ctx: Arc<Context>) {
             Err(e) => warn!(error = %e, "garbage collection"),
         }
         super::memory::trim();
+    }
+}
+
+/// Until this node's `Node` can be read, looks for it every 10 s; when it appears, queues
+/// every scope the agent wrote, so their objects are adopted.
+pub async fn owner_loop(ctx: Arc<Context>) {
+    loop {
+        if ctx.owner().await.is_some() {
+            let scopes: Vec<Scope> = ctx.state().written.keys().cloned().collect();
+            for s in scopes {
+                ctx.queue.add(s);
+            }
+            ctx.queue.add(Scope::Cluster);
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
     }
 }
 

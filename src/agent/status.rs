@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::api::{CacheDigestStatus, CacheState};
+use crate::api::{CacheDigestStatus, CacheState, PodRef};
 use crate::gpu::Fitness;
 use crate::kernel_cache::CacheLabels;
 use crate::store::{Usage, VolumeRecord};
@@ -87,11 +87,13 @@ pub fn desired_caches(
             continue;
         };
         // Digest -> pods, for this cache's volumes.
-        let mut pods: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        let mut pods: BTreeMap<&str, Vec<PodRef>> = BTreeMap::new();
         for v in volumes.iter().filter(|v| v.cache_name == cache.name) {
-            pods.entry(v.digest.as_str())
-                .or_default()
-                .push(format!("{}/{}", v.pod_namespace, v.pod_name));
+            pods.entry(v.digest.as_str()).or_default().push(PodRef {
+                namespace: v.pod_namespace.clone(),
+                name: v.pod_name.clone(),
+                uid: v.pod_uid.clone(),
+            });
         }
         let mut entries = BTreeMap::new();
         let phase = phases.get(current).cloned().unwrap_or(Phase::Pending);
@@ -123,9 +125,11 @@ pub fn desired_caches(
     out
 }
 
-fn entry(phase: &Phase, mut pods: Vec<String>, outdated: bool) -> CacheDigestStatus {
-    pods.sort();
-    pods.dedup();
+/// `pod_refs`: one per pod (two pods of one name, one after the other, are two).
+fn entry(phase: &Phase, mut pod_refs: Vec<PodRef>, outdated: bool) -> CacheDigestStatus {
+    pod_refs.sort();
+    pod_refs.dedup();
+    let pods: Vec<String> = pod_refs.iter().map(ToString::to_string).collect();
     let in_use = !pods.is_empty();
     let (state, fit, size, error) = match phase {
         Phase::Pending => (CacheState::Pending, None, None, None),
@@ -168,6 +172,7 @@ fn entry(phase: &Phase, mut pods: Vec<String>, outdated: bool) -> CacheDigestSta
         },
         size_bytes: size,
         pods,
+        pod_refs,
         ..Default::default()
     }
 }
@@ -316,6 +321,30 @@ mod tests {
         assert_eq!(out["c"][D2].pods, vec!["ns/new"]);
         assert_eq!(one(&out, D1), CacheState::Outdated);
         assert_eq!(out["c"][D1].pods, vec!["ns/old"]);
+
+        // Two pods of one name (a StatefulSet's pod replaced while the old one ends) are
+        // two entries, told apart by uid.
+        let (mut x, mut y) = (vol("c", D2, "same"), vol("c", D2, "same"));
+        x.pod_uid = "uid-1".into();
+        y.pod_uid = "uid-2".into();
+        y.volume_id = "v-same-2".into();
+        let out = desired_caches(
+            &cache("c", Some(D2)),
+            &phases,
+            &[&x, &y],
+            &Facts::default(),
+            &BTreeMap::new(),
+            &now(1),
+        );
+        let e = &out["c"][D2];
+        assert_eq!(e.pods, ["ns/same", "ns/same"]);
+        assert_eq!(
+            e.pod_refs
+                .iter()
+                .map(|p| p.uid.as_str())
+                .collect::<Vec<_>>(),
+            ["uid-1", "uid-2"]
+        );
         // After the old pod's unpublish, the old digest's entry is gone.
         let out = desired_caches(
             &cache("c", Some(D2)),

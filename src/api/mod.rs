@@ -14,7 +14,7 @@ pub use cache::{
 };
 pub use node::{
     CacheDigestStatus, CacheState, ClusterGKMCacheNode, ClusterGKMCacheNodeSpec, GKMCacheNode,
-    GKMCacheNodeSpec, GpuBackend, GpuInfo, GpuSource, NodeStatus,
+    GKMCacheNodeSpec, GpuBackend, GpuInfo, GpuSource, NodeStatus, PodRef,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -116,9 +116,12 @@ pub struct CacheDigestStatus {
     /// Bytes of the extracted tree.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<i64>,
-    /// `namespace/name` of the pods that mount this digest on this node.
+    /// `namespace/name` of the pods that mount this digest on this node, one per pod.
     #[serde(default)]
     pub pods: Vec<String>,
+    /// The same pods with their uids (two pods of one name are two entries).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_refs: Vec<PodRef>,
     /// Volumes of this cache and digest published on this node so far (one per pod).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pods_served: Option<i64>,
@@ -141,6 +144,25 @@ pub struct CacheDigestStatus {
     pub capture_path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_updated: Option<Time>,
+}
+
+/// A pod, by namespace, name and uid (empty when unknown, as kubelet passes it in a CSI
+/// publish only with `podInfoOnMount`).
+#[derive(
+    Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub uid: String,
+}
+
+impl std::fmt::Display for PodRef {
+    /// `namespace/name`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]

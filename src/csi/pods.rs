@@ -14,22 +14,8 @@ use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Pod;
 
 use super::DRIVER_NAME;
+pub use crate::api::PodRef;
 use crate::kernel_cache::MountBase;
-
-/// A pod, as kubelet names it in a publish.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct PodRef {
-    pub namespace: String,
-    pub name: String,
-    /// Empty when kubelet did not pass it.
-    pub uid: String,
-}
-
-impl std::fmt::Display for PodRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
 
 /// One `volumeMounts` entry of a container.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -195,8 +195,7 @@ pub async fn connect(path: &Path) -> Result<tonic::transport::Channel, tonic::tr
 }
 
 /// A channel to the plugin at `path` once its Probe answers ready, trying every 50 ms for
-/// at most `timeout`; the last reason it was not, on timeout. What kubelet's plugin
-/// registration (and the tests) wait for.
+/// at most `timeout`; the last reason it was not, on timeout.
 pub async fn connect_ready(
     path: &Path,
     timeout: std::time::Duration,

@@ -154,3 +154,31 @@ pub async fn push_kernel_cache(
     .push(registry, repo, Some(tag))
     .await
 }
+
+/// Every regular file below `root` (symbolic links not followed): its path relative to
+/// `root` → the hex sha256 of its content. For comparing trees byte for byte.
+pub fn hash_tree(root: &Path) -> Result<std::collections::BTreeMap<String, String>, Error> {
+    use sha2::{Digest, Sha256};
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in
+            std::fs::read_dir(&d).map_err(|e| Error::io(format!("reading {}", d.display()), e))?
+        {
+            let e = e.map_err(|e| Error::io(format!("reading {}", d.display()), e))?;
+            let p = e.path();
+            let ft = e
+                .file_type()
+                .map_err(|e| Error::io(format!("stat {}", p.display()), e))?;
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() {
+                let bytes = std::fs::read(&p)
+                    .map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
+                let rel = p.strip_prefix(root).unwrap_or(&p).display().to_string();
+                out.insert(rel, hex::encode(Sha256::digest(bytes)));
+            }
+        }
+    }
+    Ok(out)
+}

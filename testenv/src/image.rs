@@ -244,6 +244,10 @@ pub struct ImageBuilder {
     pub media: MediaTypes,
     pub os: String,
     pub architecture: String,
+    /// The config's `Entrypoint` (a runnable image; empty for data images).
+    pub entrypoint: Vec<String>,
+    /// The config's `Env` (`NAME=value`).
+    pub env: Vec<String>,
 }
 
 impl ImageBuilder {
@@ -254,7 +258,16 @@ impl ImageBuilder {
             media,
             os: "linux".into(),
             architecture: "amd64".into(),
+            entrypoint: Vec::new(),
+            env: Vec::new(),
         }
+    }
+
+    /// A runnable image: `Entrypoint` and `Env` of its config.
+    pub fn runnable(mut self, entrypoint: &[&str], env: &[&str]) -> Self {
+        self.entrypoint = entrypoint.iter().map(|s| s.to_string()).collect();
+        self.env = env.iter().map(|s| s.to_string()).collect();
+        self
     }
 
     /// A kernel-cache image in the MCV layout: one layer holding `io.<kind>.cache/` (the
@@ -316,10 +329,17 @@ impl ImageBuilder {
 
     /// The config blob.
     pub fn config(&self) -> Vec<u8> {
+        let mut config = json!({"Labels": self.labels});
+        if !self.entrypoint.is_empty() {
+            config["Entrypoint"] = json!(self.entrypoint);
+        }
+        if !self.env.is_empty() {
+            config["Env"] = json!(self.env);
+        }
         let doc = json!({
             "architecture": self.architecture,
             "os": self.os,
-            "config": {"Labels": self.labels},
+            "config": config,
             "rootfs": {"type": "layers", "diff_ids": self.layers.iter().map(|l| &l.diff_id).collect::<Vec<_>>()},
         });
         serde_json::to_vec(&doc).expect("JSON into memory")

@@ -7,6 +7,9 @@
 //! - [`Registry`]: an OCI registry (`crane registry serve`, with the referrers API).
 //! - [`image`]: builds and pushes images in the kernel-cache (MCV) layout.
 //! - [`Cosign`]: a cosign key pair; signs and verifies with the real cosign.
+//! - [`node::TestNode`]: a real kubelet, containerd and runc node running `gkm-agent`,
+//!   in a private mount namespace; [`controller::ControllerProcess`]: `gkm-controller`
+//!   with its webhooks registered.
 //! - [`triton::Triton`]: PyPI's Triton, compiling real kernels for GPU targets on the CPU and
 //!   deciding, with its own cache manager, whether a delivered cache hits.
 //!
@@ -17,10 +20,12 @@
 
 pub mod agent;
 pub mod cluster;
+pub mod controller;
 pub mod cosign;
 pub mod faulty;
 pub mod fixtures;
 pub mod image;
+pub mod node;
 pub mod pki;
 pub mod process;
 pub mod registry;

@@ -279,6 +279,10 @@ fn sweep_stale() {
             continue;
         };
         if process_tag(pid).as_deref() != Some(name.as_str()) {
+            // A test node of the dead owner may have left processes and cgroups.
+            for child in fs::read_dir(entry.path()).into_iter().flatten().flatten() {
+                crate::node::clean_stale(&child.path());
+            }
             let _ = fs::remove_dir_all(entry.path());
         }
     }

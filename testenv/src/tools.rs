@@ -18,6 +18,14 @@ pub enum Tool {
     CsiSanity,
     /// A Python with PyPI's Triton (`install-tools.sh` makes a virtual environment).
     TritonPython,
+    Kubelet,
+    Containerd,
+    /// containerd's client, to clean up a node's containers.
+    Ctr,
+    /// The pod sandbox's init process of the test node.
+    Pause,
+    /// The test node's CSI driver registrar.
+    Registrar,
 }
 
 impl Tool {
@@ -30,6 +38,11 @@ impl Tool {
             Tool::Crane => "crane",
             Tool::CsiSanity => "csi-sanity",
             Tool::TritonPython => "triton-python",
+            Tool::Kubelet => "kubelet",
+            Tool::Containerd => "containerd",
+            Tool::Ctr => "ctr",
+            Tool::Pause => "gkm-pause",
+            Tool::Registrar => "gkm-registrar",
         }
     }
 }

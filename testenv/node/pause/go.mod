@@ -1,0 +1,3 @@
+module gkm.local/pause
+
+go 1.22
