@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use gkm::oci::{Credentials, PinnedRef, PullConfig, PullError, Puller};
-use gkm::store::{Store, StoreConfig, StoreError};
-use gkm_testenv::faulty::StaticRegistry;
+use gkm::oci::{Credentials, ExtractError, PinnedRef, PullConfig, PullError, Puller, Unsafe};
+use gkm::store::{Extracted, Store, StoreConfig, StoreError};
+use gkm_testenv::faulty::{Content, StaticRegistry};
 use gkm_testenv::image::{
     self, CacheKind, Compression, ImageBuilder, LayerBuilder, MediaTypes, Target,
 };
@@ -18,6 +18,18 @@ fn puller(registry: &Registry) -> Puller {
     Puller::new(
         PullConfig {
             insecure_registries: vec![registry.host().to_string()],
+            ..Default::default()
+        },
+        Credentials::anonymous(),
+    )
+}
+
+/// A puller for `fake` that tries each request once: its faults do not go away.
+fn fake_puller(fake: &StaticRegistry) -> Puller {
+    Puller::new(
+        PullConfig {
+            insecure_registries: vec![fake.host().to_string()],
+            attempts: 1,
             ..Default::default()
         },
         Credentials::anonymous(),
@@ -256,6 +268,33 @@ async fn an_index_resolves_to_this_nodes_platform() {
     );
 }
 
+/// What a registry serves for `image` in `repo`, by path: its manifest under its digest and
+/// under each of `tags`, its config and its layers. Also the manifest's digest and bytes.
+fn served(
+    repo: &str,
+    image: &ImageBuilder,
+    tags: &[&str],
+) -> (HashMap<String, Content>, String, Vec<u8>) {
+    let config = image.config();
+    let (media_type, manifest) = image.manifest(&config);
+    let digest = image::sha256_digest(&manifest);
+    let blob = |bytes: &[u8]| {
+        (
+            format!("/v2/{repo}/blobs/{}", image::sha256_digest(bytes)),
+            ("application/octet-stream".to_string(), bytes.to_vec()),
+        )
+    };
+    let mut paths: HashMap<String, Content> = image.layers.iter().map(|l| blob(&l.bytes)).collect();
+    paths.extend([blob(&config)]);
+    for r in tags.iter().copied().chain([digest.as_str()]) {
+        paths.insert(
+            format!("/v2/{repo}/manifests/{r}"),
+            (media_type.clone(), manifest.clone()),
+        );
+    }
+    (paths, digest, manifest)
+}
+
 #[tokio::test]
 async fn a_blob_that_does_not_match_its_digest_leaves_nothing_behind() {
     let src = tempfile::tempdir().unwrap();
@@ -269,39 +308,20 @@ async fn a_blob_that_does_not_match_its_digest_leaves_nothing_behind() {
     .unwrap();
     let layer = &image.layers[0];
     let layer_digest = image::sha256_digest(&layer.bytes);
-    let config = image.config();
-    let (media_type, manifest) = image.manifest(&config);
-    let manifest_digest = image::sha256_digest(&manifest);
+    let repo = "pull/corrupt";
+    let (mut served, manifest_digest, _) = served(repo, &image, &[]);
 
     // Same length, one byte flipped near the end: the whole stream is extracted before the
     // digest can be known to be wrong.
     let mut corrupt = layer.bytes.clone();
     let n = corrupt.len();
     corrupt[n - 20] ^= 0xff;
-    let repo = "pull/corrupt";
-    let served = HashMap::from([
-        (
-            format!("/v2/{repo}/manifests/{manifest_digest}"),
-            (media_type, manifest),
-        ),
-        (
-            format!("/v2/{repo}/blobs/{}", image::sha256_digest(&config)),
-            ("application/octet-stream".to_string(), config.clone()),
-        ),
-        (
-            format!("/v2/{repo}/blobs/{layer_digest}"),
-            ("application/octet-stream".to_string(), corrupt),
-        ),
-    ]);
-    let fake = StaticRegistry::start(served).await.unwrap();
-    let puller = Puller::new(
-        PullConfig {
-            insecure_registries: vec![fake.host().to_string()],
-            attempts: 1,
-            ..Default::default()
-        },
-        Credentials::anonymous(),
+    served.insert(
+        format!("/v2/{repo}/blobs/{layer_digest}"),
+        ("application/octet-stream".to_string(), corrupt),
     );
+    let fake = StaticRegistry::start(served).await.unwrap();
+    let puller = fake_puller(&fake);
 
     let root = tempfile::tempdir().unwrap();
     let store = store(root.path());
@@ -431,4 +451,220 @@ async fn pulls_never_ask_for_a_tag() {
             "{line}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_non_sha256_digest_header_is_recomputed_from_the_body() {
+    use sha2::{Digest, Sha384, Sha512};
+    let mut l = LayerBuilder::new();
+    l.file("io.triton.cache/k.json", b"{}", 0o644);
+    let image =
+        ImageBuilder::new(MediaTypes::Oci).layer(l.finish(Compression::Gzip, MediaTypes::Oci));
+    let repo = "bh/digest-header";
+    let (paths, digest, manifest) = served(repo, &image, &["v1"]);
+    let lie = format!("sha512:{}", hex::encode(Sha512::digest(b"other bytes")));
+    for (header, honest) in [
+        (
+            format!("sha512:{}", hex::encode(Sha512::digest(&manifest))),
+            true,
+        ),
+        (
+            format!("sha384:{}", hex::encode(Sha384::digest(&manifest))),
+            true,
+        ),
+        (lie.clone(), false),
+    ] {
+        let headers = [
+            format!("/v2/{repo}/manifests/v1"),
+            format!("/v2/{repo}/manifests/{digest}"),
+        ]
+        .map(|p| {
+            (
+                p,
+                vec![("Docker-Content-Digest".to_string(), header.clone())],
+            )
+        })
+        .into();
+        let fake = StaticRegistry::start_with_headers(paths.clone(), headers)
+            .await
+            .unwrap();
+        let puller = fake_puller(&fake);
+        let tagged = gkm::oci::parse_reference(&format!("{}/{repo}:v1", fake.host())).unwrap();
+        let resolved = puller.resolve_tag(&tagged).await;
+        if !honest {
+            // A header that does not match the bytes: the registry contradicts itself.
+            let err = resolved.unwrap_err();
+            assert!(err.to_string().contains(&lie), "{err}");
+            continue;
+        }
+        // Tag resolution (gkm inspect, admission) names the sha256 of the bytes...
+        let pinned = resolved.unwrap_or_else(|e| panic!("{header}: {e}"));
+        assert_eq!(pinned.digest(), digest, "{header}");
+        // ...as does the verifier's raw fetch by tag...
+        let (_, fetched) = puller
+            .fetch_manifest_bytes(&tagged, 1 << 20)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(fetched, digest);
+        // ...and the pinned pull goes through with the same header on the digest.
+        let root = tempfile::tempdir().unwrap();
+        let e = store(root.path()).ensure(&pinned, &puller).await.unwrap();
+        assert_eq!(
+            std::fs::read(e.mount_source().join("k.json")).unwrap(),
+            b"{}"
+        );
+    }
+}
+
+/// Pushes `image` to the shared registry under a new repository named from `prefix`, and
+/// pulls it by digest into `store`.
+async fn push_and_pull(
+    image: &ImageBuilder,
+    prefix: &str,
+    store: &Store,
+) -> Result<Extracted, StoreError> {
+    let registry = shared_registry();
+    let pushed = image
+        .push(registry, &unique_name(prefix), None)
+        .await
+        .unwrap();
+    let pinned = PinnedRef::parse(&pushed.by_digest()).unwrap();
+    store.ensure(&pinned, &puller(registry)).await
+}
+
+#[tokio::test]
+async fn hostile_whiteouts_hard_links_and_extended_headers_leave_nothing_in_the_store() {
+    let raw = |name: &[u8], kind: u8, size: u64, link: &[u8], data: &[u8]| {
+        image::raw_entry(name, kind, size, link, 0o755, data)
+    };
+    let mut cache = LayerBuilder::new();
+    cache.file("io.triton.cache/k.json", b"{}", 0o644);
+    let cache = cache.finish(Compression::Gzip, MediaTypes::Oci);
+    // The whiteout of `..`: the parent of the extraction root.
+    let mut dotdot = LayerBuilder::new();
+    dotdot.raw(&raw(b".wh...", b'0', 0, b"", b""));
+    // A symlink eight levels down and eight up, hard linked at the top: /etc.
+    let mut hardlink = LayerBuilder::new();
+    hardlink
+        .dir("a/b/c/d/e/f/g/h", 0o755)
+        .raw(&raw(
+            b"a/b/c/d/e/f/g/h/l",
+            b'2',
+            0,
+            b"../../../../../../../../etc",
+            b"",
+        ))
+        .raw(&raw(b"top", b'1', 0, b"a/b/c/d/e/f/g/h/l", b""));
+    // A PAX header of 2 MiB (a one-kilobyte gzip layer).
+    let record = [
+        b"2097152 comment=".as_slice(),
+        &vec![b'A'; 2097152 - 17],
+        b"\n",
+    ]
+    .concat();
+    let mut pax = LayerBuilder::new();
+    pax.raw(&raw(
+        b"PaxHeaders/x",
+        b'x',
+        record.len() as u64,
+        b"",
+        &record,
+    ))
+    .file("io.triton.cache/k.json", b"{}", 0o644);
+    type Case = (&'static str, LayerBuilder, fn(&Unsafe) -> bool);
+    let cases: [Case; 3] = [
+        ("whiteout", dotdot, |r| matches!(r, Unsafe::BadWhiteout(_))),
+        ("hardlink", hardlink, |r| {
+            matches!(r, Unsafe::HardlinkToEscapingSymlink(_))
+        }),
+        ("pax", pax, |r| {
+            matches!(r, Unsafe::ExtendedHeaderTooLarge { .. })
+        }),
+    ];
+    for (name, upper, expected) in cases {
+        let image = ImageBuilder::new(MediaTypes::Oci)
+            .layer(cache.clone())
+            .layer(upper.finish(Compression::Gzip, MediaTypes::Oci));
+        let root = tempfile::tempdir().unwrap();
+        let store = store(root.path());
+        let err = push_and_pull(&image, &format!("pull/hostile-{name}"), &store)
+            .await
+            .unwrap_err();
+        match &err {
+            StoreError::Pull(PullError::Extract {
+                source: ExtractError::Unsafe { reason, .. },
+                ..
+            }) => assert!(expected(reason), "{name}: {err}"),
+            other => panic!("{name}: {other}"),
+        }
+        assert!(store.digests().unwrap().is_empty(), "{name}");
+        assert_eq!(
+            std::fs::read_dir(root.path().join("store/tmp"))
+                .unwrap()
+                .count(),
+            0,
+            "{name}: no temporary left"
+        );
+        assert!(
+            root.path().join("store").is_dir(),
+            "{name}: the store itself is intact"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_pull_counts_written_bytes_and_takes_the_last_layers_directory_mode() {
+    let mut lower = LayerBuilder::new();
+    lower
+        .dir("io.triton.cache", 0o700)
+        .file("io.triton.cache/k.json", b"{}", 0o600);
+    // The upper layer names the directory again, 0755, and adds a file whose ustar size
+    // says 0 and whose PAX `size` says 10 MiB.
+    let n: usize = 10 << 20;
+    let record = b"17 size=10485760\n"; // the record's length includes its own digits
+    let mut upper = LayerBuilder::new();
+    upper
+        .dir("io.triton.cache", 0o755)
+        .raw(&image::raw_entry(
+            b"PaxHeaders/big",
+            b'x',
+            record.len() as u64,
+            b"",
+            0o644,
+            record,
+        ))
+        .raw(&image::raw_entry(
+            b"io.triton.cache/big",
+            b'0',
+            0,
+            b"",
+            0o644,
+            &vec![7u8; n],
+        ));
+    let image = ImageBuilder::new(MediaTypes::Oci)
+        .layer(lower.finish(Compression::Gzip, MediaTypes::Oci))
+        .layer(upper.finish(Compression::Zstd, MediaTypes::Oci));
+    let root = tempfile::tempdir().unwrap();
+    let e = push_and_pull(&image, "pull/last-layer", &store(root.path()))
+        .await
+        .unwrap();
+    let dir = std::fs::metadata(e.mount_source()).unwrap();
+    assert_eq!(
+        dir.permissions().mode() & 0o7777,
+        0o755,
+        "a non-root pod can enter it"
+    );
+    assert_eq!(
+        std::fs::metadata(e.mount_source().join("big"))
+            .unwrap()
+            .len(),
+        n as u64
+    );
+    assert_eq!(
+        e.meta.size_bytes,
+        n as u64 + 2,
+        "sizeBytes is what was written"
+    );
+    assert_eq!(e.meta.files, 2);
 }

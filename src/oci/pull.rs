@@ -175,7 +175,10 @@ impl Puller {
         &self.cfg
     }
 
-    /// Resolves a tag to the digest the registry serves for it now.
+    /// Resolves a tag to the digest the registry serves for it now: the sha256 of the
+    /// manifest's bytes, computed here. The registry's `Docker-Content-Digest` header is not
+    /// the answer: the distribution spec lets it use another algorithm (sha512), and it is
+    /// the registry's claim rather than the content's.
     ///
     /// For workstations and the admission webhook only: a node never resolves a tag, it
     /// pulls the digest that admission verified.
@@ -186,12 +189,28 @@ impl Puller {
         if let Some(d) = reference.digest() {
             return Ok(PinnedRef::new(reference, d)?);
         }
-        let auth = self.creds.for_registry(reference.registry());
-        let fetch = self.client.fetch_manifest_digest(reference, &auth);
-        let digest = self
-            .bounded(&reference.whole(), "resolving the tag", fetch)
+        let body = self
+            .get_manifest(reference, &reference.whole(), "resolving the tag")
             .await?;
-        Ok(PinnedRef::new(reference, &digest)?)
+        Ok(PinnedRef::new(reference, &sha256_digest(&body))?)
+    }
+
+    /// GETs the manifest or index `reference` names: the registry's exact bytes, named
+    /// `image` in errors. oci-client checks a `Docker-Content-Digest` header in sha256, sha384
+    /// or sha512 against them and fails on one in another algorithm; the digest it returns
+    /// is the header's, so callers hash the bytes themselves.
+    async fn get_manifest(
+        &self,
+        reference: &oci_client::Reference,
+        image: &str,
+        what: &str,
+    ) -> Result<Bytes, PullError> {
+        let auth = self.creds.for_registry(reference.registry());
+        let fetch = self
+            .client
+            .pull_manifest_raw(reference, &auth, image::ACCEPTED_MANIFESTS);
+        let (body, _header_digest) = self.bounded(image, what, fetch).await?;
+        Ok(body)
     }
 
     /// Fetches the manifest of `image` (picking this node's platform from an index) and its
@@ -405,12 +424,8 @@ impl Puller {
     }
 
     async fn fetch_manifest(&self, r: &PinnedRef) -> Result<RawManifest, PullError> {
-        let auth = self.creds.for_registry(r.registry());
-        let fetch =
-            self.client
-                .pull_manifest_raw(r.as_reference(), &auth, image::ACCEPTED_MANIFESTS);
-        let (body, _) = self
-            .bounded(&r.to_string(), "fetching the manifest", fetch)
+        let body = self
+            .get_manifest(r.as_reference(), &r.to_string(), "fetching the manifest")
             .await?;
         check_digest(&r.to_string(), "manifest", r.digest(), &body)?;
         serde_json::from_slice(&body).map_err(|e| PullError::BadManifest {
@@ -525,9 +540,14 @@ impl Puller {
     }
 }
 
+/// `sha256:<hex>` of `bytes`: the only digest GKM names content by.
+fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
 /// Fails unless `bytes` hash to `expected`.
 fn check_digest(image: &str, what: &str, expected: &str, bytes: &[u8]) -> Result<(), PullError> {
-    let actual = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
+    let actual = sha256_digest(bytes);
     if actual == expected {
         return Ok(());
     }
@@ -586,12 +606,11 @@ impl Puller {
         max_bytes: usize,
     ) -> Result<Option<(Vec<u8>, String)>, PullError> {
         let name = reference.whole();
-        let auth = self.creds.for_registry(reference.registry());
-        let fetch = self
-            .client
-            .pull_manifest_raw(reference, &auth, image::ACCEPTED_MANIFESTS);
-        let body = match self.bounded(&name, "fetching a manifest", fetch).await {
-            Ok((body, _)) => body,
+        let body = match self
+            .get_manifest(reference, &name, "fetching a manifest")
+            .await
+        {
+            Ok(body) => body,
             Err(PullError::Registry { source, .. }) if Self::is_not_found(&source) => {
                 return Ok(None);
             }
@@ -605,7 +624,7 @@ impl Puller {
                 actual: body.len() as u64,
             });
         }
-        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
+        let digest = sha256_digest(&body);
         if let Some(expected) = reference.digest() {
             check_digest(&name, "manifest", expected, &body)?;
         }

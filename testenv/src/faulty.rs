@@ -2,7 +2,8 @@
 //!
 //! Real registries verify blob digests when storing and when serving (crane answers
 //! "Unknown blob" for a corrupted file), so they cannot be made to send content that does
-//! not match its digest. This stand-in exists only for that fault.
+//! not match its digest, nor a `Docker-Content-Digest` of their own choosing. This stand-in
+//! exists only for those faults.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,6 +34,23 @@ impl StaticRegistry {
         paths: HashMap<String, Content>,
         bytes_per_second: Option<u64>,
     ) -> Result<Self, Error> {
+        Self::serve(paths, HashMap::new(), bytes_per_second).await
+    }
+
+    /// [`StaticRegistry::start`], adding `headers` (name, value) to the answers for their
+    /// path: a `Docker-Content-Digest` in another algorithm, or one that lies.
+    pub async fn start_with_headers(
+        paths: HashMap<String, Content>,
+        headers: HashMap<String, Vec<(String, String)>>,
+    ) -> Result<Self, Error> {
+        Self::serve(paths, headers, None).await
+    }
+
+    async fn serve(
+        paths: HashMap<String, Content>,
+        headers: HashMap<String, Vec<(String, String)>>,
+        bytes_per_second: Option<u64>,
+    ) -> Result<Self, Error> {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| Error::io("binding the static registry", e))?;
@@ -41,9 +59,11 @@ impl StaticRegistry {
             .map_err(|e| Error::io("reading the static registry's address", e))?
             .to_string();
         let paths = Arc::new(paths);
+        let headers = Arc::new(headers);
         let task = tokio::spawn(async move {
             while let Ok((mut conn, _)) = listener.accept().await {
                 let paths = paths.clone();
+                let headers = headers.clone();
                 tokio::spawn(async move {
                     let mut head = Vec::new();
                     let mut buf = [0u8; 1024];
@@ -68,8 +88,14 @@ impl StaticRegistry {
                             br#"{"errors":[{"code":"NOT_FOUND"}]}"#,
                         )
                     };
+                    let extra: String = headers
+                        .get(path)
+                        .into_iter()
+                        .flatten()
+                        .map(|(name, value)| format!("{name}: {value}\r\n"))
+                        .collect();
                     let resp = format!(
-                        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
                         body.len()
                     );
                     let _ = conn.write_all(resp.as_bytes()).await;

@@ -152,6 +152,13 @@ impl LayerBuilder {
         self.file(&format!("{dir}/.wh..wh..opq"), b"", 0o644)
     }
 
+    /// Appends `bytes` as they are: whole 512-byte blocks from [`raw_entry`], for entries
+    /// tar-rs refuses to write.
+    pub fn raw(&mut self, bytes: &[u8]) -> &mut Self {
+        self.tar.get_mut().extend_from_slice(bytes);
+        self
+    }
+
     /// Adds every entry below `src` under `prefix/`, in sorted order, with its mode.
     /// Returns the number of regular files and their total size.
     pub fn tree(&mut self, src: &Path, prefix: &str) -> Result<(u64, u64), Error> {
@@ -213,6 +220,26 @@ impl LayerBuilder {
             diff_id,
         }
     }
+}
+
+/// One tar entry as raw bytes with unchecked fields, what an attacker can write and tar-rs
+/// will not (`.wh...`, PAX and GNU extension headers of any size): a ustar header of type
+/// `kind` whose size field says `size` (whatever `data` is), then `data` padded to whole
+/// 512-byte blocks. `name` and `link` are at most 100 bytes.
+pub fn raw_entry(name: &[u8], kind: u8, size: u64, link: &[u8], mode: u32, data: &[u8]) -> Vec<u8> {
+    let mut h = tar::Header::new_ustar();
+    let fields = h.as_old_mut();
+    fields.name[..name.len()].copy_from_slice(name);
+    fields.linkname[..link.len()].copy_from_slice(link);
+    h.set_entry_type(tar::EntryType::new(kind));
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_mtime(1_700_000_000);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
 }
 
 fn walk(
