@@ -486,3 +486,62 @@ async fn a_cache_for_other_gpus_fails_the_precondition() {
     );
     assert!(mount_options(&t).is_none());
 }
+
+/// Kinds of hostile CSI requests, with real mounts over the socket: a volume id of 128
+/// bytes that are not file-name material works; a target that already holds someone
+/// else's mount (tmpfs) is neither mounted over nor ever unmounted by GKM.
+#[tokio::test]
+async fn odd_volume_ids_and_foreign_mounts_at_the_target() {
+    let cluster = shared_cluster();
+    let ns = cluster.new_namespace("csi-hostile").await.unwrap();
+    let fx = push_cache(&[Target::new("cuda", "90", 32)]).await;
+    create_cache(&ns, "c8", &fx).await;
+    let agent = Agent::start();
+    let mut node = agent.node().await;
+    let attrs = [(ATTR_CACHE, "c8"), (ATTR_NAMESPACE, ns.as_str())];
+
+    let id = ":".repeat(128);
+    let t = agent.target("uid-colons", "cache");
+    node.node_publish_volume(kubelet_publish(&id, &t, &attrs, &ns, "colons"))
+        .await
+        .unwrap();
+    assert!(mount_options(&t).is_some());
+    node.node_unpublish_volume(unpublish(&id, &t))
+        .await
+        .unwrap();
+    let err = node
+        .node_publish_volume(kubelet_publish(&"x".repeat(129), &t, &attrs, &ns, "long"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    let f = agent.target("uid-foreign", "cache");
+    std::fs::create_dir_all(&f).unwrap();
+    rustix::mount::mount(
+        "none",
+        &f,
+        "tmpfs",
+        rustix::mount::MountFlags::empty(),
+        None,
+    )
+    .unwrap();
+    std::fs::write(f.join("theirs"), b"x").unwrap();
+    let err = node
+        .node_publish_volume(kubelet_publish("csi-v5", &f, &attrs, &ns, "over"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("tmpfs"), "{err:?}");
+    for _ in 0..2 {
+        let err = node
+            .node_unpublish_volume(unpublish("csi-v5", &f))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    }
+    assert!(
+        f.join("theirs").exists(),
+        "the foreign tmpfs is still there"
+    );
+    rustix::mount::unmount(&f, rustix::mount::UnmountFlags::empty()).unwrap();
+}

@@ -70,6 +70,12 @@ pub enum CsiError {
     },
     #[error("volume records: {0}")]
     Records(#[source] Box<StoreError>),
+    #[error("volume_id {prefix:?}… is {len} bytes; CSI allows at most 128")]
+    VolumeIdTooLong { prefix: String, len: usize },
+    #[error(
+        "target path {target} already has a mount GKM did not make ({what}); GKM neither mounts over nor removes it"
+    )]
+    ForeignMount { target: PathBuf, what: String },
 }
 
 impl CsiError {
@@ -77,12 +83,15 @@ impl CsiError {
     pub fn code(&self) -> Code {
         match self {
             CsiError::Missing(_)
+            | CsiError::VolumeIdTooLong { .. }
             | CsiError::BadTargetPath { .. }
             | CsiError::BadCapability(_)
             | CsiError::BadAttributes(_) => Code::InvalidArgument,
             CsiError::NotFound { .. } => Code::NotFound,
             CsiError::Denied { .. } => Code::PermissionDenied,
-            CsiError::Incompatible { .. } | CsiError::NoGpuClaim { .. } => Code::FailedPrecondition,
+            CsiError::Incompatible { .. }
+            | CsiError::NoGpuClaim { .. }
+            | CsiError::ForeignMount { .. } => Code::FailedPrecondition,
             // Kubelet retries these; the condition is expected to pass.
             CsiError::NotVerified { .. }
             | CsiError::StillExtracting { .. }
@@ -118,6 +127,8 @@ impl CsiError {
             CsiError::Busy(_) => "busy",
             CsiError::Io { .. } => "io",
             CsiError::Records(_) => "records",
+            CsiError::VolumeIdTooLong { .. } => "volume_id_too_long",
+            CsiError::ForeignMount { .. } => "foreign_mount",
         }
     }
 }

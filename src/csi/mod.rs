@@ -27,7 +27,9 @@ use std::time::Duration;
 use tracing::{Instrument, info, info_span, warn};
 
 pub use error::CsiError;
-pub use mount::{KernelMounter, MountSpec, MountState, Mounter, RecordingMounter, UpperDirs};
+pub use mount::{
+    KernelMounter, MountOwner, MountSpec, MountState, Mounter, RecordingMounter, UpperDirs,
+};
 pub use pods::{PodMounts, PodRef, PodSource, StaticPods};
 pub use resolver::{ApiResolver, CacheKey, CacheResolver, ResolvedCache, StaticResolver};
 
@@ -343,6 +345,22 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
                 return self.republish(req, &rec).await;
             }
 
+            // A new volume goes onto an empty directory, never over someone's mount.
+            match self.target_owner(&req.target_path)? {
+                MountOwner::Nobody => {}
+                MountOwner::Gkm => {
+                    return Err(CsiError::ForeignMount {
+                        target: req.target_path.clone(),
+                        what: "a GKM mount of no volume GKM knows of".into(),
+                    });
+                }
+                MountOwner::Other(what) => {
+                    return Err(CsiError::ForeignMount {
+                        target: req.target_path.clone(),
+                        what,
+                    });
+                }
+            }
             let cache = self.lookup(&req.cache).await?;
             if !cache.allows_namespace(&req.pod_namespace) {
                 let reason = match &req.cache {
@@ -504,6 +522,17 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
             .map_err(|e| CsiError::Store {
                 cache: cache.to_string(),
                 source: Box::new(e),
+            })
+    }
+
+    /// Who made the mount at `target`, if any.
+    fn target_owner(&self, target: &Path) -> Result<MountOwner, CsiError> {
+        self.mounter
+            .owner(target, self.store.root())
+            .map_err(|e| CsiError::Io {
+                op: "inspecting",
+                path: target.to_path_buf(),
+                source: e,
             })
     }
 
@@ -706,14 +735,22 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
                 path: target.to_path_buf(),
                 source,
             };
-            match self.mounter.state(target, None).map_err(|e| io("inspecting", e))? {
-                MountState::Absent => {}
-                MountState::NotMounted => remove_target(target).map_err(|e| io("removing", e))?,
-                MountState::MountedFrom | MountState::MountedOther => {
-                    self.mounter.unmount(target).map_err(|e| io("unmounting", e))?;
-                    remove_target(target).map_err(|e| io("removing", e))?;
+            // Unmount GKM's mounts at the target, top-most first; never anyone else's.
+            for _ in 0..8 {
+                match self.target_owner(target)? {
+                    MountOwner::Nobody => break,
+                    MountOwner::Gkm => {
+                        self.mounter.unmount(target).map_err(|e| io("unmounting", e))?
+                    }
+                    MountOwner::Other(what) => {
+                        return Err(CsiError::ForeignMount {
+                            target: target.to_path_buf(),
+                            what,
+                        });
+                    }
                 }
             }
+            remove_target(target).map_err(|e| io("removing", e))?;
             match self.store.volume(volume_id) {
                 Some(rec) if rec.target_path != target => {
                     warn!(recorded = %rec.target_path.display(), "unpublish of another target; keeping the record");
@@ -799,9 +836,7 @@ fn remove_target(target: &Path) -> std::io::Result<()> {
 
 /// Validates a NodePublishVolume request into a [`PublishRequest`].
 pub fn validate_publish(r: &pb::NodePublishVolumeRequest) -> Result<PublishRequest, CsiError> {
-    if r.volume_id.is_empty() {
-        return Err(CsiError::Missing("volume_id"));
-    }
+    validate_volume_id(&r.volume_id)?;
     let target_path = validate_target(&r.target_path)?;
     let cap = r
         .volume_capability
@@ -848,6 +883,26 @@ pub fn validate_publish(r: &pb::NodePublishVolumeRequest) -> Result<PublishReque
         pod_uid: ctx.get(CTX_POD_UID).cloned().unwrap_or_default(),
         read_only: r.readonly || !writable,
     })
+}
+
+/// A volume id as CSI allows it: not empty, at most 128 bytes ("the maximum size of a
+/// string field is 128 bytes", CSI spec, Size Limits); any bytes otherwise (the store
+/// names its files by a hash of the id).
+pub fn validate_volume_id(id: &str) -> Result<(), CsiError> {
+    if id.is_empty() {
+        return Err(CsiError::Missing("volume_id"));
+    }
+    if id.len() > 128 {
+        let mut cut = 32;
+        while !id.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        return Err(CsiError::VolumeIdTooLong {
+            prefix: id[..cut].to_string(),
+            len: id.len(),
+        });
+    }
+    Ok(())
 }
 
 /// Which cache the volume attributes (`volumeAttributes`) name: `csi.gkm.io/GKMCache` with

@@ -88,6 +88,18 @@ pub enum MountState {
     MountedOther,
 }
 
+/// Who made the mount at a target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MountOwner {
+    /// No mount there.
+    Nobody,
+    /// A mount of the store's trees: an overlay whose layers, or a bind whose source, lie
+    /// in the store.
+    Gkm,
+    /// Something else, described (`tmpfs none`).
+    Other(String),
+}
+
 pub trait Mounter: Send + Sync + 'static {
     /// Mounts `spec` at `target` (an existing directory), nosuid, nodev.
     fn mount(&self, spec: &MountSpec, target: &Path) -> io::Result<()>;
@@ -95,6 +107,9 @@ pub trait Mounter: Send + Sync + 'static {
     fn unmount(&self, target: &Path) -> io::Result<()>;
     /// What is at `target`, compared with `expected` when given.
     fn state(&self, target: &Path, expected: Option<&MountSpec>) -> io::Result<MountState>;
+    /// Who made the top-most mount at `target`: GKM (a mount of the store at
+    /// `store_root`) or someone else.
+    fn owner(&self, target: &Path, store_root: &Path) -> io::Result<MountOwner>;
 }
 
 /// The real kernel.
@@ -206,6 +221,38 @@ impl Mounter for KernelMounter {
             MountState::MountedOther
         })
     }
+
+    fn owner(&self, target: &Path, store_root: &Path) -> io::Result<MountOwner> {
+        let (Some(t), Some(p)) = (
+            statx(target)?,
+            statx(target.parent().unwrap_or(Path::new("/")))?,
+        ) else {
+            return Ok(MountOwner::Nobody);
+        };
+        if t.stx_mnt_id == p.stx_mnt_id {
+            return Ok(MountOwner::Nobody);
+        }
+        Ok(match mountinfo_entry(t.stx_mnt_id)? {
+            Some(e) if made_by_gkm(&e, store_root) => MountOwner::Gkm,
+            Some(e) => MountOwner::Other(format!("{} mount of {}", e.fstype, e.root)),
+            None => MountOwner::Other("a mount missing from the mount table".into()),
+        })
+    }
+}
+
+/// Whether mountinfo entry `e` (of the mount at a target) shows one of the store's trees:
+/// an overlay naming a layer under `store_root`, or a bind of a directory under the
+/// store's `store/sha256/` (the entry's root is that directory, relative to its
+/// filesystem, which is the store's own or one the store lies in).
+fn made_by_gkm(e: &MountInfoEntry, store_root: &Path) -> bool {
+    let root = store_root.display().to_string();
+    if e.fstype == "overlay" {
+        return e
+            .super_options
+            .iter()
+            .any(|o| o.starts_with("lowerdir=") && o.contains(&format!("{root}/")));
+    }
+    e.root.contains("/store/sha256/")
 }
 
 /// A bind mount takes no flags of its own: read-only, nosuid and nodev come with a
@@ -231,6 +278,8 @@ fn bind_read_only(source: &Path, target: &Path) -> io::Result<()> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MountInfoEntry {
     pub mount_id: u64,
+    /// The path of the mount's root within its filesystem (a bind's source).
+    pub root: String,
     pub mount_point: PathBuf,
     pub fstype: String,
     pub super_options: Vec<String>,
@@ -242,13 +291,15 @@ pub fn parse_mountinfo_line(line: &str) -> Option<MountInfoEntry> {
     let (head, tail) = line.split_once(" - ")?;
     let mut h = head.split(' ');
     let mount_id = h.next()?.parse().ok()?;
-    let mount_point = unescape(h.nth(3)?);
+    let root = unescape(h.nth(2)?);
+    let mount_point = unescape(h.next()?);
     let mut t = tail.split(' ');
     let fstype = t.next()?.to_string();
     let _source = t.next()?;
     let super_options = t.next().unwrap_or("").split(',').map(unescape).collect();
     Some(MountInfoEntry {
         mount_id,
+        root,
         mount_point: PathBuf::from(mount_point),
         fstype,
         super_options,
@@ -388,6 +439,20 @@ impl Mounter for RecordingMounter {
         }
     }
 
+    fn owner(&self, target: &Path, store_root: &Path) -> io::Result<MountOwner> {
+        let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(match mounts.get(target) {
+            None => MountOwner::Nobody,
+            Some(MountSpec::Bind { source }) if source.starts_with(store_root) => MountOwner::Gkm,
+            Some(MountSpec::Overlay { lowers, .. })
+                if lowers.iter().any(|l| l.starts_with(store_root)) =>
+            {
+                MountOwner::Gkm
+            }
+            Some(other) => MountOwner::Other(format!("{other:?}")),
+        })
+    }
+
     fn state(&self, target: &Path, expected: Option<&MountSpec>) -> io::Result<MountState> {
         let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
         Ok(match (mounts.get(target), expected) {
@@ -425,6 +490,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(e.mount_id, 812);
+        assert_eq!(e.root, "/");
         assert_eq!(
             e.mount_point,
             PathBuf::from("/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/my vol/mount")

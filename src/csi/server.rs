@@ -69,13 +69,11 @@ impl<R: CacheResolver, M: Mounter> Node for NodeService<R, M> {
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let started = std::time::Instant::now();
         let r = req.get_ref();
-        let result = if r.volume_id.is_empty() {
-            Err(CsiError::Missing("volume_id"))
-        } else {
-            match validate_target(&r.target_path) {
-                Ok(target) => self.0.unpublish(&r.volume_id, &target).await,
-                Err(e) => Err(e),
-            }
+        let result = match super::validate_volume_id(&r.volume_id)
+            .and_then(|()| validate_target(&r.target_path))
+        {
+            Ok(target) => self.0.unpublish(&r.volume_id, &target).await,
+            Err(e) => Err(e),
         };
         observe("unpublish", started, &result);
         result?;

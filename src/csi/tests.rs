@@ -809,3 +809,87 @@ async fn writable_false_and_csi_readonly_both_ask_for_read_only() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.to_string().contains(ATTR_WRITABLE), "{err}");
 }
+
+#[tokio::test]
+async fn volume_ids_of_any_bytes_up_to_128_work_and_longer_ones_are_invalid() {
+    let e = env();
+    for id in [
+        ":".repeat(128),
+        "../".repeat(42),
+        "é".repeat(64),
+        format!("csi-{}", "f".repeat(124)),
+        "a\u{0}b with spaces/and/slashes".to_string(),
+    ] {
+        assert!(id.len() <= 128, "{}", id.len());
+        let mut req = e.req("x", ns_key("team-a", "llama"), "team-a");
+        req.volume_id = id.clone();
+        e.plugin
+            .publish(&req)
+            .await
+            .unwrap_or_else(|err| panic!("{id:?}: {err}"));
+        assert_eq!(e.plugin.store().volume(&id).unwrap().volume_id, id);
+        e.plugin.unpublish(&id, &req.target_path).await.unwrap();
+        assert!(e.plugin.store().volume(&id).is_none());
+    }
+    let long = "v".repeat(129);
+    let err = validate_volume_id(&long).unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.to_string().contains("129 bytes"), "{err}");
+    assert!(
+        err.to_string().len() < 200,
+        "the message quotes a prefix only: {err}"
+    );
+}
+
+#[tokio::test]
+async fn a_target_that_is_already_a_foreign_mount_is_neither_mounted_over_nor_removed() {
+    let e = env();
+    let req = e.req("vol-f", ns_key("team-a", "llama"), "team-a");
+    std::fs::create_dir_all(&req.target_path).unwrap();
+    let tmpfs = MountSpec::Bind {
+        source: PathBuf::from("/somebody/else"),
+    };
+    e.plugin.mounter().plant(&req.target_path, tmpfs.clone());
+    let err = e.plugin.publish(&req).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(err.to_string().contains("GKM did not make"), "{err}");
+    assert!(
+        e.plugin.store().volume("vol-f").is_none(),
+        "nothing recorded"
+    );
+    // Unpublish of that target, with or without a record, leaves the foreign mount.
+    let err = e
+        .plugin
+        .unpublish("vol-f", &req.target_path)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert_eq!(
+        e.plugin.mounter().mounted(&req.target_path),
+        Some(tmpfs.clone())
+    );
+
+    // A foreign mount stacked on a published volume: unpublish refuses and keeps the
+    // record, so a later unpublish (once it is gone) still cleans up.
+    let req = e.req("vol-s", ns_key("team-a", "llama"), "team-a");
+    e.plugin.publish(&req).await.unwrap();
+    e.plugin.mounter().plant(&req.target_path, tmpfs.clone());
+    let err = e
+        .plugin
+        .unpublish("vol-s", &req.target_path)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(e.plugin.store().volume("vol-s").is_some());
+    e.plugin.mounter().vanish(&req.target_path);
+    e.plugin.unpublish("vol-s", &req.target_path).await.unwrap();
+    assert!(e.plugin.store().volume("vol-s").is_none());
+    assert!(
+        !e.plugin
+            .mounter()
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::Unmount(t) if *t == e.target("vol-f"))),
+        "the foreign mount was never unmounted"
+    );
+}
