@@ -25,6 +25,8 @@
 #   gkm-pause                the pod sandbox's init process (testenv/node/pause), static
 #   gkm-registrar            registers csi.gkm.io with the test node's kubelet
 #                            (testenv/node/registrar; node-driver-registrar's role)
+#   docker-registry          Debian's (CNCF distribution 2.8), unpacked: registries that
+#                            require credentials (htpasswd, token auth)
 #   triton-python            a Python virtual environment with PyPI's Triton wheel, whose
 #                            compiler and cache manager decide hit or miss in the cache tests
 #                            (it compiles for cuda:90 and gfx942 on a CPU).
@@ -233,6 +235,30 @@ go_program() {
   ln -sfn "$name-$hash" "$BIN/$name"
 }
 
+# CNCF distribution's registry (Debian's docker-registry), for the tests of registries that
+# require credentials (htpasswd and token auth). Unpacked, not installed: the package's
+# maintainer scripts would start a system registry on port 5000.
+docker_registry() {
+  local v=2.8.2 deb=2.8.2+ds1-1
+  local target=$BIN/docker-registry-$v
+  step docker-registry "Debian docker-registry $v (unpacked)"
+  if [ -x "$target" ]; then
+    echo "    cached: $target"
+  else
+    local dir
+    dir=$(mktemp -d)
+    (cd "$dir" && apt-get download "docker-registry=$deb" >/dev/null 2>&1 || {
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq
+      apt-get download "docker-registry=$deb" >/dev/null
+    })
+    dpkg -x "$dir"/docker-registry_*.deb "$dir/x"
+    mv "$dir/x/usr/bin/docker-registry" "$target"
+    rm -rf "$dir"
+    echo "    unpacked"
+  fi
+  ln -sfn "docker-registry-$v" "$BIN/docker-registry"
+}
+
 # A virtual environment with Triton, linked as $BIN/triton-python.
 triton_python() {
   local v=$TRITON_VERSION
@@ -273,6 +299,7 @@ referrers_registry
 # node-driver-registrar, which the Go module proxy refuses to serve).
 go_program gkm-pause node/pause main.go go.mod
 go_program gkm-registrar node/registrar main.go go.mod go.sum
+docker_registry
 triton_python
 
 step versions "installed into $BIN"
@@ -288,6 +315,7 @@ printf '    %-15s %s\n' kubelet "$("$BIN/kubelet" --version)"
 printf '    %-15s %s\n' containerd "$("$BIN/containerd" --version)"
 printf '    %-15s %s\n' runc "$(runc --version | sed -n 1p)"
 printf '    %-15s %s\n' busybox "$(/bin/busybox --help 2>&1 | sed -n 1p)"
+printf '    %-15s %s\n' docker-registry "$("$BIN/docker-registry" --version)"
 printf '    %-15s %s\n' triton "$("$BIN/triton-python" -c 'import sys, triton; print(triton.__version__, "on Python", sys.version.split()[0])')"
 printf '    %-15s %s\n' etcd "from the etcd-bin-vendored crate (cargo)"
 echo "install-tools: done in $(($(now) - T_ALL))s"

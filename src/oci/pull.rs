@@ -78,6 +78,15 @@ pub enum PullError {
         #[source]
         source: OciDistributionError,
     },
+    /// The registry answered 401 or 403: credentials missing, wrong, or without access.
+    #[error("registry {registry} refused {image}: {status} ({hint})")]
+    Denied {
+        registry: String,
+        image: String,
+        /// `401 Unauthorized` or `403 Forbidden`.
+        status: &'static str,
+        hint: &'static str,
+    },
     #[error("{what} of {image}: expected {expected}, got {actual}")]
     DigestMismatch {
         image: String,
@@ -121,6 +130,49 @@ pub enum PullError {
     },
     #[error("{image}: extraction task failed: {reason}")]
     Task { image: String, reason: String },
+}
+
+/// The registry's refusal of the credentials (`401`, `403`) as GKM words it, if `e` is one.
+pub fn denial(e: &OciDistributionError) -> Option<(&'static str, &'static str)> {
+    let unauthorized = (
+        "401 Unauthorized",
+        "the credentials for it are missing or wrong: see --registry-auth, or the cache's pull secret",
+    );
+    let forbidden = (
+        "403 Forbidden",
+        "the credentials are valid but lack access to this repository",
+    );
+    match e {
+        OciDistributionError::UnauthorizedError { .. }
+        | OciDistributionError::AuthenticationFailure(_) => Some(unauthorized),
+        OciDistributionError::ServerError { code: 401, .. } => Some(unauthorized),
+        OciDistributionError::ServerError { code: 403, .. } => Some(forbidden),
+        OciDistributionError::RegistryError { envelope, .. } => {
+            envelope.errors.iter().find_map(|x| match x.code {
+                oci_client::errors::OciErrorCode::Unauthorized => Some(unauthorized),
+                oci_client::errors::OciErrorCode::Denied => Some(forbidden),
+                _ => None,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// A registry error about `image` (`registry/repo...`), with refusals of the credentials
+/// named as such.
+fn registry_error(image: &str, source: OciDistributionError) -> PullError {
+    match denial(&source) {
+        Some((status, hint)) => PullError::Denied {
+            registry: image.split('/').next().unwrap_or(image).to_string(),
+            image: image.to_string(),
+            status,
+            hint,
+        },
+        None => PullError::Registry {
+            image: image.to_string(),
+            source,
+        },
+    }
 }
 
 impl PullError {
@@ -365,10 +417,7 @@ impl Puller {
             .client
             .pull_blob_stream(image.as_reference(), &desc)
             .await
-            .map_err(|source| PullError::Registry {
-                image: name.clone(),
-                source,
-            })?;
+            .map_err(|source| registry_error(&name, source))?;
         let mut hasher = Sha256::new();
         let mut size: u64 = 0;
         let mut stream_err = None;
@@ -503,10 +552,7 @@ impl Puller {
                 what: what.to_string(),
                 after,
             })?
-            .map_err(|source| PullError::Registry {
-                image: image.to_string(),
-                source,
-            })
+            .map_err(|source| registry_error(&image.to_string(), source))
     }
 
     fn total_timeout(&self) -> Duration {

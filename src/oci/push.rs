@@ -117,7 +117,12 @@ impl Pusher {
         tokio::time::timeout(self.call_timeout, call)
             .await
             .map_err(|_| err(format!("timed out after {:?}", self.call_timeout)))?
-            .map_err(|e| err(e.to_string()))
+            .map_err(|e| {
+                err(match crate::oci::pull::denial(&e) {
+                    Some((status, hint)) => format!("{status} ({hint})"),
+                    None => e.to_string(),
+                })
+            })
     }
 
     /// Whether `reference`'s repository holds blob `digest`.

@@ -19,6 +19,7 @@
 //! clients (a `kube::Client` belongs to the tokio runtime it was made on).
 
 pub mod agent;
+pub mod auth_registry;
 pub mod cluster;
 pub mod controller;
 pub mod cosign;
