@@ -43,6 +43,15 @@ pub enum PromoteError {
     Artifact { image: String, reason: String },
     #[error("promotion.signKey {path}: {reason}")]
     SignKey { path: String, reason: String },
+    /// The request's tag has the form of an artifact's tag (signature, attestation, SBOM,
+    /// referrers fallback index): setting it would replace another digest's artifacts.
+    #[error(
+        "tag {tag:?} is reserved for artifacts: {reason}; promote under another tag, or by digest alone"
+    )]
+    ReservedTag { tag: String, reason: String },
+    /// The request's tag already names an artifact in the trusted repository.
+    #[error("{image} names {what}; GKM does not set a tag over an artifact")]
+    TagNamesArtifact { image: String, what: String },
 }
 
 impl PromoteError {
@@ -50,7 +59,10 @@ impl PromoteError {
     pub fn is_caller_error(&self) -> bool {
         matches!(
             self,
-            PromoteError::BadRequest(_) | PromoteError::NotVerified { .. }
+            PromoteError::BadRequest(_)
+                | PromoteError::NotVerified { .. }
+                | PromoteError::ReservedTag { .. }
+                | PromoteError::TagNamesArtifact { .. }
         )
     }
 
@@ -64,6 +76,8 @@ impl PromoteError {
             PromoteError::Write(_) => "registry_write",
             PromoteError::Artifact { .. } => "bad_artifact",
             PromoteError::SignKey { .. } => "sign_key",
+            PromoteError::ReservedTag { .. } => "reserved_tag",
+            PromoteError::TagNamesArtifact { .. } => "tag_names_artifact",
         }
     }
 }
@@ -124,6 +138,16 @@ impl Promoter {
             .ok_or(PromoteError::NotConfigured)?;
         let reference = crate::oci::parse_reference(image)
             .map_err(|e| PromoteError::BadRequest(e.to_string()))?;
+        // The tag set last, if the request names one (a digest in the image wins).
+        let tag = reference.tag().filter(|_| reference.digest().is_none());
+        if let Some(tag) = tag
+            && let Some(reason) = crate::trust::tag::reserved_tag(tag)
+        {
+            return Err(PromoteError::ReservedTag {
+                tag: tag.to_string(),
+                reason,
+            });
+        }
         if let Some(d) = digest
             && crate::oci::sha256_hex(d).is_none()
         {
@@ -165,6 +189,9 @@ impl Promoter {
         let target_repo = Reference::with_tag(registry, repository, "latest".into());
         let target = PinnedRef::new(&target_repo, &digest)
             .map_err(|e| PromoteError::BadRequest(e.to_string()))?;
+        if let Some(tag) = tag {
+            self.refuse_artifact_tag(&with_tag(&target, tag)).await?;
+        }
 
         // Nothing is written before this.
         let verified =
@@ -232,6 +259,25 @@ impl Promoter {
             signatures,
             signed,
         })
+    }
+
+    /// Refuses a tag of the trusted repository that already names an artifact (a signature,
+    /// attestation or referrer under an ordinary name): the request's tag never replaces one.
+    async fn refuse_artifact_tag(&self, tagged: &Reference) -> Result<(), PromoteError> {
+        let Some((bytes, _)) = self.fetch(tagged).await? else {
+            return Ok(());
+        };
+        // A tag GKM cannot read as a manifest is left to the registry's own rules.
+        let what = serde_json::from_slice::<ManifestShape>(&bytes)
+            .ok()
+            .and_then(|m| m.artifact());
+        match what {
+            Some(what) => Err(PromoteError::TagNamesArtifact {
+                image: tagged.whole(),
+                what,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The exact bytes and media type of the manifest `image` names.
@@ -419,6 +465,10 @@ struct ManifestShape {
     #[serde(default)]
     media_type: Option<String>,
     #[serde(default)]
+    artifact_type: Option<String>,
+    #[serde(default)]
+    subject: Option<Blob>,
+    #[serde(default)]
     config: Option<Blob>,
     #[serde(default)]
     layers: Vec<Blob>,
@@ -427,10 +477,23 @@ struct ManifestShape {
 }
 
 #[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Blob {
     digest: String,
     #[serde(default)]
     size: u64,
+    #[serde(default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    artifact_type: Option<String>,
+}
+
+/// Whether a layer of this media type makes its manifest a signature or attestation.
+fn artifact_layer(media_type: &str) -> bool {
+    media_type == crate::trust::tag::SIMPLE_SIGNING_MEDIA_TYPE
+        || media_type == "application/vnd.dsse.envelope.v1+json"
+        || media_type == crate::trust::bundle::IN_TOTO_PAYLOAD_TYPE
+        || media_type.starts_with(crate::trust::bundle::BUNDLE_MEDIA_TYPE_PREFIX)
 }
 
 impl ManifestShape {
@@ -439,6 +502,30 @@ impl ManifestShape {
             image: image.to_string(),
             reason: format!("not an OCI manifest or index: {e}"),
         })
+    }
+
+    /// What artifact this is, in words, or `None` for an image or an index of images: a
+    /// referrer (it has a subject), an artifact manifest, a manifest of signature or
+    /// attestation layers (cosign's `.sig` and `.att`), or an index of referrers.
+    fn artifact(&self) -> Option<String> {
+        if let Some(subject) = &self.subject {
+            return Some(format!("a referrer of {}", subject.digest));
+        }
+        if let Some(t) = &self.artifact_type {
+            return Some(format!("an artifact of type {t}"));
+        }
+        if let Some(t) = self
+            .layers
+            .iter()
+            .filter_map(|l| l.media_type.as_deref())
+            .find(|t| artifact_layer(t))
+        {
+            return Some(format!("a signature or attestation manifest ({t} layers)"));
+        }
+        if self.manifests.iter().any(|m| m.artifact_type.is_some()) {
+            return Some("an index of referrers".into());
+        }
+        None
     }
 
     /// Its `mediaType`, or what its shape says when it names none.

@@ -1134,3 +1134,33 @@ async fn verify_and_promote_copies_only_verified_images_for_allowed_callers() {
         assert!(metrics.contains(line), "{line} not in\n{metrics}");
     }
 }
+
+#[tokio::test]
+async fn the_promotion_api_refuses_tags_reserved_for_artifacts() {
+    let port = main_webhook();
+    let name = unique_name("app");
+    let signed = push_to(&env().incoming, &format!("dev/{name}"), "v1", "r").await;
+    env().cosign.sign(&signed.by_digest()).await.unwrap();
+    let bot = promoter_token(shared_cluster(), &unique_name("ci"), "bot", true).await;
+    let hex = &signed.digest[7..];
+    for tag in [format!("sha256-{hex}.sig"), format!("sha256-{hex}")] {
+        let image = format!("{}/dev/{name}:{tag}", env().incoming.host());
+        let (code, body) = promote_call(port, Some(&bot), &image, &signed.digest).await;
+        assert_eq!(code, 400, "{body}");
+        assert_eq!(body["reason"], "reserved_tag", "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("tag {tag:?} is reserved for artifacts")),
+            "{body}"
+        );
+    }
+    let promoted = format!("{}/promoted/{name}", env().repo_prefix);
+    assert!(
+        !in_trusted(&promoted, &signed.digest).await,
+        "nothing copied"
+    );
+    let (code, body) = promote_call(port, Some(&bot), &signed.by_tag(), &signed.digest).await;
+    assert_eq!(code, 200, "an ordinary tag promotes: {body}");
+}
