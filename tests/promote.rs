@@ -9,9 +9,12 @@ use std::process::Output;
 
 use gkm::oci::{Credentials, PullConfig, Puller, Pusher};
 use gkm::trust::tag::signature_tag;
+use gkm_testenv::cosign::{junk_signature_layers, push_signature_layers};
 use gkm_testenv::fixtures::push_kernel_cache;
 use gkm_testenv::image::{self, OCI_MANIFEST, PushedImage, Target};
 use gkm_testenv::{Cosign, Registry, shared_registry, unique_name};
+
+const BUNDLE_MT: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
 
 fn gkm(args: &[&str], envs: &[(&str, &str)]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_gkm"))
@@ -317,6 +320,113 @@ fn verified(s: &Setup, image: &str, policy: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+#[tokio::test]
+async fn the_promoters_signature_is_examined_first() {
+    let s = Setup::new(false).await;
+    let img = push(&s.incoming, "dev/team/app", "a").await;
+    s.signer.sign(&img.by_digest()).await.unwrap();
+    // Anyone who may push to the incoming repository puts junk before the valid signature.
+    let sig_tag = signature_tag(&img.digest);
+    let incoming_sig = format!("{}/dev/team/app:{sig_tag}", s.incoming.host());
+    let m: serde_json::Value =
+        serde_json::from_slice(&s.manifest(&incoming_sig).await.unwrap()).unwrap();
+    let valid = m["layers"][0].clone();
+    let mut layers = junk_signature_layers(&valid, 64, 200);
+    layers.push(valid.clone());
+    push_signature_layers(&s.incoming, "dev/team/app", &img.digest, &layers)
+        .await
+        .unwrap();
+
+    let key = s.promoter.key_path().display().to_string();
+    let by_tag = img.by_tag();
+    let done = succeeds(
+        &s,
+        &[
+            "promote",
+            &by_tag,
+            "--policy",
+            &s.policy,
+            "--sign-key",
+            &key,
+        ],
+    );
+    assert_eq!(done["signed"], true, "{done}");
+    assert_eq!(done["authority"], "release", "{done}");
+
+    // A cluster trusting only the promoter's key (as trust.md suggests) accepts the copy,
+    // as cosign does.
+    let promoted = format!("{}/team/app@{}", s.trusted, img.digest);
+    let promoter_only = write_policy(
+        &s.dir.path().join("promoter-only.yaml"),
+        ("promoter", &s.promoter),
+        &format!("{}/dev", s.incoming.host()),
+        &s.trusted,
+    );
+    let out = verified(&s, &promoted, &promoter_only);
+    assert!(out.contains("verified by promoter"), "{out}");
+    s.promoter.verify(&promoted).await.unwrap();
+    // In the trusted `.sig`, the promoter's signature leads, then the one that verified.
+    let trusted_sig = format!("{}/team/app:{sig_tag}", s.trusted);
+    let m: serde_json::Value =
+        serde_json::from_slice(&s.manifest(&trusted_sig).await.unwrap()).unwrap();
+    let layers = m["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 64 + 200 + 2);
+    assert_eq!(layers[1], valid);
+    assert_ne!(
+        layers[0]["digest"], valid["digest"],
+        "the promoter's payload"
+    );
+    // The original signer's signature verifies there too.
+    let out = verified(&s, &promoted, &s.policy);
+    assert!(out.contains("verified by release"), "{out}");
+}
+
+#[tokio::test]
+async fn a_valid_bundle_among_junk_referrers_is_promoted_first() {
+    let s = Setup::new(true).await;
+    let repo = "dev/team/app";
+    let img = push(&s.incoming, repo, "b").await;
+    // Referrers that claim, in their annotations, to be cosign signatures, attached before
+    // the genuine one.
+    let empty = image::push_blob(&s.incoming, repo, b"{}").await.unwrap();
+    let mut junk = Vec::new();
+    for i in 0..40 {
+        let blob = format!(r#"{{"mediaType":"{BUNDLE_MT}","junk":{i}}}"#);
+        let digest = image::push_blob(&s.incoming, repo, blob.as_bytes())
+            .await
+            .unwrap();
+        let manifest = serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": BUNDLE_MT,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+            "layers": [{"mediaType": BUNDLE_MT, "digest": digest, "size": blob.len()}],
+            "subject": {"mediaType": img.media_type, "digest": img.digest, "size": img.manifest.len()},
+            "annotations": {"dev.sigstore.bundle.predicateType": "https://sigstore.dev/cosign/sign/v1"},
+        })
+        .to_string();
+        let at = image::sha256_digest(manifest.as_bytes());
+        image::push_manifest(&s.incoming, repo, &at, OCI_MANIFEST, manifest.as_bytes())
+            .await
+            .unwrap();
+        junk.push(at);
+    }
+    s.signer.sign_bundle(&img.by_digest()).await.unwrap();
+    let by_tag = img.by_tag();
+    let done = succeeds(&s, &["promote", &by_tag, "--policy", &s.policy]);
+    assert_eq!(done["authority"], "release", "{done}");
+    // The trusted registry has no referrers API: the fallback index lists every referrer,
+    // the one that verified first.
+    let fallback = format!("{}/team/app:{}", s.trusted, img.digest.replace(':', "-"));
+    let index: serde_json::Value =
+        serde_json::from_slice(&s.manifest(&fallback).await.unwrap()).unwrap();
+    let listed = index["manifests"].as_array().unwrap();
+    assert_eq!(listed.len(), junk.len() + 1, "{index}");
+    let first = listed[0]["digest"].as_str().unwrap();
+    assert!(!junk.iter().any(|j| j == first), "{index}");
+    let promoted = format!("{}/team/app@{}", s.trusted, img.digest);
+    let out = verified(&s, &promoted, &s.policy);
+    assert!(out.contains("verified by release (Bundle)"), "{out}");
 }
 
 #[tokio::test]
