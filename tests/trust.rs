@@ -15,7 +15,8 @@ use gkm::trust::tag::{
     signature_tag,
 };
 use gkm::trust::{
-    MAX_SIGNATURE_FETCHES, SignatureFormat, TrustPolicy, Verified, Verifier, VerifyError,
+    MAX_SIGNATURE_CHECKS, MAX_SIGNATURE_FETCHES, SignatureFormat, TrustPolicy, Verified, Verifier,
+    VerifyError,
 };
 use gkm_testenv::cosign::{FakeSigstore, KeylessSigner, San};
 use gkm_testenv::faulty::StaticRegistry;
@@ -428,7 +429,8 @@ async fn a_payload_blob_that_does_not_match_its_digest_is_refused() {
             "mediaType": SIMPLE_SIGNING_MEDIA_TYPE,
             "size": honest.len(),
             "digest": image::sha256_digest(honest.as_bytes()),
-            "annotations": {SIGNATURE_ANNOTATION: "AAAA"},
+            // A well-formed ECDSA signature (r = s = 1), so the payload is fetched.
+            "annotations": {SIGNATURE_ANNOTATION: "MAYCAQECAQE="},
         }],
     });
     let mut paths = HashMap::new();
@@ -775,10 +777,15 @@ async fn a_valid_signature_after_many_bad_ones_is_found() {
     cosign.verify(&img.by_digest()).await.unwrap();
     assert_eq!(v.verify(&pinned(&img)).await.unwrap().authority, "k");
 
-    // Many more, well-formed ones among them, and in front of all, more layers with
-    // payloads of their own than a verification fetches: the valid one is still found.
+    // Many more: malformed ones, more than a verification checks, as many well-formed ones
+    // as it affords, and in front of all more layers with payloads of their own than it
+    // fetches. The valid one is still found.
     let mut layers = layers_with_payloads_of_their_own(&valid, MAX_SIGNATURE_FETCHES + 20);
-    layers.extend(gkm_testenv::cosign::junk_signature_layers(&valid, 64, 300));
+    layers.extend(gkm_testenv::cosign::junk_signature_layers(
+        &valid,
+        MAX_SIGNATURE_CHECKS * 2,
+        300,
+    ));
     layers.push(valid.clone());
     push_signature_layers(registry, &repo, &img.digest, &layers).await;
     let got = v.verify(&pinned(&img)).await.unwrap();
@@ -942,6 +949,20 @@ struct KeylessSetup {
     root: std::path::PathBuf,
 }
 
+impl KeylessSetup {
+    /// A signer with the same subject, certified for another OIDC issuer.
+    fn other_issuer(&self) -> KeylessSigner {
+        self.fake
+            .issue(
+                "https://accounts.google.com",
+                San::Uri(WORKFLOW.into()),
+                now() - 60,
+                600,
+            )
+            .unwrap()
+    }
+}
+
 fn keyless_setup() -> KeylessSetup {
     let fake = FakeSigstore::new().unwrap();
     let signer = fake
@@ -1031,15 +1052,7 @@ async fn keyless_tag_signatures_verify_with_exact_and_regexp_subjects() {
         .to_string();
         assert!(e.contains(want), "{subject}: {e}");
     }
-    let other_issuer = s
-        .fake
-        .issue(
-            "https://accounts.google.com",
-            San::Uri(WORKFLOW.into()),
-            now() - 60,
-            600,
-        )
-        .unwrap();
+    let other_issuer = s.other_issuer();
     let ev = genuine(&s.fake, &other_issuer, payload.as_bytes(), now());
     push_signature_tag(
         registry,
@@ -1070,9 +1083,12 @@ async fn a_keyless_signature_naming_an_authority_is_examined_before_junk() {
     let elsewhere = Some("incoming.example.com/dev/app");
     let (img, _) = keyless_signed_image(&s, registry, &repo, elsewhere).await;
     let valid = signature_layers(registry, &repo, &img).await[0].clone();
-    let mut key_style = valid.clone();
-    key_style["annotations"] = serde_json::json!({SIGNATURE_ANNOTATION: "AAAA"});
-    let mut layers = layers_with_payloads_of_their_own(&key_style, MAX_SIGNATURE_FETCHES + 20);
+    // In front, more signatures than a verification fetches, by a certificate of an
+    // identity the policy does not name.
+    let stranger = s.other_issuer();
+    let mut foreign = valid.clone();
+    foreign["annotations"][CERTIFICATE_ANNOTATION] = stranger.cert_pem.clone().into();
+    let mut layers = layers_with_payloads_of_their_own(&foreign, MAX_SIGNATURE_FETCHES + 20);
     layers.push(valid);
     push_signature_layers(registry, &repo, &img.digest, &layers).await;
     let got = keyless_verifier(&s, registry, &format!("subject: {WORKFLOW}"))

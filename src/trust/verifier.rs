@@ -32,7 +32,8 @@ pub const MAX_BLOB_BYTES: u64 = 1 << 20;
 pub const MAX_SIGNATURE_FETCHES: usize = 128;
 /// Most signatures one format checks cryptographically (each against every authority).
 /// The checks that need neither a fetch nor cryptography (media type, digest, size, an
-/// annotation that decodes) run on every signature, unbounded.
+/// annotation that decodes to a signature of the form some authority's key makes, or comes
+/// with a certificate for an identity) run on every signature, unbounded.
 pub const MAX_SIGNATURE_CHECKS: usize = 1024;
 /// Most successful verifications remembered.
 const MAX_CACHE_ENTRIES: usize = 10_000;
@@ -440,13 +441,10 @@ impl Verifier {
                 "tag-format signature {} of {total} ({tag_name} layer {i})",
                 i + 1
             );
-            let sig = match precheck_layer(layer) {
+            let sig = match precheck_layer(policy, layer) {
                 Ok(sig) => sig,
-                Err(reason) => {
-                    found.rejected.push(Rejected {
-                        signature,
-                        reasons: vec![reason],
-                    });
+                Err(reasons) => {
+                    found.rejected.push(Rejected { signature, reasons });
                     continue;
                 }
             };
@@ -763,27 +761,52 @@ impl Budget {
 }
 
 /// The checks of a tag-format layer that need neither the registry nor cryptography; Ok
-/// with its decoded signature.
-fn precheck_layer(layer: &Layer) -> Result<Vec<u8>, String> {
+/// with its decoded signature, else why not (per authority, once the layer itself is
+/// well-formed).
+fn precheck_layer(policy: &TrustPolicy, layer: &Layer) -> Result<Vec<u8>, Vec<String>> {
+    let one = |e: String| vec![e];
     if layer.media_type != tag::SIMPLE_SIGNING_MEDIA_TYPE {
-        return Err(format!(
+        return Err(one(format!(
             "media type {:?} is not a cosign simple-signing payload",
             layer.media_type
-        ));
+        )));
     }
     if crate::oci::sha256_hex(&layer.digest).is_none() {
-        return Err(format!("payload digest {:?} is not sha256", layer.digest));
+        return Err(one(format!(
+            "payload digest {:?} is not sha256",
+            layer.digest
+        )));
     }
     if layer.size > MAX_BLOB_BYTES {
-        return Err(format!(
+        return Err(one(format!(
             "payload of {} bytes, more than {MAX_BLOB_BYTES}",
             layer.size
-        ));
+        )));
     }
     let Some(sig_b64) = layer.annotations.get(SIGNATURE_ANNOTATION) else {
-        return Err(format!("no {SIGNATURE_ANNOTATION} annotation"));
+        return Err(one(format!("no {SIGNATURE_ANNOTATION} annotation")));
     };
-    decode_b64(sig_b64).map_err(|_| "the signature is not base64".into())
+    let sig = decode_b64(sig_b64).map_err(|_| one("the signature is not base64".into()))?;
+    // A signature no authority could accept is set aside before any fetch or check: a key
+    // checks only signatures of its own form, an identity only what comes with a
+    // certificate.
+    let has_cert = layer
+        .annotations
+        .get(CERTIFICATE_ANNOTATION)
+        .is_some_and(|c| !c.is_empty());
+    let mut reasons = Vec::new();
+    for authority in &policy.authorities {
+        let why = match &authority.kind {
+            AuthorityKind::Key(key) => key.check_form(&sig).err(),
+            AuthorityKind::Keyless(_) if has_cert => None,
+            AuthorityKind::Keyless(_) => Some(keyless::KeylessError::NoCertificate.to_string()),
+        };
+        match why {
+            None => return Ok(sig),
+            Some(e) => reasons.push(format!("authority {:?}: {e}", authority.name)),
+        }
+    }
+    Err(reasons)
 }
 
 /// The order in which a `.sig` tag's layers are examined, so that the bounds fall on junk

@@ -157,12 +157,13 @@ impl Drop for Cosign {
 
 /// Junk that anyone who may push to a repository can add to an image's `.sig` manifest,
 /// as copies of the genuine signature layer `valid` (so over the genuine payload): first
-/// `undecodable` ones whose signature is not even base64 (the bug report's
-/// `sig-manifest.jq`), then `forged` well-formed ones that do not verify (the genuine
-/// signature with its last two bytes changed, a different pair each).
+/// `malformed` ones whose signature is no signature at all (the bug report's
+/// `sig-manifest.jq`: `MEUCIQ<i>AAA…==`, not base64 for some `i`, a broken DER signature
+/// for others), then `forged` well-formed ones that do not verify (the genuine signature
+/// with its last two bytes changed, a different pair each).
 pub fn junk_signature_layers(
     valid: &serde_json::Value,
-    undecodable: usize,
+    malformed: usize,
     forged: usize,
 ) -> Vec<serde_json::Value> {
     use base64::Engine;
@@ -176,7 +177,7 @@ pub fn junk_signature_layers(
     let genuine = b64
         .decode(valid["annotations"][SIGNATURE].as_str().unwrap_or_default())
         .unwrap_or_default();
-    let mut out: Vec<_> = (0..undecodable)
+    let mut out: Vec<_> = (0..malformed)
         .map(|i| with(format!("MEUCIQ{i}{}==", "A".repeat(100))))
         .collect();
     out.extend((0..forged).map(|i| {
