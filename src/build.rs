@@ -110,10 +110,17 @@ pub async fn push(
             reference.whole()
         )));
     }
+    let tag = reference.tag().unwrap_or("latest");
+    if let Some(reason) = crate::trust::tag::reserved_tag(tag) {
+        return Err(BuildError::Usage(format!(
+            "-t {}: tag {tag:?} is reserved for artifacts: {reason}",
+            reference.whole()
+        )));
+    }
     let tagged = Reference::with_tag(
         reference.registry().to_string(),
         reference.repository().to_string(),
-        reference.tag().unwrap_or("latest").to_string(),
+        tag.to_string(),
     );
     let layer = &image.layer;
     pusher

@@ -11,8 +11,15 @@
 //! signature verifies. Everything already present is skipped, so promoting twice is a
 //! no-op. The controller's `POST /api/images/verify-and-promote` and `gkm promote` both
 //! call [`Promoter::promote`].
+//!
+//! Also owns what a bounded verifier finds there: the signature that verified is put
+//! first among those copied, the promoter's first of all, and `signed` is reported only
+//! once a verifier trusting the promoter's key alone accepts the copy. And which tags it
+//! sets: never one reserved for artifacts ([`crate::trust::tag::reserved_tag`]), never
+//! over a tag that already names an artifact.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use tracing::{Instrument, info, info_span};
@@ -20,7 +27,10 @@ use tracing::{Instrument, info, info_span};
 use crate::oci::image::{OCI_INDEX, OCI_MANIFEST};
 use crate::oci::{PinnedRef, PullError, PushError, Pusher, Reference};
 use crate::trust::sign::{self, SigningKey};
-use crate::trust::{MAX_MANIFEST_BYTES, Verifier};
+use crate::trust::{
+    Authority, AuthorityKind, Evidence, MAX_MANIFEST_BYTES, PublicKey, RegistryPrefix, TrustPolicy,
+    VerificationSettings, Verifier,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PromoteError {
@@ -43,6 +53,15 @@ pub enum PromoteError {
     Artifact { image: String, reason: String },
     #[error("promotion.signKey {path}: {reason}")]
     SignKey { path: String, reason: String },
+    /// The request's tag has the form of an artifact's tag (signature, attestation, SBOM,
+    /// referrers fallback index): setting it would replace another digest's artifacts.
+    #[error(
+        "tag {tag:?} is reserved for artifacts: {reason}; promote under another tag, or by digest alone"
+    )]
+    ReservedTag { tag: String, reason: String },
+    /// The request's tag already names an artifact in the trusted repository.
+    #[error("{image} names {what}; GKM does not set a tag over an artifact")]
+    TagNamesArtifact { image: String, what: String },
 }
 
 impl PromoteError {
@@ -50,7 +69,10 @@ impl PromoteError {
     pub fn is_caller_error(&self) -> bool {
         matches!(
             self,
-            PromoteError::BadRequest(_) | PromoteError::NotVerified { .. }
+            PromoteError::BadRequest(_)
+                | PromoteError::NotVerified { .. }
+                | PromoteError::ReservedTag { .. }
+                | PromoteError::TagNamesArtifact { .. }
         )
     }
 
@@ -64,6 +86,8 @@ impl PromoteError {
             PromoteError::Write(_) => "registry_write",
             PromoteError::Artifact { .. } => "bad_artifact",
             PromoteError::SignKey { .. } => "sign_key",
+            PromoteError::ReservedTag { .. } => "reserved_tag",
+            PromoteError::TagNamesArtifact { .. } => "tag_names_artifact",
         }
     }
 }
@@ -124,6 +148,16 @@ impl Promoter {
             .ok_or(PromoteError::NotConfigured)?;
         let reference = crate::oci::parse_reference(image)
             .map_err(|e| PromoteError::BadRequest(e.to_string()))?;
+        // The tag set last, if the request names one (a digest in the image wins).
+        let tag = reference.tag().filter(|_| reference.digest().is_none());
+        if let Some(tag) = tag
+            && let Some(reason) = crate::trust::tag::reserved_tag(tag)
+        {
+            return Err(PromoteError::ReservedTag {
+                tag: tag.to_string(),
+                reason,
+            });
+        }
         if let Some(d) = digest
             && crate::oci::sha256_hex(d).is_none()
         {
@@ -165,6 +199,9 @@ impl Promoter {
         let target_repo = Reference::with_tag(registry, repository, "latest".into());
         let target = PinnedRef::new(&target_repo, &digest)
             .map_err(|e| PromoteError::BadRequest(e.to_string()))?;
+        if let Some(tag) = tag {
+            self.refuse_artifact_tag(&with_tag(&target, tag)).await?;
+        }
 
         // Nothing is written before this.
         let verified =
@@ -192,33 +229,33 @@ impl Promoter {
         let mut blobs_copied = self.copy_manifest(&source, &target, &digest).await?.blobs;
         let mut signatures = Vec::new();
         for suffix in [".sig", ".att"] {
-            let tag = format!("sha256-{}{suffix}", source.hex());
-            if self.copy_signature_tag(&source, &target, &tag).await? {
-                signatures.push(tag);
+            let sig_tag = format!("sha256-{}{suffix}", source.hex());
+            if self
+                .copy_signature_tag(&source, &target, &sig_tag, &verified.evidence)
+                .await?
+            {
+                signatures.push(sig_tag);
             }
         }
-        let (n, referrers) = self.copy_referrers(&source, &target).await?;
+        let (n, referrers) = self
+            .copy_referrers(&source, &target, &verified.evidence)
+            .await?;
         blobs_copied += n;
         signatures.extend(referrers);
 
         let signed = match &key {
             Some(key) => {
                 sign::push_signature(&self.pusher, &target, key).await?;
+                self.check_promoter_signature(&target, key).await?;
                 true
             }
             None => false,
         };
 
-        let tag = reference.tag().filter(|_| reference.digest().is_none());
         if let Some(tag) = tag {
             let (bytes, media_type) = self.manifest(&source).await?;
-            let tagged = Reference::with_tag(
-                target.registry().to_string(),
-                target.repository().to_string(),
-                tag.to_string(),
-            );
             self.pusher
-                .push_manifest(&tagged, bytes, &media_type, "the tag")
+                .push_manifest(&with_tag(&target, tag), bytes, &media_type, "the tag")
                 .await?;
         }
         info!(target = %target, blobs_copied, signatures = signatures.len(), signed, "promoted");
@@ -232,6 +269,25 @@ impl Promoter {
             signatures,
             signed,
         })
+    }
+
+    /// Refuses a tag of the trusted repository that already names an artifact (a signature,
+    /// attestation or referrer under an ordinary name): the request's tag never replaces one.
+    async fn refuse_artifact_tag(&self, tagged: &Reference) -> Result<(), PromoteError> {
+        let Some((bytes, _)) = self.fetch(tagged).await? else {
+            return Ok(());
+        };
+        // A tag GKM cannot read as a manifest is left to the registry's own rules.
+        let what = serde_json::from_slice::<ManifestShape>(&bytes)
+            .ok()
+            .and_then(|m| m.artifact());
+        match what {
+            Some(what) => Err(PromoteError::TagNamesArtifact {
+                image: tagged.whole(),
+                what,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The exact bytes and media type of the manifest `image` names.
@@ -304,12 +360,14 @@ impl Promoter {
     }
 
     /// Copies cosign's `tag` (`sha256-<hex>.sig` or `.att`) of `from` to `to`, merging its
-    /// layers into the manifest already there. Returns whether anything was written.
+    /// layers into the manifest already there, led by the signature that verified (if it is
+    /// a layer of this tag). Returns whether anything was written.
     async fn copy_signature_tag(
         &self,
         from: &PinnedRef,
         to: &PinnedRef,
         tag: &str,
+        verified: &Evidence,
     ) -> Result<bool, PromoteError> {
         let src = with_tag(from, tag);
         let dst = with_tag(to, tag);
@@ -323,21 +381,28 @@ impl Promoter {
         for (digest, size) in sign::signature_blobs(&src_bytes).map_err(bad)? {
             self.pusher.copy_blob(&src, &dst, &digest, size).await?;
         }
-        let merged = match self.fetch(&dst).await? {
-            None => src_bytes,
-            Some((existing, _)) if existing == src_bytes => return Ok(false),
-            Some((existing, _)) => {
-                match sign::merge_signature_manifests(&existing, &src_bytes).map_err(bad)? {
-                    None => return Ok(false),
-                    Some(merged) => {
-                        self.pusher
-                            .push_bytes(&dst, &merged.config, "the signature config")
-                            .await?;
-                        merged.manifest
-                    }
-                }
+        let lead = |d: &sign::SigDescriptor| match verified {
+            Evidence::Layer { payload, signature } => {
+                d.digest == *payload && d.signature() == Some(signature.as_str())
             }
+            Evidence::Referrer { .. } => false,
         };
+        let existing = self.fetch(&dst).await?;
+        let Some(merged) = sign::merge_signature_manifests(
+            existing.as_ref().map(|(b, _)| &b[..]),
+            &src_bytes,
+            lead,
+        )
+        .map_err(bad)?
+        else {
+            return Ok(false);
+        };
+        if let Some(config) = &merged.config {
+            self.pusher
+                .push_bytes(&dst, config, "the signature config")
+                .await?;
+        }
+        let merged = merged.manifest;
         let media_type = ManifestShape::parse(&merged, &dst.whole())?.media_type();
         self.pusher
             .push_manifest(&dst, merged, &media_type, "the signature manifest")
@@ -345,14 +410,57 @@ impl Promoter {
         Ok(true)
     }
 
+    /// Verifies the promoted digest under the promoter's key alone, with the bounded
+    /// verifier admission uses, so that `signed: true` is reported only for a signature a
+    /// cluster trusting just that key finds.
+    async fn check_promoter_signature(
+        &self,
+        target: &PinnedRef,
+        key: &SigningKey,
+    ) -> Result<(), PromoteError> {
+        let policy = self.trust.policy();
+        let public =
+            PublicKey::from_pem(&key.public_key_pem()).map_err(|e| PromoteError::Artifact {
+                image: target.to_string(),
+                reason: format!("the promoter's public key: {e}"),
+            })?;
+        let promoter_only = TrustPolicy {
+            authorities: vec![Authority {
+                name: "promotion.signKey".into(),
+                kind: AuthorityKind::Key(public),
+            }],
+            trusted_registries: vec![
+                RegistryPrefix::parse(&format!("{}/{}", target.registry(), target.repository()))
+                    .map_err(PromoteError::BadRequest)?,
+            ],
+            verification: VerificationSettings {
+                cache_ttl: Duration::ZERO,
+                ..policy.verification
+            },
+            pod_policy: Default::default(),
+            promotion: None,
+        };
+        Verifier::new(promoter_only, self.pusher.puller().clone())
+            .verify(target)
+            .await
+            .map(|_| ())
+            .map_err(|e| PromoteError::Artifact {
+                image: target.to_string(),
+                reason: format!(
+                    "the promoter's signature was written, but a verifier trusting only promotion.signKey does not accept it: {e}"
+                ),
+            })
+    }
+
     /// Copies every OCI 1.1 referrer of `from` (Sigstore bundles and the like) to `to`,
     /// and makes each discoverable there: through the registry's referrers API when it has
-    /// one, else in the referrers tag `sha256-<hex>`. Returns blobs sent and the referrer
-    /// digests written.
+    /// one, else in the referrers tag `sha256-<hex>`, led by the referrer that verified.
+    /// Returns blobs sent and the referrer digests written.
     async fn copy_referrers(
         &self,
         from: &PinnedRef,
         to: &PinnedRef,
+        verified: &Evidence,
     ) -> Result<(usize, Vec<String>), PromoteError> {
         let puller = self.pusher.puller();
         let listed = puller
@@ -387,8 +495,15 @@ impl Promoter {
             .cloned()
             .collect();
         if !missing.is_empty() {
-            // No referrers API: keep the referrers tag schema's index up to date.
+            // No referrers API: keep the referrers tag schema's index up to date, the
+            // verified referrer first, where a bounded verifier looks first.
             present.manifests.extend(missing);
+            if let Evidence::Referrer { digest } = verified
+                && let Some(at) = present.manifests.iter().position(|d| d.digest == *digest)
+            {
+                let first = present.manifests.remove(at);
+                present.manifests.insert(0, first);
+            }
             let index = serde_json::json!({
                 "schemaVersion": 2,
                 "mediaType": OCI_INDEX,
@@ -419,6 +534,10 @@ struct ManifestShape {
     #[serde(default)]
     media_type: Option<String>,
     #[serde(default)]
+    artifact_type: Option<String>,
+    #[serde(default)]
+    subject: Option<Blob>,
+    #[serde(default)]
     config: Option<Blob>,
     #[serde(default)]
     layers: Vec<Blob>,
@@ -427,10 +546,23 @@ struct ManifestShape {
 }
 
 #[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Blob {
     digest: String,
     #[serde(default)]
     size: u64,
+    #[serde(default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    artifact_type: Option<String>,
+}
+
+/// Whether a layer of this media type makes its manifest a signature or attestation.
+fn artifact_layer(media_type: &str) -> bool {
+    media_type == crate::trust::tag::SIMPLE_SIGNING_MEDIA_TYPE
+        || media_type == "application/vnd.dsse.envelope.v1+json"
+        || media_type == crate::trust::bundle::IN_TOTO_PAYLOAD_TYPE
+        || media_type.starts_with(crate::trust::bundle::BUNDLE_MEDIA_TYPE_PREFIX)
 }
 
 impl ManifestShape {
@@ -439,6 +571,30 @@ impl ManifestShape {
             image: image.to_string(),
             reason: format!("not an OCI manifest or index: {e}"),
         })
+    }
+
+    /// What artifact this is, in words, or `None` for an image or an index of images: a
+    /// referrer (it has a subject), an artifact manifest, a manifest of signature or
+    /// attestation layers (cosign's `.sig` and `.att`), or an index of referrers.
+    fn artifact(&self) -> Option<String> {
+        if let Some(subject) = &self.subject {
+            return Some(format!("a referrer of {}", subject.digest));
+        }
+        if let Some(t) = &self.artifact_type {
+            return Some(format!("an artifact of type {t}"));
+        }
+        if let Some(t) = self
+            .layers
+            .iter()
+            .filter_map(|l| l.media_type.as_deref())
+            .find(|t| artifact_layer(t))
+        {
+            return Some(format!("a signature or attestation manifest ({t} layers)"));
+        }
+        if self.manifests.iter().any(|m| m.artifact_type.is_some()) {
+            return Some("an index of referrers".into());
+        }
+        None
     }
 
     /// Its `mediaType`, or what its shape says when it names none.

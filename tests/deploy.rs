@@ -100,14 +100,38 @@ fn the_pieces_agree_on_names() {
             assert_eq!(hook["failurePolicy"], policy, "{kind} {}", hook["name"]);
             // Only the paths gkm-controller serves (controller/src/webhook/server.rs).
             assert!(
-                ["/mutate", "/validate", "/validate-pods", "/mutate-pods"]
-                    .contains(&svc["path"].as_str().unwrap_or("")),
+                [
+                    "/mutate",
+                    "/validate",
+                    "/validate-pods",
+                    "/pin-pods",
+                    "/mutate-pods"
+                ]
+                .contains(&svc["path"].as_str().unwrap_or("")),
                 "{kind} {}: path {}",
                 hook["name"],
                 svc["path"]
             );
         }
     }
+    // Pinning a pod to the verified digest is a security decision: its own fail-closed
+    // mutating webhook (not the Ignore one of the cache variables), for the same pods as
+    // the Pod policy's validating webhook.
+    let hook = |kind: &str, name: &str| {
+        find(kind)[0]["webhooks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == name)
+            .unwrap_or_else(|| panic!("{kind} has no {name}"))
+            .clone()
+    };
+    let pin = hook("MutatingWebhookConfiguration", "pod-pin.gkm.io");
+    let pods = hook("ValidatingWebhookConfiguration", "pods.gkm.io");
+    assert_eq!(pin["clientConfig"]["service"]["path"], "/pin-pods");
+    assert_eq!(pin["failurePolicy"], "Fail");
+    assert_eq!(pin["namespaceSelector"], pods["namespaceSelector"]);
+    assert_eq!(pin["rules"], pods["rules"]);
     // The controller's role: the one bound to the Deployment's service account.
     let sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]
         .as_str()

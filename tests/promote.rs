@@ -8,9 +8,13 @@ use std::path::Path;
 use std::process::Output;
 
 use gkm::oci::{Credentials, PullConfig, Puller, Pusher};
+use gkm::trust::tag::signature_tag;
+use gkm_testenv::cosign::{junk_signature_layers, push_signature_layers};
 use gkm_testenv::fixtures::push_kernel_cache;
-use gkm_testenv::image::{PushedImage, Target};
+use gkm_testenv::image::{self, OCI_MANIFEST, PushedImage, Target};
 use gkm_testenv::{Cosign, Registry, shared_registry, unique_name};
+
+const BUNDLE_MT: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
 
 fn gkm(args: &[&str], envs: &[(&str, &str)]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_gkm"))
@@ -27,38 +31,111 @@ async fn push(registry: &Registry, repo: &str, seed: &str) -> PushedImage {
         .unwrap()
 }
 
-fn write_policy(dir: &Path, signer: &Cosign, incoming: &str, trusted: &str) -> String {
+/// Writes a policy trusting one key, `authority` (its name and signer), at `path`.
+fn write_policy(path: &Path, authority: (&str, &Cosign), incoming: &str, trusted: &str) -> String {
+    let (name, signer) = authority;
     let key: String = signer
         .public_key_pem()
         .unwrap()
         .lines()
         .map(|l| format!("      {l}\n"))
         .collect();
-    let path = dir.join("policy.yaml");
     std::fs::write(
-        &path,
+        path,
         format!(
-            "authorities:\n  - name: release\n    key: |\n{key}trustedRegistries: [{trusted}]\npromotion:\n  incoming: {incoming}\n  trusted: {trusted}\n"
+            "authorities:\n  - name: {name}\n    key: |\n{key}trustedRegistries: [{trusted}]\npromotion:\n  incoming: {incoming}\n  trusted: {trusted}\n"
         ),
     )
     .unwrap();
     path.display().to_string()
 }
 
+/// An incoming registry (with the OCI referrers API or without), a fresh trusted
+/// repository prefix in the shared registry, the key whose signatures the policy trusts, a
+/// promoter key, and the policy file.
+struct Setup {
+    incoming: Registry,
+    trusted_host: &'static str,
+    trusted: String,
+    signer: Cosign,
+    promoter: Cosign,
+    dir: tempfile::TempDir,
+    policy: String,
+}
+
+impl Setup {
+    async fn new(referrers: bool) -> Self {
+        let incoming = if referrers {
+            Registry::start_with_referrers().await.unwrap()
+        } else {
+            Registry::start().await.unwrap()
+        };
+        let trusted_host = shared_registry().host();
+        let trusted = format!("{trusted_host}/{}", unique_name("released"));
+        let signer = Cosign::generate().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let policy = write_policy(
+            &dir.path().join("policy.yaml"),
+            ("release", &signer),
+            &format!("{}/dev", incoming.host()),
+            &trusted,
+        );
+        Self {
+            incoming,
+            trusted_host,
+            trusted,
+            signer,
+            promoter: Cosign::generate().await.unwrap(),
+            dir,
+            policy,
+        }
+    }
+
+    /// `gkm ARGS`, speaking plain HTTP to both registries, with the promoter's password.
+    fn gkm(&self, args: &[&str]) -> Output {
+        let mut all = args.to_vec();
+        all.extend([
+            "--insecure-registry",
+            self.incoming.host(),
+            "--insecure-registry",
+            self.trusted_host,
+        ]);
+        gkm(&all, &[("COSIGN_PASSWORD", self.promoter.password())])
+    }
+
+    /// A puller for both registries.
+    fn puller(&self) -> Puller {
+        Puller::new(
+            PullConfig {
+                insecure_registries: vec![self.incoming.host().into(), self.trusted_host.into()],
+                ..Default::default()
+            },
+            Credentials::anonymous(),
+        )
+    }
+
+    /// The manifest `reference` names, if there is one.
+    async fn manifest(&self, reference: &str) -> Option<Vec<u8>> {
+        let r = gkm::oci::parse_reference(reference).unwrap();
+        self.puller()
+            .fetch_manifest_bytes(&r, 1 << 20)
+            .await
+            .unwrap()
+            .map(|(b, _)| b)
+    }
+}
+
 #[tokio::test]
 async fn promote_copies_verified_images_with_their_signatures_and_finishes_a_cut_short_copy() {
-    let incoming = Registry::start().await.unwrap();
-    let trusted_host = shared_registry().host();
-    let trusted = format!("{trusted_host}/{}", unique_name("released"));
-    let signer = Cosign::generate().await.unwrap();
-    let promoter = Cosign::generate().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let policy = write_policy(
-        dir.path(),
-        &signer,
-        &format!("{}/dev", incoming.host()),
-        &trusted,
-    );
+    let Setup {
+        incoming,
+        trusted_host,
+        trusted,
+        signer,
+        promoter,
+        dir,
+        policy,
+    } = Setup::new(false).await;
     let insecure = [
         "--insecure-registry",
         incoming.host(),
@@ -212,4 +289,228 @@ async fn promote_copies_verified_images_with_their_signatures_and_finishes_a_cut
         !out.status.success() && stderr.contains("is not in the incoming registry"),
         "{stderr}"
     );
+}
+
+/// `s.gkm(args)`, which must succeed; its JSON output.
+fn succeeds(s: &Setup, args: &[&str]) -> serde_json::Value {
+    let out = s.gkm(args);
+    assert!(
+        out.status.success(),
+        "gkm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// `s.gkm(args)`, which must fail; its stderr.
+fn fails(s: &Setup, args: &[&str]) -> String {
+    let out = s.gkm(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "gkm {args:?} succeeded: {stderr}");
+    stderr
+}
+
+/// The output of `gkm verify IMAGE --policy POLICY`, which must succeed.
+fn verified(s: &Setup, image: &str, policy: &str) -> String {
+    let out = s.gkm(&["verify", image, "--policy", policy]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[tokio::test]
+async fn the_promoters_signature_is_examined_first() {
+    let s = Setup::new(false).await;
+    let img = push(&s.incoming, "dev/team/app", "a").await;
+    s.signer.sign(&img.by_digest()).await.unwrap();
+    // Anyone who may push to the incoming repository puts junk before the valid signature.
+    let sig_tag = signature_tag(&img.digest);
+    let incoming_sig = format!("{}/dev/team/app:{sig_tag}", s.incoming.host());
+    let m: serde_json::Value =
+        serde_json::from_slice(&s.manifest(&incoming_sig).await.unwrap()).unwrap();
+    let valid = m["layers"][0].clone();
+    let mut layers = junk_signature_layers(&valid, 64, 200);
+    layers.push(valid.clone());
+    push_signature_layers(&s.incoming, "dev/team/app", &img.digest, &layers)
+        .await
+        .unwrap();
+
+    let key = s.promoter.key_path().display().to_string();
+    let by_tag = img.by_tag();
+    let done = succeeds(
+        &s,
+        &[
+            "promote",
+            &by_tag,
+            "--policy",
+            &s.policy,
+            "--sign-key",
+            &key,
+        ],
+    );
+    assert_eq!(done["signed"], true, "{done}");
+    assert_eq!(done["authority"], "release", "{done}");
+
+    // A cluster trusting only the promoter's key (as trust.md suggests) accepts the copy,
+    // as cosign does.
+    let promoted = format!("{}/team/app@{}", s.trusted, img.digest);
+    let promoter_only = write_policy(
+        &s.dir.path().join("promoter-only.yaml"),
+        ("promoter", &s.promoter),
+        &format!("{}/dev", s.incoming.host()),
+        &s.trusted,
+    );
+    let out = verified(&s, &promoted, &promoter_only);
+    assert!(out.contains("verified by promoter"), "{out}");
+    s.promoter.verify(&promoted).await.unwrap();
+    // In the trusted `.sig`, the promoter's signature leads, then the one that verified.
+    let trusted_sig = format!("{}/team/app:{sig_tag}", s.trusted);
+    let m: serde_json::Value =
+        serde_json::from_slice(&s.manifest(&trusted_sig).await.unwrap()).unwrap();
+    let layers = m["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 64 + 200 + 2);
+    assert_eq!(layers[1], valid);
+    assert_ne!(
+        layers[0]["digest"], valid["digest"],
+        "the promoter's payload"
+    );
+    // The original signer's signature verifies there too.
+    let out = verified(&s, &promoted, &s.policy);
+    assert!(out.contains("verified by release"), "{out}");
+}
+
+#[tokio::test]
+async fn a_valid_bundle_among_junk_referrers_is_promoted_first() {
+    let s = Setup::new(true).await;
+    let repo = "dev/team/app";
+    let img = push(&s.incoming, repo, "b").await;
+    // Referrers that claim, in their annotations, to be cosign signatures, attached before
+    // the genuine one.
+    let empty = image::push_blob(&s.incoming, repo, b"{}").await.unwrap();
+    let mut junk = Vec::new();
+    for i in 0..40 {
+        let blob = format!(r#"{{"mediaType":"{BUNDLE_MT}","junk":{i}}}"#);
+        let digest = image::push_blob(&s.incoming, repo, blob.as_bytes())
+            .await
+            .unwrap();
+        let manifest = serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": BUNDLE_MT,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+            "layers": [{"mediaType": BUNDLE_MT, "digest": digest, "size": blob.len()}],
+            "subject": {"mediaType": img.media_type, "digest": img.digest, "size": img.manifest.len()},
+            "annotations": {"dev.sigstore.bundle.predicateType": "https://sigstore.dev/cosign/sign/v1"},
+        })
+        .to_string();
+        let at = image::sha256_digest(manifest.as_bytes());
+        image::push_manifest(&s.incoming, repo, &at, OCI_MANIFEST, manifest.as_bytes())
+            .await
+            .unwrap();
+        junk.push(at);
+    }
+    s.signer.sign_bundle(&img.by_digest()).await.unwrap();
+    let by_tag = img.by_tag();
+    let done = succeeds(&s, &["promote", &by_tag, "--policy", &s.policy]);
+    assert_eq!(done["authority"], "release", "{done}");
+    // The trusted registry has no referrers API: the fallback index lists every referrer,
+    // the one that verified first.
+    let fallback = format!("{}/team/app:{}", s.trusted, img.digest.replace(':', "-"));
+    let index: serde_json::Value =
+        serde_json::from_slice(&s.manifest(&fallback).await.unwrap()).unwrap();
+    let listed = index["manifests"].as_array().unwrap();
+    assert_eq!(listed.len(), junk.len() + 1, "{index}");
+    let first = listed[0]["digest"].as_str().unwrap();
+    assert!(!junk.iter().any(|j| j == first), "{index}");
+    let promoted = format!("{}/team/app@{}", s.trusted, img.digest);
+    let out = verified(&s, &promoted, &s.policy);
+    assert!(out.contains("verified by release (Bundle)"), "{out}");
+}
+
+#[tokio::test]
+async fn promotion_refuses_tags_reserved_for_artifacts() {
+    let s = Setup::new(false).await;
+    let v = push(&s.incoming, "dev/team/app", "v").await;
+    s.signer.sign(&v.by_digest()).await.unwrap();
+    succeeds(&s, &["promote", &v.by_tag(), "--policy", &s.policy]);
+    let x = push_kernel_cache(
+        &s.incoming,
+        "dev/team/app",
+        "x",
+        "x",
+        &[Target::new("cuda", "90", 32)],
+    )
+    .await
+    .unwrap();
+    s.signer.sign(&x.by_digest()).await.unwrap();
+    let trusted_app = format!("{}/team/app", s.trusted);
+    let sig_of_v = format!("{trusted_app}:{}", signature_tag(&v.digest));
+    let signatures_of_v = s.manifest(&sig_of_v).await.unwrap();
+
+    // Another image under a tag of V's artifacts: refused, naming the tag and why.
+    let hex = &v.digest[7..];
+    for (tag, why) in [
+        (format!("sha256-{hex}.sig"), "cosign's signature tag of"),
+        (format!("sha256-{hex}"), "the OCI referrers fallback tag of"),
+        (format!("sha256-{hex}.att"), "cosign's attestation tag of"),
+        (format!("sha256-{hex}.sbom"), "cosign's SBOM tag of"),
+    ] {
+        let image = format!("{}/dev/team/app:{tag}", s.incoming.host());
+        let e = fails(
+            &s,
+            &[
+                "promote", &image, "--digest", &x.digest, "--policy", &s.policy,
+            ],
+        );
+        assert!(
+            e.contains(&format!("tag {tag:?} is reserved for artifacts"))
+                && e.contains(&format!("{why} {}", v.digest)),
+            "{e}"
+        );
+    }
+    // Nothing was written: X is not in the trusted repository, V's signatures are as they
+    // were, and V verifies.
+    assert!(
+        s.manifest(&format!("{trusted_app}@{}", x.digest))
+            .await
+            .is_none()
+    );
+    assert_eq!(s.manifest(&sig_of_v).await.unwrap(), signatures_of_v);
+    let out = verified(&s, &format!("{trusted_app}@{}", v.digest), &s.policy);
+    assert!(out.contains("verified by release"), "{out}");
+
+    // A tag that names an artifact under an ordinary name is not overwritten either.
+    let trusted_repo = trusted_app
+        .strip_prefix(&format!("{}/", s.trusted_host))
+        .unwrap();
+    image::push_manifest(
+        shared_registry(),
+        trusted_repo,
+        "release",
+        OCI_MANIFEST,
+        &signatures_of_v,
+    )
+    .await
+    .unwrap();
+    let image = format!("{}/dev/team/app:release", s.incoming.host());
+    let e = fails(
+        &s,
+        &[
+            "promote", &image, "--digest", &x.digest, "--policy", &s.policy,
+        ],
+    );
+    assert!(
+        e.contains("names a signature or attestation manifest")
+            && e.contains("GKM does not set a tag over an artifact"),
+        "{e}"
+    );
+    assert_eq!(
+        s.manifest(&format!("{trusted_app}:release")).await.unwrap(),
+        signatures_of_v
+    );
+    // An ordinary tag promotes X: the refusals were about the tags.
+    let done = succeeds(&s, &["promote", &x.by_tag(), "--policy", &s.policy]);
+    assert_eq!(done["tag"], "x", "{done}");
 }

@@ -14,7 +14,10 @@ use gkm::trust::tag::{
     BUNDLE_ANNOTATION, CERTIFICATE_ANNOTATION, SIGNATURE_ANNOTATION, SIMPLE_SIGNING_MEDIA_TYPE,
     signature_tag,
 };
-use gkm::trust::{SignatureFormat, TrustPolicy, Verified, Verifier, VerifyError};
+use gkm::trust::{
+    MAX_SIGNATURE_CHECKS, MAX_SIGNATURE_FETCHES, SignatureFormat, TrustPolicy, Verified, Verifier,
+    VerifyError,
+};
 use gkm_testenv::cosign::{FakeSigstore, KeylessSigner, San};
 use gkm_testenv::faulty::StaticRegistry;
 use gkm_testenv::image::{
@@ -88,6 +91,12 @@ fn verifier(policy: TrustPolicy, registry: &Registry) -> Verifier {
     )
 }
 
+/// A verifier of `registry` trusting `cosign`'s key as authority `k` (`extra`: more policy).
+fn key_verifier(cosign: &Cosign, registry: &Registry, extra: &str) -> Verifier {
+    let k = key_authority("k", &cosign.public_key_pem().unwrap());
+    verifier(policy(&[k], &[registry.host()], extra), registry)
+}
+
 fn puller(registry: &Registry) -> Puller {
     Puller::new(pull_config(&[registry.host()]), Credentials::anonymous())
 }
@@ -135,12 +144,12 @@ async fn key_signed_tag_format_verifies_for_ecdsa_rsa_and_ed25519() {
         cosign.sign(&img.by_digest()).await.unwrap();
         let got = v.verify(&pinned(&img)).await.unwrap();
         assert_eq!(
-            got,
-            Verified {
-                digest: img.digest.clone(),
-                authority: name.to_string(),
-                format: SignatureFormat::Tag,
-            }
+            (got.digest.as_str(), got.authority.as_str(), got.format),
+            (img.digest.as_str(), *name, SignatureFormat::Tag)
+        );
+        assert!(
+            matches!(got.evidence, gkm::trust::Evidence::Layer { .. }),
+            "{got:?}"
         );
     }
 }
@@ -374,18 +383,8 @@ async fn a_payload_naming_this_digest_with_a_signature_over_other_bytes_is_denie
     cosign.sign(&signed.by_digest()).await.unwrap();
     // A genuine signature from the signed image's layer, over a payload rewritten to name
     // the target digest.
-    let src = Reference::with_tag(
-        registry.host().into(),
-        repo.clone(),
-        signature_tag(&signed.digest),
-    );
-    let (bytes, _) = puller(registry)
-        .fetch_manifest_bytes(&src, 1 << 20)
-        .await
-        .unwrap()
-        .unwrap();
-    let m: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-    let sig = m["layers"][0]["annotations"][SIGNATURE_ANNOTATION]
+    let layers = signature_layers(registry, &repo, &signed).await;
+    let sig = layers[0]["annotations"][SIGNATURE_ANNOTATION]
         .as_str()
         .unwrap();
     let payload = cosign_payload(&format!("{}/{repo}", registry.host()), &target.digest);
@@ -430,7 +429,8 @@ async fn a_payload_blob_that_does_not_match_its_digest_is_refused() {
             "mediaType": SIMPLE_SIGNING_MEDIA_TYPE,
             "size": honest.len(),
             "digest": image::sha256_digest(honest.as_bytes()),
-            "annotations": {SIGNATURE_ANNOTATION: "AAAA"},
+            // A well-formed ECDSA signature (r = s = 1), so the payload is fetched.
+            "annotations": {SIGNATURE_ANNOTATION: "MAYCAQECAQE="},
         }],
     });
     let mut paths = HashMap::new();
@@ -724,6 +724,125 @@ async fn an_unreachable_registry_denies_with_the_reason() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Bounds: a verifier examines a bounded number of signatures, without hiding a valid one.
+
+/// The layers of the `.sig` manifest of `img` in `repo`.
+async fn signature_layers(
+    registry: &Registry,
+    repo: &str,
+    img: &PushedImage,
+) -> Vec<serde_json::Value> {
+    let at = Reference::with_tag(
+        registry.host().into(),
+        repo.into(),
+        signature_tag(&img.digest),
+    );
+    let (bytes, _) = puller(registry)
+        .fetch_manifest_bytes(&at, 1 << 20)
+        .await
+        .unwrap()
+        .unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    m["layers"].as_array().unwrap().clone()
+}
+
+/// Layers whose payloads are blobs of their own (absent here): each costs a fetch.
+fn layers_with_payloads_of_their_own(
+    valid: &serde_json::Value,
+    n: usize,
+) -> Vec<serde_json::Value> {
+    (0..n)
+        .map(|i| {
+            let mut l = valid.clone();
+            l["digest"] = format!("sha256:{i:064x}").into();
+            l
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_valid_signature_after_many_bad_ones_is_found() {
+    let registry = shared_registry();
+    let cosign = Cosign::generate().await.unwrap();
+    let repo = unique_name("trust/many-bad");
+    let (_, img) = push_image(registry, &repo).await;
+    cosign.sign(&img.by_digest()).await.unwrap();
+    let valid = signature_layers(registry, &repo, &img).await[0].clone();
+    let v = key_verifier(&cosign, registry, "verification:\n  cacheTTLSeconds: 0\n");
+
+    // The issue's `.sig`: 64 bad signatures, then the valid one. cosign accepts it.
+    let mut layers = gkm_testenv::cosign::junk_signature_layers(&valid, 64, 0);
+    layers.push(valid.clone());
+    push_signature_layers(registry, &repo, &img.digest, &layers).await;
+    cosign.verify(&img.by_digest()).await.unwrap();
+    assert_eq!(v.verify(&pinned(&img)).await.unwrap().authority, "k");
+
+    // Many more: malformed ones, more than a verification checks, as many well-formed ones
+    // as it affords, and in front of all more layers with payloads of their own than it
+    // fetches. The valid one is still found.
+    let mut layers = layers_with_payloads_of_their_own(&valid, MAX_SIGNATURE_FETCHES + 20);
+    layers.extend(gkm_testenv::cosign::junk_signature_layers(
+        &valid,
+        MAX_SIGNATURE_CHECKS * 2,
+        300,
+    ));
+    layers.push(valid.clone());
+    push_signature_layers(registry, &repo, &img.digest, &layers).await;
+    let got = v.verify(&pinned(&img)).await.unwrap();
+    assert_eq!(
+        (got.authority.as_str(), got.format),
+        ("k", SignatureFormat::Tag)
+    );
+    let gkm::trust::Evidence::Layer { signature, .. } = &got.evidence else {
+        panic!("{got:?}");
+    };
+    assert_eq!(
+        signature,
+        valid["annotations"][SIGNATURE_ANNOTATION].as_str().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_signature_manifest_of_junk_costs_a_bounded_number_of_fetches() {
+    let registry = shared_registry();
+    let cosign = Cosign::generate().await.unwrap();
+    let stranger = Cosign::generate().await.unwrap();
+    let repo = unique_name("trust/junk");
+    let (_, img) = push_image(registry, &repo).await;
+    stranger.sign(&img.by_digest()).await.unwrap();
+    let valid = signature_layers(registry, &repo, &img).await[0].clone();
+    let extra = 72;
+    let layers = layers_with_payloads_of_their_own(&valid, MAX_SIGNATURE_FETCHES + extra);
+    push_signature_layers(registry, &repo, &img.digest, &layers).await;
+    let v = key_verifier(&cosign, registry, "");
+    let before = registry.request_log().lines().count();
+    let e = denied(v.verify(&pinned(&img)).await).to_string();
+    let fetched = registry
+        .request_log()
+        .lines()
+        .skip(before)
+        .filter(|l| l.contains(&format!("/v2/{repo}/blobs/")))
+        .count();
+    assert_eq!(fetched, MAX_SIGNATURE_FETCHES, "{e}");
+    let total = MAX_SIGNATURE_FETCHES + extra;
+    assert!(
+        e.contains(&format!(
+            "{extra} of {total} tag-format signatures ({} layers {MAX_SIGNATURE_FETCHES}, ",
+            signature_tag(&img.digest)
+        )) && e.contains("not examined"),
+        "{e}"
+    );
+    // The denial names a few and counts the rest.
+    assert!(
+        e.contains(&format!(
+            "and {} more signatures rejected",
+            MAX_SIGNATURE_FETCHES - 12
+        )) && e.lines().count() < 20,
+        "{e}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
 // Keyless: certificates from a stand-in Fulcio, SETs from a stand-in Rekor.
 
 /// A simple-signing payload exactly as cosign writes it.
@@ -748,28 +867,19 @@ async fn push_signature_tag(
             "annotations": annotations,
         }));
     }
-    let config = serde_json::json!({
-        "architecture": "", "os": "", "created": "0001-01-01T00:00:00Z", "config": {},
-        "rootfs": {"type": "layers", "diff_ids": descs.iter().map(|d| d["digest"].clone()).collect::<Vec<_>>()},
-    })
-    .to_string();
-    let config_digest = image::push_blob(registry, repo, config.as_bytes())
+    push_signature_layers(registry, repo, digest, &descs).await;
+}
+
+/// [`gkm_testenv::cosign::push_signature_layers`].
+async fn push_signature_layers(
+    registry: &Registry,
+    repo: &str,
+    digest: &str,
+    descs: &[serde_json::Value],
+) {
+    gkm_testenv::cosign::push_signature_layers(registry, repo, digest, descs)
         .await
         .unwrap();
-    let manifest = serde_json::json!({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": config.len(), "digest": config_digest},
-        "layers": descs,
-    });
-    image::push_manifest(
-        registry,
-        repo,
-        &signature_tag(digest),
-        OCI_MANIFEST,
-        manifest.to_string().as_bytes(),
-    )
-    .await
-    .unwrap();
 }
 
 /// Pushes (or replaces) the referrers fallback index of `digest` listing `manifests`.
@@ -839,6 +949,20 @@ struct KeylessSetup {
     root: std::path::PathBuf,
 }
 
+impl KeylessSetup {
+    /// A signer with the same subject, certified for another OIDC issuer.
+    fn other_issuer(&self) -> KeylessSigner {
+        self.fake
+            .issue(
+                "https://accounts.google.com",
+                San::Uri(WORKFLOW.into()),
+                now() - 60,
+                600,
+            )
+            .unwrap()
+    }
+}
+
 fn keyless_setup() -> KeylessSetup {
     let fake = FakeSigstore::new().unwrap();
     let signer = fake
@@ -866,21 +990,35 @@ fn keyless_verifier(s: &KeylessSetup, registry: &Registry, subject_line: &str) -
     )
 }
 
+/// A new image in `repo` with one genuine keyless signature in the tag format, over the
+/// payload cosign writes naming `docker_reference` (default: the image's own repository).
+/// Returns the image and that payload.
+async fn keyless_signed_image(
+    s: &KeylessSetup,
+    registry: &Registry,
+    repo: &str,
+    docker_reference: Option<&str>,
+) -> (PushedImage, String) {
+    let (_, img) = push_image(registry, repo).await;
+    let here = format!("{}/{repo}", registry.host());
+    let payload = cosign_payload(docker_reference.unwrap_or(&here), &img.digest);
+    let ev = genuine(&s.fake, &s.signer, payload.as_bytes(), now());
+    push_signature_tag(
+        registry,
+        repo,
+        &img.digest,
+        &[(ev.payload.clone(), ev.annotations())],
+    )
+    .await;
+    (img, payload)
+}
+
 #[tokio::test]
 async fn keyless_tag_signatures_verify_with_exact_and_regexp_subjects() {
     let registry = shared_registry();
     let s = keyless_setup();
     let repo = unique_name("trust/keyless");
-    let (_, img) = push_image(registry, &repo).await;
-    let payload = cosign_payload(&format!("{}/{repo}", registry.host()), &img.digest);
-    let ev = genuine(&s.fake, &s.signer, payload.as_bytes(), now());
-    push_signature_tag(
-        registry,
-        &repo,
-        &img.digest,
-        &[(ev.payload.clone(), ev.annotations())],
-    )
-    .await;
+    let (img, payload) = keyless_signed_image(&s, registry, &repo, None).await;
     for subject in [
         format!("subject: {WORKFLOW}"),
         "subjectRegExp: https://github\\.com/gkm-dev/.*@refs/heads/main".to_string(),
@@ -914,15 +1052,7 @@ async fn keyless_tag_signatures_verify_with_exact_and_regexp_subjects() {
         .to_string();
         assert!(e.contains(want), "{subject}: {e}");
     }
-    let other_issuer = s
-        .fake
-        .issue(
-            "https://accounts.google.com",
-            San::Uri(WORKFLOW.into()),
-            now() - 60,
-            600,
-        )
-        .unwrap();
+    let other_issuer = s.other_issuer();
     let ev = genuine(&s.fake, &other_issuer, payload.as_bytes(), now());
     push_signature_tag(
         registry,
@@ -940,6 +1070,34 @@ async fn keyless_tag_signatures_verify_with_exact_and_regexp_subjects() {
     assert!(
         e.contains("certificate issuer is \"https://accounts.google.com\""),
         "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_keyless_signature_naming_an_authority_is_examined_before_junk() {
+    let registry = shared_registry();
+    let s = keyless_setup();
+    let repo = unique_name("trust/keyless-first");
+    // Signed where it was built (another repository), so its payload is not the one this
+    // repository's signatures would carry: only its certificate sets it apart.
+    let elsewhere = Some("incoming.example.com/dev/app");
+    let (img, _) = keyless_signed_image(&s, registry, &repo, elsewhere).await;
+    let valid = signature_layers(registry, &repo, &img).await[0].clone();
+    // In front, more signatures than a verification fetches, by a certificate of an
+    // identity the policy does not name.
+    let stranger = s.other_issuer();
+    let mut foreign = valid.clone();
+    foreign["annotations"][CERTIFICATE_ANNOTATION] = stranger.cert_pem.clone().into();
+    let mut layers = layers_with_payloads_of_their_own(&foreign, MAX_SIGNATURE_FETCHES + 20);
+    layers.push(valid);
+    push_signature_layers(registry, &repo, &img.digest, &layers).await;
+    let got = keyless_verifier(&s, registry, &format!("subject: {WORKFLOW}"))
+        .verify(&pinned(&img))
+        .await
+        .unwrap();
+    assert_eq!(
+        (got.authority.as_str(), got.format),
+        ("ci", SignatureFormat::Tag)
     );
 }
 

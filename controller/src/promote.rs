@@ -56,9 +56,10 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Review(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Promote(e) => match e {
-                PromoteError::BadRequest(_) | PromoteError::NotVerified { .. } => {
-                    StatusCode::BAD_REQUEST
-                }
+                PromoteError::BadRequest(_)
+                | PromoteError::NotVerified { .. }
+                | PromoteError::ReservedTag { .. } => StatusCode::BAD_REQUEST,
+                PromoteError::TagNamesArtifact { .. } => StatusCode::CONFLICT,
                 PromoteError::NotConfigured => StatusCode::NOT_IMPLEMENTED,
                 PromoteError::Read { .. }
                 | PromoteError::Write(_)
@@ -367,6 +368,22 @@ mod tests {
                 }
                 .into(),
                 400,
+            ),
+            (
+                PromoteError::ReservedTag {
+                    tag: "t".into(),
+                    reason: "r".into(),
+                }
+                .into(),
+                400,
+            ),
+            (
+                PromoteError::TagNamesArtifact {
+                    image: "i".into(),
+                    what: "w".into(),
+                }
+                .into(),
+                409,
             ),
         ];
         for (e, code) in cases {

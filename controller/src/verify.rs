@@ -23,6 +23,15 @@ pub trait ImageVerifier: Send + Sync + 'static {
     /// Resolves `image` (by tag or digest) and verifies it. Must fail closed: any error,
     /// timeout or unreachable registry is a denial.
     fn verify(&self, image: &str) -> impl Future<Output = Result<VerifiedImage, Denial>> + Send;
+    /// [`ImageVerifier::verify`], with a tag resolved now, never answered from a memory of
+    /// recent resolutions: the digest a Pod is pinned to must be what the tag names when
+    /// the pod is admitted.
+    fn verify_now(
+        &self,
+        image: &str,
+    ) -> impl Future<Output = Result<VerifiedImage, Denial>> + Send {
+        self.verify(image)
+    }
     /// The Pod rule of the policy in force (it changes when the policy is reloaded).
     fn pod_rules(&self) -> crate::webhook::pods::PodRules;
 }
@@ -48,15 +57,20 @@ impl TrustVerifier {
         }
     }
 
+    /// `reference` pinned: its own digest, else its tag resolved (from the brief memory of
+    /// recent resolutions unless `fresh`).
     async fn pin(
         &self,
         image: &str,
         reference: &gkm::oci::Reference,
+        fresh: bool,
     ) -> Result<gkm::oci::PinnedRef, Denial> {
         if let Some(d) = reference.digest() {
             return gkm::oci::PinnedRef::new(reference, d).map_err(|e| Denial(e.to_string()));
         }
-        let cached = {
+        let cached = if fresh {
+            None
+        } else {
             let tags = self.tags.lock().unwrap_or_else(|e| e.into_inner());
             tags.get(image)
                 .filter(|(_, at)| at.elapsed() < self.tag_ttl)
@@ -88,16 +102,29 @@ impl ImageVerifier for TrustVerifier {
     }
 
     async fn verify(&self, image: &str) -> Result<VerifiedImage, Denial> {
-        let result = self.verify_labelled(image).await;
-        let label = result.as_ref().map_or_else(|(l, _)| *l, |_| "verified");
-        gkm::metrics::Metrics::result(&crate::metrics::global().verifications, label);
-        result.map_err(|(_, d)| d)
+        self.verify_counted(image, false).await
+    }
+
+    async fn verify_now(&self, image: &str) -> Result<VerifiedImage, Denial> {
+        self.verify_counted(image, true).await
     }
 }
 
 impl TrustVerifier {
+    /// A verification, counted under its outcome's metric label.
+    async fn verify_counted(&self, image: &str, fresh: bool) -> Result<VerifiedImage, Denial> {
+        let result = self.verify_labelled(image, fresh).await;
+        let label = result.as_ref().map_or_else(|(l, _)| *l, |_| "verified");
+        gkm::metrics::Metrics::result(&crate::metrics::global().verifications, label);
+        result.map_err(|(_, d)| d)
+    }
+
     /// [`ImageVerifier::verify`], with a metric label for each way it can fail.
-    async fn verify_labelled(&self, image: &str) -> Result<VerifiedImage, (&'static str, Denial)> {
+    async fn verify_labelled(
+        &self,
+        image: &str,
+        fresh: bool,
+    ) -> Result<VerifiedImage, (&'static str, Denial)> {
         let reference = gkm::oci::parse_reference(image)
             .map_err(|e| ("bad_reference", Denial(e.to_string())))?;
         let policy = self.trust.policy();
@@ -118,7 +145,7 @@ impl TrustVerifier {
         let timeout = policy.verification.timeout;
         let work = async {
             let pinned = self
-                .pin(image, &reference)
+                .pin(image, &reference, fresh)
                 .await
                 .map_err(|d| ("resolve_failed", d))?;
             let v = self

@@ -70,13 +70,15 @@ fn policy(env: &Env) -> String {
 }
 
 /// Starts a gkm-controller process serving admission on `port` (a free one when None),
-/// with the status controller too unless `webhook_only`. It dies with the test process.
-/// Returns it, its admission port and its metrics port.
+/// with the status controller too unless `webhook_only`, under [`policy`] changed by
+/// `edit`. It dies with the test process. Returns it, its admission port and its metrics
+/// port.
 fn start_controller(
     env: &Env,
     tag: &str,
     port: Option<u16>,
     webhook_only: bool,
+    edit: fn(String) -> String,
 ) -> (ServerProcess, u16, u16) {
     let port = port.unwrap_or_else(|| gkm_testenv::process::free_port().unwrap());
     let metrics_port = gkm_testenv::process::free_port().unwrap();
@@ -86,7 +88,7 @@ fn start_controller(
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join("tls.crt"), &serving.cert_pem).unwrap();
         std::fs::write(d.join("tls.key"), &serving.key_pem).unwrap();
-        std::fs::write(d.join("policy.yaml"), policy(env)).unwrap();
+        std::fs::write(d.join("policy.yaml"), edit(policy(env))).unwrap();
     }
     let mut args = vec![
         format!("--listen=127.0.0.1:{port}"),
@@ -156,7 +158,7 @@ fn main_controller() -> &'static (ServerProcess, u16, u16) {
     static MAIN: OnceLock<(ServerProcess, u16, u16)> = OnceLock::new();
     MAIN.get_or_init(|| {
         // Kept for the whole test binary; it dies with the test process.
-        let (process, port, metrics) = start_controller(env(), "main", None, false);
+        let (process, port, metrics) = start_controller(env(), "main", None, false, |p| p);
         std::thread::spawn(move || {
             tokio::runtime::Runtime::new().unwrap().block_on(register(
                 shared_cluster(),
@@ -399,7 +401,7 @@ async fn only_the_trusted_service_account_may_touch_the_annotation_or_anyone_the
 async fn with_the_webhook_down_creates_fail_and_recover_when_it_returns() {
     let cluster = shared_cluster();
     let env = env();
-    let (controller, port, _) = start_controller(env, "down", None, true);
+    let (controller, port, _) = start_controller(env, "down", None, true, |p| p);
     register(cluster, env, "down", port).await;
     let ns = namespace(cluster, "down").await;
     let img = push(&format!("trusted/{}", unique_name("downtest")), "v1", "d").await;
@@ -424,7 +426,7 @@ async fn with_the_webhook_down_creates_fail_and_recover_when_it_returns() {
     assert!(alice.get_opt("during").await.unwrap().is_none());
 
     // Back on the same port: creates work again.
-    let (_again, _, _) = start_controller(env, "down", Some(port), true);
+    let (_again, _, _) = start_controller(env, "down", Some(port), true, |p| p);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match alice
@@ -529,38 +531,30 @@ fn denial(r: Result<Pod, kube::Error>) -> String {
     }
 }
 
-#[tokio::test]
-async fn pod_policy_namespaces_run_only_signed_trusted_images_pinned_by_digest() {
-    let port = main_webhook();
+/// Registers the Pod policy's webhooks (`gkm-test-pods-<value>`) of the controller at
+/// `port` for namespaces labelled `gkm-webhook-test=<value>`, and creates one such
+/// namespace, which the policy covers.
+async fn pod_policy_namespace(port: u16, value: &str) -> String {
     let cluster = shared_cluster();
-    gkm_testenv::webhooks::register_pod_policy(
-        cluster,
-        "gkm-test-pods",
-        port,
-        &env().ca.cert_pem,
-        (SELECTOR, "pods"),
-    )
-    .await
-    .unwrap();
-    let labels = [(SELECTOR, "pods")];
-    let covered = gkm_testenv::webhooks::editor_namespace(cluster, POD_NS, &labels, &[])
+    let (name, label) = (format!("gkm-test-pods-{value}"), (SELECTOR, value));
+    gkm_testenv::webhooks::register_pod_policy(cluster, &name, port, &env().ca.cert_pem, label)
         .await
         .unwrap();
-    let free = gkm_testenv::webhooks::editor_namespace(cluster, "wh-free", &labels, &[])
+    gkm_testenv::webhooks::editor_namespace(cluster, POD_NS, &[label], &[])
         .await
-        .unwrap();
-    let admin = cluster.admin_client().await.unwrap();
-    let pods: Api<Pod> = Api::namespaced(admin.clone(), &covered);
+        .unwrap()
+}
 
-    // The API server picks a new webhook configuration up shortly after it is written.
+/// Creates pods of `image` until one is denied (the API server picks a new webhook
+/// configuration up shortly after it is written); the denied pod's name and the message.
+async fn first_denial(pods: &Api<Pod>, image: &str) -> (String, String) {
     let deadline = Instant::now() + Duration::from_secs(15);
-    let untrusted = format!("docker.io/library/busybox@sha256:{}", "a".repeat(64));
     let mut attempt = 0;
-    let message = loop {
+    loop {
         attempt += 1;
         let name = format!("probe{attempt}");
         match pods
-            .create(&PostParams::default(), &pod(&name, &untrusted))
+            .create(&PostParams::default(), &pod(&name, image))
             .await
         {
             Ok(_) => {
@@ -568,11 +562,27 @@ async fn pod_policy_namespaces_run_only_signed_trusted_images_pinned_by_digest()
                 assert!(Instant::now() < deadline, "the pod webhook never answered");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            r => break denial(r),
+            r => return (name, denial(r)),
         }
-    };
+    }
+}
+
+#[tokio::test]
+async fn pod_policy_namespaces_run_only_signed_trusted_images_pinned_by_digest() {
+    let port = main_webhook();
+    let cluster = shared_cluster();
+    let covered = pod_policy_namespace(port, "pods").await;
+    let labels = [(SELECTOR, "pods")];
+    let free = gkm_testenv::webhooks::editor_namespace(cluster, "wh-free", &labels, &[])
+        .await
+        .unwrap();
+    let admin = cluster.admin_client().await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &covered);
+
+    let untrusted = format!("docker.io/library/busybox@sha256:{}", "a".repeat(64));
+    let (probe, message) = first_denial(&pods, &untrusted).await;
     assert!(
-        message.contains(&format!("Pod {covered}/probe{attempt}"))
+        message.contains(&format!("Pod {covered}/{probe}"))
             && message.contains(&format!(
                 "image \"{untrusted}\" is not from a trusted registry (trusted: {})",
                 env().repo_prefix
@@ -627,6 +637,123 @@ async fn pod_policy_namespaces_run_only_signed_trusted_images_pinned_by_digest()
     // Namespaces the policy does not name are left alone.
     Api::<Pod>::namespaced(admin, &free)
         .create(&PostParams::default(), &pod("any", "busybox"))
+        .await
+        .unwrap();
+}
+
+/// Every image of a pod, by container kind (`initContainers`, `containers`,
+/// `ephemeralContainers`).
+fn images_of(p: &Pod) -> [Vec<String>; 3] {
+    let spec = p.spec.as_ref().unwrap();
+    [
+        spec.init_containers
+            .iter()
+            .flatten()
+            .map(|c| c.image.clone().unwrap_or_default())
+            .collect(),
+        spec.containers
+            .iter()
+            .map(|c| c.image.clone().unwrap_or_default())
+            .collect(),
+        spec.ephemeral_containers
+            .iter()
+            .flatten()
+            .map(|c| c.image.clone().unwrap_or_default())
+            .collect(),
+    ]
+}
+
+#[tokio::test]
+async fn a_verified_tag_is_pinned_to_its_digest_in_every_container_kind() {
+    // The issue's policy: tags allowed (requireDigest: false), signatures verified.
+    let (_controller, port, _) = start_controller(env(), "tags", None, true, |p| {
+        p.replace(
+            "  verifySignatures: true\n",
+            "  requireDigest: false\n  verifySignatures: true\n",
+        )
+    });
+    let cluster = shared_cluster();
+    let ns = pod_policy_namespace(port, "pin").await;
+    let admin = cluster.admin_client().await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    first_denial(&pods, "busybox").await;
+
+    let repo = format!("trusted/{}", unique_name("pinned"));
+    let signed = push(&repo, "v1", "signed").await;
+    env().cosign.sign(&signed.by_digest()).await.unwrap();
+    let by_tag = signed.by_tag();
+    let pinned = signed.by_digest();
+
+    // Admitted by tag: every container kind runs the verified digest, not the tag.
+    let mut t1 = pod("t1", &by_tag);
+    t1.spec.as_mut().unwrap().init_containers = t1.spec.as_ref().map(|s| s.containers.clone());
+    t1.spec.as_mut().unwrap().init_containers.as_mut().unwrap()[0].name = "init".into();
+    pods.create(&PostParams::default(), &t1).await.unwrap();
+    let debug = serde_json::json!({"spec": {"ephemeralContainers": [
+        {"name": "dbg", "image": by_tag}
+    ]}});
+    pods.patch_subresource(
+        "ephemeralcontainers",
+        "t1",
+        &PatchParams::default(),
+        &Patch::Strategic(debug),
+    )
+    .await
+    .unwrap();
+    let stored = pods.get("t1").await.unwrap();
+    assert_eq!(
+        images_of(&stored),
+        [
+            vec![pinned.clone()],
+            vec![pinned.clone()],
+            vec![pinned.clone()]
+        ],
+        "stored as admitted"
+    );
+
+    // The tag moves to unsigned content: a pod naming it at once (well within any cache's
+    // lifetime) is denied, naming what the tag now resolves to.
+    let moved = push(&repo, "v1", "unsigned").await;
+    assert_ne!(moved.digest, signed.digest);
+    let r = denial(
+        pods.create(&PostParams::default(), &pod("t2", &by_tag))
+            .await,
+    );
+    assert!(
+        r.contains(&format!("no signatures found for {}", moved.by_digest())),
+        "{r}"
+    );
+    // The pod admitted earlier still runs the digest that was verified.
+    assert_eq!(
+        images_of(&pods.get("t1").await.unwrap())[1],
+        vec![pinned.clone()]
+    );
+
+    // Without the pinning webhook (skipped, or undone by a later mutating webhook) a tag
+    // never reaches a pod: the validating webhook admits only digests that verify.
+    Api::<MutatingWebhookConfiguration>::all(admin)
+        .delete("gkm-test-pods-pin", &Default::default())
+        .await
+        .unwrap();
+    let v2 = format!("{}:v2", signed.repository);
+    gkm_testenv::image::push_manifest(
+        shared_registry(),
+        &repo,
+        "v2",
+        &signed.media_type,
+        &signed.manifest,
+    )
+    .await
+    .unwrap();
+    // Pods admitted while the API server still calls the pinning webhook are removed.
+    let (_, r) = first_denial(&pods, &v2).await;
+    assert!(
+        r.contains(&format!(
+            r#"containers[0] "app": image "{v2}" is not pinned by digest"#
+        )),
+        "{r}"
+    );
+    pods.create(&PostParams::default(), &pod("t4", &pinned))
         .await
         .unwrap();
 }
@@ -1006,4 +1133,34 @@ async fn verify_and_promote_copies_only_verified_images_for_allowed_callers() {
     ] {
         assert!(metrics.contains(line), "{line} not in\n{metrics}");
     }
+}
+
+#[tokio::test]
+async fn the_promotion_api_refuses_tags_reserved_for_artifacts() {
+    let port = main_webhook();
+    let name = unique_name("app");
+    let signed = push_to(&env().incoming, &format!("dev/{name}"), "v1", "r").await;
+    env().cosign.sign(&signed.by_digest()).await.unwrap();
+    let bot = promoter_token(shared_cluster(), &unique_name("ci"), "bot", true).await;
+    let hex = &signed.digest[7..];
+    for tag in [format!("sha256-{hex}.sig"), format!("sha256-{hex}")] {
+        let image = format!("{}/dev/{name}:{tag}", env().incoming.host());
+        let (code, body) = promote_call(port, Some(&bot), &image, &signed.digest).await;
+        assert_eq!(code, 400, "{body}");
+        assert_eq!(body["reason"], "reserved_tag", "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("tag {tag:?} is reserved for artifacts")),
+            "{body}"
+        );
+    }
+    let promoted = format!("{}/promoted/{name}", env().repo_prefix);
+    assert!(
+        !in_trusted(&promoted, &signed.digest).await,
+        "nothing copied"
+    );
+    let (code, body) = promote_call(port, Some(&bot), &signed.by_tag(), &signed.digest).await;
+    assert_eq!(code, 200, "an ordinary tag promotes: {body}");
 }

@@ -552,7 +552,7 @@ impl Puller {
                 what: what.to_string(),
                 after,
             })?
-            .map_err(|source| registry_error(&image.to_string(), source))
+            .map_err(|source| registry_error(image, source))
     }
 
     fn total_timeout(&self) -> Duration {

@@ -257,6 +257,17 @@ impl KeylessIdentity {
         key.verify(msg, sig).map_err(KeylessError::BadSignature)
     }
 
+    /// Whether the certificate `cert_der` names this identity (OIDC issuer and subject),
+    /// without checking its chain, validity or signature: a cheap test that orders what
+    /// to verify, never a verdict.
+    pub(crate) fn names(&self, cert_der: &[u8]) -> bool {
+        let Ok(leaf) = parse_cert(cert_der) else {
+            return false;
+        };
+        oidc_issuer(&leaf).is_ok_and(|i| i == self.issuer)
+            && subjects(&leaf).is_ok_and(|s| s.iter().any(|s| self.subject.matches(s)))
+    }
+
     /// Checks the SET and returns the time it vouches for.
     fn verify_log_entry(&self, e: &LogEntry) -> Result<i64, KeylessError> {
         let log = self

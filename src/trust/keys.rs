@@ -189,6 +189,37 @@ impl PublicKey {
         &self.spki_der
     }
 
+    /// Whether `sig` has the form of a signature by this key, judged without cryptography:
+    /// an ASN.1 DER ECDSA signature with both scalars in range, 64 bytes for Ed25519, the
+    /// modulus' length for RSA. What fails here never verifies, so a verifier can set it
+    /// aside before spending a signature check on it.
+    pub fn check_form(&self, sig: &[u8]) -> Result<(), String> {
+        match &self.inner {
+            Inner::P256(_) => p256::ecdsa::Signature::from_der(sig)
+                .map(|_| ())
+                .map_err(|_| NOT_DER.to_string()),
+            Inner::P384(_) => p384::ecdsa::Signature::from_der(sig)
+                .map(|_| ())
+                .map_err(|_| NOT_DER.to_string()),
+            Inner::Ed25519(_) => ed25519_dalek::Signature::from_slice(sig)
+                .map(|_| ())
+                .map_err(|_| not_ed25519(sig)),
+            Inner::Rsa(k) => {
+                use rsa::traits::PublicKeyParts as _;
+                if sig.len() == k.size() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "an {} signature is {} bytes, not {}",
+                        self.algorithm(),
+                        k.size(),
+                        sig.len()
+                    ))
+                }
+            }
+        }
+    }
+
     /// Verifies a signature over `msg` as cosign makes them: SHA-256 for ECDSA and RSA,
     /// Ed25519ph (or pure Ed25519) for Ed25519.
     pub fn verify(&self, msg: &[u8], sig: &[u8]) -> Result<(), String> {
@@ -202,14 +233,12 @@ impl PublicKey {
         match &self.inner {
             Inner::P256(k) => {
                 use p256::ecdsa::signature::hazmat::PrehashVerifier;
-                let s = p256::ecdsa::Signature::from_der(sig)
-                    .map_err(|_| "not an ASN.1 DER ECDSA signature".to_string())?;
+                let s = p256::ecdsa::Signature::from_der(sig).map_err(|_| NOT_DER.to_string())?;
                 k.verify_prehash(&hash.digest(msg), &s).map_err(|_| bad())
             }
             Inner::P384(k) => {
                 use p384::ecdsa::signature::hazmat::PrehashVerifier;
-                let s = p384::ecdsa::Signature::from_der(sig)
-                    .map_err(|_| "not an ASN.1 DER ECDSA signature".to_string())?;
+                let s = p384::ecdsa::Signature::from_der(sig).map_err(|_| NOT_DER.to_string())?;
                 k.verify_prehash(&hash.digest(msg), &s).map_err(|_| bad())
             }
             Inner::Rsa(k) => {
@@ -221,8 +250,7 @@ impl PublicKey {
                 k.verify(scheme, &hash.digest(msg), sig).map_err(|_| bad())
             }
             Inner::Ed25519(k) => {
-                let s = ed25519_dalek::Signature::from_slice(sig)
-                    .map_err(|_| format!("an Ed25519 signature is 64 bytes, not {}", sig.len()))?;
+                let s = ed25519_dalek::Signature::from_slice(sig).map_err(|_| not_ed25519(sig))?;
                 let ph = ed25519_dalek::Sha512::new().chain_update(msg);
                 if k.verify_prehashed_strict(ph, None, &s).is_ok()
                     || k.verify_strict(msg, &s).is_ok()
@@ -234,6 +262,14 @@ impl PublicKey {
             }
         }
     }
+}
+
+/// Why a signature is not one an ECDSA key makes.
+const NOT_DER: &str = "not an ASN.1 DER ECDSA signature";
+
+/// Why `sig` is not one an Ed25519 key makes.
+fn not_ed25519(sig: &[u8]) -> String {
+    format!("an Ed25519 signature is 64 bytes, not {}", sig.len())
 }
 
 #[cfg(test)]
@@ -251,5 +287,28 @@ mod tests {
             PublicKey::from_pem(cert),
             Err(KeyError::WrongPemLabel(l)) if l == "CERTIFICATE"
         ));
+    }
+
+    #[test]
+    fn the_form_of_a_signature_is_checked_without_cryptography() {
+        // RFC 8410's Ed25519 test key, and a P-256 key.
+        let ed = PublicKey::from_pem(
+            "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n",
+        )
+        .unwrap();
+        assert!(ed.check_form(&[1; 64]).is_ok());
+        assert!(ed.check_form(&[1; 63]).unwrap_err().contains("64 bytes"));
+        let p256 = PublicKey::from_pem(
+            "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEhs7GGs1eB6Y9KSasVe34Jo6VkPVJ\nD7fZENMp15TCIeeVK8UjCq9dmYaOFOAyx/ubYGLPLiAgQe/mLwnUjurekw==\n-----END PUBLIC KEY-----\n",
+        )
+        .unwrap();
+        // SEQUENCE { INTEGER 1, INTEGER 1 }: well-formed, if no valid signature.
+        assert!(p256.check_form(&[0x30, 6, 2, 1, 1, 2, 1, 1]).is_ok());
+        // The bug report's junk: a DER header, then zero bytes where `s` should be.
+        let mut junk = vec![0x30, 0x45, 0x02, 0x21];
+        junk.extend([0u8; 67]);
+        assert_eq!(p256.check_form(&junk).unwrap_err(), NOT_DER);
+        // A zero scalar is out of range.
+        assert!(p256.check_form(&[0x30, 6, 2, 1, 0, 2, 1, 1]).is_err());
     }
 }

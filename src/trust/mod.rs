@@ -35,6 +35,6 @@ pub use policy::{
 };
 pub use root::TrustedRoot;
 pub use verifier::{
-    MAX_BLOB_BYTES, MAX_MANIFEST_BYTES, MAX_SIGNATURES, Rejected, SignatureFormat, Verified,
-    Verifier, VerifyError,
+    Evidence, MAX_BLOB_BYTES, MAX_MANIFEST_BYTES, MAX_SIGNATURE_CHECKS, MAX_SIGNATURE_FETCHES,
+    Rejected, SignatureFormat, Verified, Verifier, VerifyError,
 };

@@ -8,8 +8,9 @@
 //! - the simple-signing payload cosign writes for an image digest, and its ECDSA P-256
 //!   SHA-256 signature (ASN.1 DER, base64 in the layer annotation);
 //! - the manifest of the `sha256-<hex>.sig` tag: the signatures already there are kept, ours
-//!   is appended (once: signing twice with one key adds nothing, RFC 6979 signatures being
-//!   deterministic), and the config lists every layer as cosign's does.
+//!   comes first (once: signing twice with one key adds nothing, RFC 6979 signatures being
+//!   deterministic), so a bounded verifier reaches it whatever else the tag holds, and the
+//!   config lists every layer as cosign's does.
 //!
 //! [`push_signature`] signs and pushes through [`crate::oci::Pusher`];
 //! [`merge_signature_manifests`] joins the `.sig` manifests of two repositories (promotion).
@@ -434,7 +435,7 @@ fn sig_manifest(layers: Vec<SigDescriptor>) -> (Vec<u8>, Vec<u8>) {
         config: SigDescriptor {
             media_type: "application/vnd.oci.image.config.v1+json".into(),
             size: config.len() as u64,
-            digest: sha256(&config),
+            digest: sha256_digest(&config),
             annotations: Default::default(),
         },
         layers,
@@ -443,37 +444,66 @@ fn sig_manifest(layers: Vec<SigDescriptor>) -> (Vec<u8>, Vec<u8>) {
     (config, manifest)
 }
 
-/// The `.sig` manifest holding the signature layers of `target` (the destination's current
-/// manifest) and then those of `source` not already there, with its config; `Ok(None)` when
-/// `target` already holds every layer of `source`.
+/// The `.sig` manifest for the destination of a copy: the layers of `target` (its current
+/// manifest, if any), then those of `source` not already there, the first of these that
+/// `lead` picks moved to the front (promotion leads with the signature it verified, so a
+/// bounded verifier reaches it first; a layer `target` holds keeps its place, so copying
+/// again changes nothing). `Ok(None)` when `target` already is exactly that; without a
+/// `target`, a `source` already in that order is kept as its own bytes.
 pub fn merge_signature_manifests(
-    target: &[u8],
+    target: Option<&[u8]>,
     source: &[u8],
+    lead: impl Fn(&SigDescriptor) -> bool,
 ) -> Result<Option<MergedSignatures>, String> {
     let read = |b: &[u8], which: &str| {
         serde_json::from_slice::<SigManifest>(b)
             .map(|m| m.layers)
             .map_err(|e| format!("the {which} signature manifest is not readable: {e}"))
     };
-    let mut layers = read(target, "destination's")?;
-    let before = layers.len();
-    for l in read(source, "source's")? {
-        if !layers.contains(&l) {
-            layers.push(l);
+    let before = target.map(|t| read(t, "destination's")).transpose()?;
+    let theirs = read(source, "source's")?;
+    let mut layers = before.clone().unwrap_or_default();
+    for l in &theirs {
+        if !layers.contains(l) {
+            layers.push(l.clone());
         }
     }
-    if layers.len() == before {
-        return Ok(None);
+    let kept = before.as_ref().map_or(0, Vec::len);
+    if let Some(at) = layers[kept..].iter().position(lead) {
+        let first = layers.remove(kept + at);
+        layers.insert(0, first);
     }
-    let (config, manifest) = sig_manifest(layers);
-    Ok(Some(MergedSignatures { config, manifest }))
+    match before {
+        Some(before) if before == layers => Ok(None),
+        None if theirs == layers => Ok(Some(MergedSignatures {
+            config: None,
+            manifest: source.to_vec(),
+        })),
+        _ => {
+            let (config, manifest) = sig_manifest(layers);
+            Ok(Some(MergedSignatures {
+                config: Some(config),
+                manifest,
+            }))
+        }
+    }
 }
 
-/// A `.sig` manifest made by [`merge_signature_manifests`], and its new config blob.
+/// A `.sig` manifest made by [`merge_signature_manifests`], and its config blob when it
+/// needs a new one.
 #[derive(Clone, Debug)]
 pub struct MergedSignatures {
-    pub config: Vec<u8>,
+    pub config: Option<Vec<u8>>,
     pub manifest: Vec<u8>,
+}
+
+impl SigDescriptor {
+    /// The base64 signature of this layer, if it has one.
+    pub fn signature(&self) -> Option<&str> {
+        self.annotations
+            .get(SIGNATURE_ANNOTATION)
+            .and_then(serde_json::Value::as_str)
+    }
 }
 
 /// The blobs a `.sig` manifest names (its config and every payload), as `(digest, size)`.
@@ -486,9 +516,9 @@ pub fn signature_blobs(manifest: &[u8]) -> Result<Vec<(String, u64)>, String> {
         .collect())
 }
 
-/// Signs `image` with `key` in cosign's tag format and pushes it: the signature is added to
-/// the manifest of `<repo>:sha256-<hex>.sig` (other signatures there are kept). Returns that
-/// tag's reference.
+/// Signs `image` with `key` in cosign's tag format and pushes it: the signature is put first
+/// in the manifest of `<repo>:sha256-<hex>.sig` (other signatures there are kept, after
+/// it). Returns that tag's reference.
 pub async fn push_signature(
     pusher: &crate::oci::Pusher,
     image: &crate::oci::PinnedRef,
@@ -542,9 +572,10 @@ pub async fn push_signature(
     Ok(name)
 }
 
-/// Signs `digest` of `docker_reference` with `key` and builds the `.sig` manifest: the
-/// layers of `existing` (the tag's current manifest, if any), plus the new signature unless
-/// it is there already.
+/// Signs `digest` of `docker_reference` with `key` and builds the `.sig` manifest: the new
+/// signature first (moved there if it is already present), then the other layers of
+/// `existing` (the tag's current manifest, if any). First, because a verifier bounds how
+/// many signatures it examines: whatever else is there, GKM's own is reached.
 pub fn tag_signature(
     key: &SigningKey,
     docker_reference: &str,
@@ -564,7 +595,7 @@ pub fn tag_signature(
     let ours = SigDescriptor {
         media_type: SIMPLE_SIGNING_MEDIA_TYPE.into(),
         size: payload.len() as u64,
-        digest: sha256(&payload),
+        digest: sha256_digest(&payload),
         annotations: [(
             SIGNATURE_ANNOTATION.to_string(),
             serde_json::Value::String(signature),
@@ -572,10 +603,12 @@ pub fn tag_signature(
         .into_iter()
         .collect(),
     };
-    let changed = !layers.contains(&ours);
-    if changed {
-        layers.push(ours);
+    let at = layers.iter().position(|l| *l == ours);
+    let changed = at != Some(0);
+    if let Some(at) = at {
+        layers.remove(at);
     }
+    layers.insert(0, ours);
     let (config, manifest) = sig_manifest(layers);
     Ok(SignatureArtifacts {
         payload,
@@ -585,7 +618,8 @@ pub fn tag_signature(
     })
 }
 
-fn sha256(bytes: &[u8]) -> String {
+/// `sha256:<hex>` of `bytes`.
+pub(crate) fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
@@ -618,7 +652,7 @@ mod tests {
     }
 
     #[test]
-    fn signatures_verify_under_the_public_key_and_are_appended_once() {
+    fn signatures_verify_under_the_public_key_and_are_put_first_once() {
         let k = key();
         let public = PublicKey::from_pem(&k.public_key_pem()).unwrap();
         let a = tag_signature(&k, "r/x", D, None).unwrap();
@@ -630,50 +664,99 @@ mod tests {
             .unwrap();
         let sig = B64.decode(sig).unwrap();
         public.verify(&a.payload, &sig).unwrap();
-        assert_eq!(m.config.digest, sha256(&a.config));
+        assert_eq!(m.config.digest, sha256_digest(&a.config));
 
         // Again with the same key: the same signature, nothing new.
         let b = tag_signature(&k, "r/x", D, Some(&a.manifest)).unwrap();
         assert!(!b.changed);
         assert_eq!(b.manifest, a.manifest);
 
-        // Another key's signature is kept, ours appended after it.
+        // Another key's signature is kept, ours put before it.
         let other = SigningKey {
             key: p256::ecdsa::SigningKey::from_bytes(&[9u8; 32].into()).unwrap(),
             origin: "other".into(),
         };
         let c = tag_signature(&other, "r/x", D, Some(&a.manifest)).unwrap();
         let m: SigManifest = serde_json::from_slice(&c.manifest).unwrap();
+        let first: SigManifest = serde_json::from_slice(&a.manifest).unwrap();
         assert_eq!(m.layers.len(), 2);
+        assert_eq!(m.layers[1], first.layers[0]);
+        assert_ne!(m.layers[0], first.layers[0]);
+        // Signing again with the first key moves its signature back to the front.
+        let d = tag_signature(&k, "r/x", D, Some(&c.manifest)).unwrap();
+        assert!(d.changed);
+        let m: SigManifest = serde_json::from_slice(&d.manifest).unwrap();
+        assert_eq!(m.layers, [first.layers[0].clone(), m.layers[1].clone()]);
         let cfg: serde_json::Value = serde_json::from_slice(&c.config).unwrap();
         assert_eq!(cfg["rootfs"]["diff_ids"].as_array().unwrap().len(), 2);
     }
 
     #[test]
-    fn merged_signature_manifests_hold_each_layer_once() {
+    fn merged_signature_manifests_hold_each_layer_once_led_by_the_chosen_one() {
         let a = key();
         let b = SigningKey {
             key: p256::ecdsa::SigningKey::from_bytes(&[9u8; 32].into()).unwrap(),
             origin: "test".into(),
         };
+        let none = |_: &SigDescriptor| false;
         let first = tag_signature(&a, "r.io/x", D, None).unwrap().manifest;
         let both = tag_signature(&b, "r.io/x", D, Some(&first))
             .unwrap()
             .manifest;
         let other = tag_signature(&b, "r.io/x", D, None).unwrap().manifest;
         // The destination already holds everything of the source: nothing to write.
-        assert!(merge_signature_manifests(&both, &first).unwrap().is_none());
-        assert!(merge_signature_manifests(&both, &other).unwrap().is_none());
+        assert!(
+            merge_signature_manifests(Some(&both), &first, none)
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            merge_signature_manifests(Some(&both), &other, none)
+                .unwrap()
+                .is_none()
+        );
         // The destination holds b's signature; a's joins it, after it.
-        let merged = merge_signature_manifests(&other, &first).unwrap().unwrap();
+        let merged = merge_signature_manifests(Some(&other), &first, none)
+            .unwrap()
+            .unwrap();
         let m: SigManifest = serde_json::from_slice(&merged.manifest).unwrap();
         let theirs: SigManifest = serde_json::from_slice(&first).unwrap();
         let ours: SigManifest = serde_json::from_slice(&other).unwrap();
-        assert_eq!(m.layers, [ours.layers, theirs.layers].concat());
-        assert_eq!(m.config.digest, sha256(&merged.config));
+        assert_eq!(
+            m.layers,
+            [ours.layers.clone(), theirs.layers.clone()].concat()
+        );
+        let config = merged.config.unwrap();
+        assert_eq!(m.config.digest, sha256_digest(&config));
         let blobs = signature_blobs(&merged.manifest).unwrap();
         assert_eq!(blobs.len(), 3, "config and two payloads: {blobs:?}");
-        assert!(merge_signature_manifests(b"{}", &first).is_err());
+        // Led by a's signature, it comes first; where the destination has it already, it
+        // keeps its place.
+        let a_sig = theirs.layers[0].signature().unwrap().to_string();
+        let lead = |d: &SigDescriptor| d.signature() == Some(a_sig.as_str());
+        let led = merge_signature_manifests(Some(&other), &first, lead)
+            .unwrap()
+            .unwrap();
+        let m: SigManifest = serde_json::from_slice(&led.manifest).unwrap();
+        assert_eq!(
+            m.layers,
+            [theirs.layers.clone(), ours.layers.clone()].concat()
+        );
+        assert!(
+            merge_signature_manifests(Some(&merged.manifest), &first, lead)
+                .unwrap()
+                .is_none()
+        );
+        // No destination, the source already in order: its own bytes, no new config.
+        let copied = merge_signature_manifests(None, &both, none)
+            .unwrap()
+            .unwrap();
+        assert_eq!((copied.manifest, copied.config), (both.clone(), None));
+        let reordered = merge_signature_manifests(None, &both, lead)
+            .unwrap()
+            .unwrap();
+        assert!(reordered.config.is_some() && reordered.manifest != both);
+        assert!(merge_signature_manifests(Some(b"{}"), &first, none).is_err());
     }
 
     #[test]

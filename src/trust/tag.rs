@@ -25,6 +25,35 @@ pub fn signature_tag(digest: &str) -> String {
     format!("{}.sig", digest.replace(':', "-"))
 }
 
+/// Why `tag` is reserved for artifacts, or `None` when it is an ordinary tag.
+///
+/// Tags of the form `<algorithm>-<64 hex>`, alone or with a `.suffix`, name the artifacts
+/// of the image whose digest they spell: cosign's signatures (`.sig`), attestations
+/// (`.att`) and SBOMs (`.sbom`), and the OCI referrers fallback index (no suffix; longer
+/// digests are cut to 64 characters). Writing an image there replaces another digest's
+/// artifacts, so GKM never sets such a tag on request.
+pub fn reserved_tag(tag: &str) -> Option<String> {
+    let (algorithm, rest) = tag.split_once('-')?;
+    if !matches!(algorithm, "sha256" | "sha384" | "sha512") {
+        return None;
+    }
+    let (hex, suffix) = match rest.split_once('.') {
+        Some((hex, suffix)) => (hex, Some(suffix)),
+        None => (rest, None),
+    };
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let digest = format!("{algorithm}:{hex}");
+    Some(match suffix {
+        None => format!("it is the OCI referrers fallback tag of {digest}"),
+        Some("sig") => format!("it is cosign's signature tag of {digest}"),
+        Some("att") => format!("it is cosign's attestation tag of {digest}"),
+        Some("sbom") => format!("it is cosign's SBOM tag of {digest}"),
+        Some(other) => format!("it has the form of an artifact tag (.{other}) of {digest}"),
+    })
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PayloadError {
     #[error("payload is not simple-signing JSON: {0}")]
@@ -96,6 +125,38 @@ mod tests {
             Err(PayloadError::WrongType(_))
         ));
         assert!(check_payload(b"{}", D).is_err());
+    }
+
+    #[test]
+    fn tags_of_artifacts_are_reserved_and_others_are_not() {
+        let hex = &D[7..];
+        for (tag, why) in [
+            (format!("sha256-{hex}"), "referrers fallback tag of sha256:"),
+            (format!("sha256-{hex}.sig"), "signature tag of sha256:"),
+            (format!("sha256-{hex}.att"), "attestation tag"),
+            (format!("sha256-{hex}.sbom"), "SBOM tag"),
+            (format!("sha256-{hex}.x"), "artifact tag (.x)"),
+            (format!("sha512-{hex}"), "fallback tag of sha512:"),
+            (
+                format!("sha256-{}.sig", hex.to_uppercase()),
+                "signature tag",
+            ),
+        ] {
+            let reason = reserved_tag(&tag).unwrap_or_else(|| panic!("{tag} is reserved"));
+            assert!(reason.contains(why), "{tag}: {reason}");
+        }
+        for tag in [
+            "v1".to_string(),
+            "latest".into(),
+            format!("sha256-{}", &hex[1..]),
+            format!("sha256-{hex}0"),
+            format!("md5-{hex}"),
+            format!("sha256_{hex}.sig"),
+            format!("sha256-{}g.sig", &hex[1..]),
+            format!("v-{hex}"),
+        ] {
+            assert_eq!(reserved_tag(&tag), None, "{tag}");
+        }
     }
 
     #[test]

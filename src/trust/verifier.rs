@@ -6,7 +6,7 @@
 //! timeout. Fails closed: a timeout, an unreachable registry or a bad signature all deny,
 //! with a message that names the image and says why, signature by signature.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use oci_client::Reference;
 use serde::Deserialize;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::bundle::{BUNDLE_MEDIA_TYPE_PREFIX, Bundle, Material};
+use super::bundle::{BUNDLE_MEDIA_TYPE_PREFIX, Bundle, COSIGN_PREDICATE_TYPE, Material};
 use super::keyless::{self, LogEntry, Signed};
 use super::policy::{AuthorityKind, TrustPolicy};
 use super::tag::{self, BUNDLE_ANNOTATION, CERTIFICATE_ANNOTATION, SIGNATURE_ANNOTATION};
@@ -25,8 +25,16 @@ use crate::oci::{Credentials, PinnedRef, PullConfig, PullError, Puller, RefError
 pub const MAX_MANIFEST_BYTES: usize = 2 << 20;
 /// Largest payload or bundle blob read.
 pub const MAX_BLOB_BYTES: u64 = 1 << 20;
-/// Most signatures examined per format; the rest are reported as skipped.
-pub const MAX_SIGNATURES: usize = 64;
+/// Most registry fetches one format makes for an image's signatures: payload blobs of the
+/// `.sig` tag (each distinct blob once), or referrer manifests and their bundle blobs (two
+/// per referrer). With [`MAX_SIGNATURE_CHECKS`], what a signature manifest full of junk can
+/// cost one verification.
+pub const MAX_SIGNATURE_FETCHES: usize = 128;
+/// Most signatures one format checks cryptographically (each against every authority).
+/// The checks that need neither a fetch nor cryptography (media type, digest, size, an
+/// annotation that decodes to a signature of the form some authority's key makes, or comes
+/// with a certificate for an identity) run on every signature, unbounded.
+pub const MAX_SIGNATURE_CHECKS: usize = 1024;
 /// Most successful verifications remembered.
 const MAX_CACHE_ENTRIES: usize = 10_000;
 
@@ -56,6 +64,17 @@ pub struct Verified {
     /// The name of the authority it verified under.
     pub authority: String,
     pub format: SignatureFormat,
+    /// Which signature verified (promotion lists it first in the trusted registry).
+    pub evidence: Evidence,
+}
+
+/// The one signature that verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Evidence {
+    /// A layer of the `.sig` tag: its payload's digest and its signature annotation.
+    Layer { payload: String, signature: String },
+    /// A Sigstore-bundle referrer: its manifest's digest.
+    Referrer { digest: String },
 }
 
 /// One signature found, and why it did not verify.
@@ -88,7 +107,7 @@ pub enum VerifyError {
     },
     #[error(
         "no signature of {image} verified under the trust policy:{}{}",
-        rejected.iter().map(|r| format!("\n  - {r}")).collect::<String>(),
+        list_rejected(rejected),
         problems.iter().map(|p| format!("\n  - also: {p}")).collect::<String>()
     )]
     NotVerified {
@@ -99,6 +118,29 @@ pub enum VerifyError {
     },
     #[error("verifying the signatures of {image} timed out after {after:?}; denied")]
     Timeout { image: String, after: Duration },
+}
+
+/// How [`Rejected`] entries the bounds left unexamined begin their reason.
+const NOT_EXAMINED: &str = "not examined";
+
+/// The rejected signatures, one line each: the first few and every summary of unexamined
+/// ones, so a signature manifest full of junk does not make a denial of thousands of lines.
+fn list_rejected(rejected: &[Rejected]) -> String {
+    const SHOWN: usize = 12;
+    let mut out = String::new();
+    let mut hidden = 0;
+    for (i, r) in rejected.iter().enumerate() {
+        let summary = r.reasons.iter().any(|x| x.starts_with(NOT_EXAMINED));
+        if i < SHOWN || summary {
+            out.push_str(&format!("\n  - {r}"));
+        } else {
+            hidden += 1;
+        }
+    }
+    if hidden > 0 {
+        out.push_str(&format!("\n  - and {hidden} more signatures rejected"));
+    }
+    out
 }
 
 impl VerifyError {
@@ -347,7 +389,8 @@ impl Verifier {
         )
     }
 
-    /// The tag format: every layer of `<repo>:sha256-<hex>.sig`.
+    /// The tag format: the layers of `<repo>:sha256-<hex>.sig`, in [`tag_order`], within
+    /// one [`Budget`].
     async fn tag_signatures(&self, policy: &TrustPolicy, image: &PinnedRef) -> Found {
         let mut found = Found::default();
         let tag_name = tag::signature_tag(image.digest());
@@ -381,99 +424,78 @@ impl Verifier {
             }
         };
         let total = manifest.layers.len();
-        // Identical payloads share one blob; fetch each blob once.
-        let mut blobs: HashMap<String, Result<Vec<u8>, String>> = HashMap::new();
-        for (i, layer) in manifest.layers.iter().enumerate() {
+        // The payload cosign (and GKM's own signing) writes for this image here is known
+        // without a fetch; identical payloads share one blob, fetched once.
+        let expected = super::sign::simple_signing_payload(
+            &format!("{}/{}", image.registry(), image.repository()),
+            image.digest(),
+        );
+        let expected_digest = super::sign::sha256_digest(&expected);
+        let mut blobs: HashMap<String, Result<Vec<u8>, String>> =
+            HashMap::from([(expected_digest.clone(), Ok(expected))]);
+        let mut budget = Budget::default();
+        let mut skipped = Vec::new();
+        for i in tag_order(policy, &manifest.layers, &expected_digest) {
+            let layer = &manifest.layers[i];
             let signature = format!(
                 "tag-format signature {} of {total} ({tag_name} layer {i})",
                 i + 1
             );
-            if i >= MAX_SIGNATURES {
-                found.rejected.push(Rejected {
-                    signature,
-                    reasons: vec![format!("not examined: only the first {MAX_SIGNATURES} are")],
-                });
+            let sig = match precheck_layer(policy, layer) {
+                Ok(sig) => sig,
+                Err(reasons) => {
+                    found.rejected.push(Rejected { signature, reasons });
+                    continue;
+                }
+            };
+            if !blobs.contains_key(&layer.digest) {
+                if !budget.spend(1, 0) {
+                    skipped.push(i);
+                    continue;
+                }
+                let got = self.small_blob(image, &layer.digest, layer.size).await;
+                blobs.insert(layer.digest.clone(), got);
+            }
+            if !budget.spend(0, 1) {
+                skipped.push(i);
                 continue;
             }
-            let reasons = match self.tag_layer(policy, image, layer, &mut blobs).await {
+            let outcome = match &blobs[&layer.digest] {
+                Err(e) => Err(vec![format!("payload unreadable: {e}")]),
+                Ok(payload) => tag_layer(policy, image, layer, &sig, payload),
+            };
+            match outcome {
                 Ok(authority) => {
                     found.verified = Some(Verified {
                         digest: image.digest().to_string(),
                         authority,
                         format: SignatureFormat::Tag,
+                        evidence: Evidence::Layer {
+                            payload: layer.digest.clone(),
+                            signature: layer
+                                .annotations
+                                .get(SIGNATURE_ANNOTATION)
+                                .cloned()
+                                .unwrap_or_default(),
+                        },
                     });
                     return found;
                 }
-                Err(reasons) => reasons,
-            };
-            found.rejected.push(Rejected { signature, reasons });
+                Err(reasons) => found.rejected.push(Rejected { signature, reasons }),
+            }
+        }
+        if !skipped.is_empty() {
+            found.rejected.push(not_examined(
+                &format!("tag-format signatures ({tag_name} layers"),
+                &skipped,
+                total,
+            ));
         }
         found
     }
 
-    /// One tag-format layer: Ok with the authority it verifies under, or the reasons why not.
-    async fn tag_layer(
-        &self,
-        policy: &TrustPolicy,
-        image: &PinnedRef,
-        layer: &Layer,
-        blobs: &mut HashMap<String, Result<Vec<u8>, String>>,
-    ) -> Result<String, Vec<String>> {
-        if layer.media_type != tag::SIMPLE_SIGNING_MEDIA_TYPE {
-            return Err(vec![format!(
-                "media type {:?} is not a cosign simple-signing payload",
-                layer.media_type
-            )]);
-        }
-        let Some(sig_b64) = layer.annotations.get(SIGNATURE_ANNOTATION) else {
-            return Err(vec![format!("no {SIGNATURE_ANNOTATION} annotation")]);
-        };
-        let sig = decode_b64(sig_b64).map_err(|_| vec!["the signature is not base64".into()])?;
-        if !blobs.contains_key(&layer.digest) {
-            let got = self.small_blob(image, &layer.digest, layer.size).await;
-            blobs.insert(layer.digest.clone(), got);
-        }
-        let payload = match &blobs[&layer.digest] {
-            Ok(p) => p,
-            Err(e) => return Err(vec![format!("payload unreadable: {e}")]),
-        };
-        let claim = tag::check_payload(payload, image.digest());
-        let cert = layer
-            .annotations
-            .get(CERTIFICATE_ANNOTATION)
-            .filter(|c| !c.is_empty());
-        let rekor = layer
-            .annotations
-            .get(BUNDLE_ANNOTATION)
-            .filter(|b| !b.is_empty());
-        let mut reasons = Vec::new();
-        let mut verified_by = None;
-        for authority in &policy.authorities {
-            let outcome = match &authority.kind {
-                AuthorityKind::Key(key) => key.verify(payload, &sig),
-                AuthorityKind::Keyless(id) => (|| {
-                    let cert = cert.ok_or(keyless::KeylessError::NoCertificate)?;
-                    let cert_der = keyless::cert_from_pem(cert)?;
-                    let entry =
-                        LogEntry::from_annotation(rekor.ok_or(keyless::KeylessError::NoBundle)?)?;
-                    id.verify(Signed::Payload(payload), &sig, &cert_der, &entry)
-                })()
-                .map_err(|e| e.to_string()),
-            };
-            match outcome {
-                Ok(()) if claim.is_ok() => return Ok(authority.name.clone()),
-                Ok(()) => verified_by = Some(authority.name.clone()),
-                Err(e) => reasons.push(format!("authority {:?}: {e}", authority.name)),
-            }
-        }
-        Err(rejection(
-            claim.err().map(|e| e.to_string()),
-            verified_by,
-            reasons,
-        ))
-    }
-
-    /// The bundle format: every Sigstore-bundle referrer of the image.
+    /// The bundle format: the Sigstore-bundle referrers of the image, in [`bundle_order`],
+    /// within one [`Budget`].
     async fn bundle_signatures(&self, policy: &TrustPolicy, image: &PinnedRef) -> Found {
         let mut found = Found::default();
         let index = match self.puller.list_referrers(image).await {
@@ -496,27 +518,40 @@ impl Verifier {
             })
             .collect();
         let total = candidates.len();
-        for (i, entry) in candidates.into_iter().enumerate() {
-            let signature = format!("bundle {} of {total} (referrer {})", i + 1, entry.digest);
-            if i >= MAX_SIGNATURES {
-                found.rejected.push(Rejected {
-                    signature,
-                    reasons: vec![format!("not examined: only the first {MAX_SIGNATURES} are")],
-                });
+        let mut budget = Budget::default();
+        let mut seen = HashSet::new();
+        let mut skipped = Vec::new();
+        for i in bundle_order(&candidates) {
+            let entry = candidates[i];
+            if !seen.insert(entry.digest.as_str()) {
+                continue; // listed twice: examined once
+            }
+            // Its manifest and its bundle blob, then one check.
+            if !budget.spend(2, 1) {
+                skipped.push(i);
                 continue;
             }
+            let signature = format!("bundle {} of {total} (referrer {})", i + 1, entry.digest);
             match self.bundle_referrer(policy, image, &entry.digest).await {
                 Ok(Some(authority)) => {
                     found.verified = Some(Verified {
                         digest: image.digest().to_string(),
                         authority,
                         format: SignatureFormat::Bundle,
+                        evidence: Evidence::Referrer {
+                            digest: entry.digest.clone(),
+                        },
                     });
                     return found;
                 }
                 Ok(None) => {}
                 Err(reasons) => found.rejected.push(Rejected { signature, reasons }),
             }
+        }
+        if !skipped.is_empty() {
+            found
+                .rejected
+                .push(not_examined("bundles (referrers", &skipped, total));
         }
         found
     }
@@ -580,10 +615,8 @@ impl Verifier {
         let claim = bundle.check_statement(image.digest());
         let pae = bundle.pae();
         let entries = bundle.log_entries();
-        let mut reasons = Vec::new();
-        let mut verified_by = None;
-        for authority in &policy.authorities {
-            let outcome = match &authority.kind {
+        decide(policy, claim.map_err(|e| e.to_string()), |kind| {
+            match kind {
                 AuthorityKind::Key(key) => {
                     // Any of the envelope's signatures will do.
                     let mut last = String::from("no signature");
@@ -629,18 +662,9 @@ impl Verifier {
                         }
                     }
                 },
-            };
-            match outcome {
-                Ok(()) if claim.is_ok() => return Ok(Some(authority.name.clone())),
-                Ok(()) => verified_by = Some(authority.name.clone()),
-                Err(e) => reasons.push(format!("authority {:?}: {e}", authority.name)),
             }
-        }
-        Err(rejection(
-            claim.err().map(|e| e.to_string()),
-            verified_by,
-            reasons,
-        ))
+        })
+        .map(Some)
     }
 
     async fn small_blob(
@@ -656,6 +680,205 @@ impl Verifier {
             .fetch_blob_bytes(image, digest, size, MAX_BLOB_BYTES)
             .await
             .map_err(|e: PullError| e.to_string())
+    }
+}
+
+/// One tag-format layer whose payload is at hand (`sig` is its decoded signature): Ok with
+/// the authority it verifies under, or the reasons why not.
+fn tag_layer(
+    policy: &TrustPolicy,
+    image: &PinnedRef,
+    layer: &Layer,
+    sig: &[u8],
+    payload: &[u8],
+) -> Result<String, Vec<String>> {
+    let claim = tag::check_payload(payload, image.digest());
+    let cert = layer
+        .annotations
+        .get(CERTIFICATE_ANNOTATION)
+        .filter(|c| !c.is_empty());
+    let rekor = layer
+        .annotations
+        .get(BUNDLE_ANNOTATION)
+        .filter(|b| !b.is_empty());
+    decide(
+        policy,
+        claim.map_err(|e| e.to_string()),
+        |kind| match kind {
+            AuthorityKind::Key(key) => key.verify(payload, sig),
+            AuthorityKind::Keyless(id) => (|| {
+                let cert = cert.ok_or(keyless::KeylessError::NoCertificate)?;
+                let cert_der = keyless::cert_from_pem(cert)?;
+                let entry =
+                    LogEntry::from_annotation(rekor.ok_or(keyless::KeylessError::NoBundle)?)?;
+                id.verify(Signed::Payload(payload), sig, &cert_der, &entry)
+            })()
+            .map_err(|e| e.to_string()),
+        },
+    )
+}
+
+/// Tries one signature under each authority (`verify`): Ok with the first that accepts it
+/// when its `claim` (about the image) holds, else why not, signature by signature.
+fn decide(
+    policy: &TrustPolicy,
+    claim: Result<(), String>,
+    verify: impl Fn(&AuthorityKind) -> Result<(), String>,
+) -> Result<String, Vec<String>> {
+    let mut reasons = Vec::new();
+    let mut verified_by = None;
+    for authority in &policy.authorities {
+        match verify(&authority.kind) {
+            Ok(()) if claim.is_ok() => return Ok(authority.name.clone()),
+            Ok(()) => verified_by = Some(authority.name.clone()),
+            Err(e) => reasons.push(format!("authority {:?}: {e}", authority.name)),
+        }
+    }
+    Err(rejection(claim.err(), verified_by, reasons))
+}
+
+/// What one format may still spend on an image's signatures (see
+/// [`MAX_SIGNATURE_FETCHES`] and [`MAX_SIGNATURE_CHECKS`]).
+#[derive(Default)]
+struct Budget {
+    fetches: usize,
+    checks: usize,
+}
+
+impl Budget {
+    /// Takes `fetches` fetches and `checks` checks, all or nothing; false when that would
+    /// pass a bound.
+    fn spend(&mut self, fetches: usize, checks: usize) -> bool {
+        if self.fetches + fetches > MAX_SIGNATURE_FETCHES
+            || self.checks + checks > MAX_SIGNATURE_CHECKS
+        {
+            return false;
+        }
+        self.fetches += fetches;
+        self.checks += checks;
+        true
+    }
+}
+
+/// The checks of a tag-format layer that need neither the registry nor cryptography; Ok
+/// with its decoded signature, else why not (per authority, once the layer itself is
+/// well-formed).
+fn precheck_layer(policy: &TrustPolicy, layer: &Layer) -> Result<Vec<u8>, Vec<String>> {
+    let one = |e: String| vec![e];
+    if layer.media_type != tag::SIMPLE_SIGNING_MEDIA_TYPE {
+        return Err(one(format!(
+            "media type {:?} is not a cosign simple-signing payload",
+            layer.media_type
+        )));
+    }
+    if crate::oci::sha256_hex(&layer.digest).is_none() {
+        return Err(one(format!(
+            "payload digest {:?} is not sha256",
+            layer.digest
+        )));
+    }
+    if layer.size > MAX_BLOB_BYTES {
+        return Err(one(format!(
+            "payload of {} bytes, more than {MAX_BLOB_BYTES}",
+            layer.size
+        )));
+    }
+    let Some(sig_b64) = layer.annotations.get(SIGNATURE_ANNOTATION) else {
+        return Err(one(format!("no {SIGNATURE_ANNOTATION} annotation")));
+    };
+    let sig = decode_b64(sig_b64).map_err(|_| one("the signature is not base64".into()))?;
+    // A signature no authority could accept is set aside before any fetch or check: a key
+    // checks only signatures of its own form, an identity only what comes with a
+    // certificate.
+    let has_cert = layer
+        .annotations
+        .get(CERTIFICATE_ANNOTATION)
+        .is_some_and(|c| !c.is_empty());
+    let mut reasons = Vec::new();
+    for authority in &policy.authorities {
+        let why = match &authority.kind {
+            AuthorityKind::Key(key) => key.check_form(&sig).err(),
+            AuthorityKind::Keyless(_) if has_cert => None,
+            AuthorityKind::Keyless(_) => Some(keyless::KeylessError::NoCertificate.to_string()),
+        };
+        match why {
+            None => return Ok(sig),
+            Some(e) => reasons.push(format!("authority {:?}: {e}", authority.name)),
+        }
+    }
+    Err(reasons)
+}
+
+/// The order in which a `.sig` tag's layers are examined, so that the bounds fall on junk
+/// rather than on a valid signature: first the layers whose payload is the one written for
+/// this very image here (`expected`: what GKM's promoter and `gkm build` sign, and cosign
+/// signing the image in this repository), known without a fetch; then keyless layers whose
+/// certificate names an identity of the policy; then the rest; each group in manifest
+/// order.
+fn tag_order(policy: &TrustPolicy, layers: &[Layer], expected: &str) -> Vec<usize> {
+    let names_authority = |pem: &String| {
+        keyless::cert_from_pem(pem).is_ok_and(|der| {
+            policy
+                .authorities
+                .iter()
+                .any(|a| matches!(&a.kind, AuthorityKind::Keyless(id) if id.names(&der)))
+        })
+    };
+    let rank = |l: &Layer| {
+        if l.digest == expected {
+            0
+        } else if l
+            .annotations
+            .get(CERTIFICATE_ANNOTATION)
+            .is_some_and(names_authority)
+        {
+            1
+        } else {
+            2
+        }
+    };
+    let mut order: Vec<usize> = (0..layers.len()).collect();
+    // Stable: manifest order within a rank.
+    order.sort_by_cached_key(|&i| rank(&layers[i]));
+    order
+}
+
+/// The annotation cosign puts on a bundle referrer (copied into referrer lists) naming the
+/// statement's predicate type.
+const PREDICATE_TYPE_ANNOTATION: &str = "dev.sigstore.bundle.predicateType";
+
+/// The order in which bundle referrers are examined: first those annotated as cosign
+/// signatures, then those without the annotation (cosign's own fallback tag drops it), then
+/// those annotated as something else (an attestation's bundle has the same media type, but
+/// can never verify as a signature); each group in list order.
+fn bundle_order(entries: &[&oci_client::manifest::ImageIndexEntry]) -> Vec<usize> {
+    let rank = |e: &oci_client::manifest::ImageIndexEntry| match e
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(PREDICATE_TYPE_ANNOTATION))
+    {
+        Some(t) if t == COSIGN_PREDICATE_TYPE => 0,
+        None => 1,
+        Some(_) => 2,
+    };
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.sort_by_key(|&i| rank(entries[i]));
+    order
+}
+
+/// One entry for the signatures the bounds left unexamined: `what` opens a parenthesis that
+/// their (0-based) positions close. A denial says they exist without listing thousands.
+fn not_examined(what: &str, skipped: &[usize], total: usize) -> Rejected {
+    const SHOWN: usize = 8;
+    let mut shown: Vec<String> = skipped.iter().take(SHOWN).map(usize::to_string).collect();
+    if skipped.len() > SHOWN {
+        shown.push("…".into());
+    }
+    Rejected {
+        signature: format!("{} of {total} {what} {})", skipped.len(), shown.join(", ")),
+        reasons: vec![format!(
+            "{NOT_EXAMINED}: one verification checks at most {MAX_SIGNATURE_CHECKS} signatures and makes at most {MAX_SIGNATURE_FETCHES} fetches per format, the signatures GKM can tell apart without them first"
+        )],
     }
 }
 

@@ -155,6 +155,76 @@ impl Drop for Cosign {
     }
 }
 
+/// Junk that anyone who may push to a repository can add to an image's `.sig` manifest,
+/// as copies of the genuine signature layer `valid` (so over the genuine payload): first
+/// `malformed` ones whose signature is no signature at all (the bug report's
+/// `sig-manifest.jq`: `MEUCIQ<i>AAA…==`, not base64 for some `i`, a broken DER signature
+/// for others), then `forged` well-formed ones that do not verify (the genuine signature
+/// with its last two bytes changed, a different pair each).
+pub fn junk_signature_layers(
+    valid: &serde_json::Value,
+    malformed: usize,
+    forged: usize,
+) -> Vec<serde_json::Value> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    const SIGNATURE: &str = "dev.cosignproject.cosign/signature";
+    let with = |signature: String| {
+        let mut l = valid.clone();
+        l["annotations"][SIGNATURE] = signature.into();
+        l
+    };
+    let genuine = b64
+        .decode(valid["annotations"][SIGNATURE].as_str().unwrap_or_default())
+        .unwrap_or_default();
+    let mut out: Vec<_> = (0..malformed)
+        .map(|i| with(format!("MEUCIQ{i}{}==", "A".repeat(100))))
+        .collect();
+    out.extend((0..forged).map(|i| {
+        let mut sig = genuine.clone();
+        let n = sig.len();
+        if n >= 2 {
+            sig[n - 1] ^= (i % 255 + 1) as u8;
+            sig[n - 2] ^= (i / 255) as u8;
+        }
+        with(b64.encode(sig))
+    }));
+    out
+}
+
+/// Pushes (or replaces) the `.sig` manifest of `digest` in `repo` with these layer
+/// descriptors as they are (their blobs need not exist) and a config listing them, as
+/// cosign writes it.
+pub async fn push_signature_layers(
+    registry: &crate::Registry,
+    repo: &str,
+    digest: &str,
+    layers: &[serde_json::Value],
+) -> Result<(), Error> {
+    use crate::image;
+    let config = serde_json::json!({
+        "architecture": "", "os": "", "created": "0001-01-01T00:00:00Z", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|d| d["digest"].clone()).collect::<Vec<_>>()},
+    })
+    .to_string();
+    let config_digest = image::push_blob(registry, repo, config.as_bytes()).await?;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": image::OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": config.len(), "digest": config_digest},
+        "layers": layers,
+    });
+    let tag = format!("{}.sig", digest.replace(':', "-"));
+    image::push_manifest(
+        registry,
+        repo,
+        &tag,
+        image::OCI_MANIFEST,
+        manifest.to_string().as_bytes(),
+    )
+    .await?;
+    Ok(())
+}
+
 /// Unix seconds as the certificate time type rcgen takes (a macro: rcgen does not re-export
 /// that type, and testenv does not depend on `time` itself).
 macro_rules! at {

@@ -22,7 +22,6 @@ pub async fn register(
     ca_pem: &str,
     label: (&str, &str),
 ) -> Result<(), Error> {
-    let client = cluster.admin_client().await?;
     let rules = vec![RuleWithOperations {
         api_groups: Some(vec!["gkm.io".into()]),
         api_versions: Some(vec!["v1alpha1".into()]),
@@ -30,51 +29,82 @@ pub async fn register(
         resources: Some(vec!["gkmcaches".into(), "clustergkmcaches".into()]),
         scope: None,
     }];
-    let selector = labelled(label);
-    let client_config = |path: &str| local(port, path, ca_pem);
-    let meta = ObjectMeta {
-        name: Some(name.to_string()),
-        ..Default::default()
+    let pair = Pair {
+        mutating: ("mutate.gkm.io", "mutate"),
+        validating: ("validate.gkm.io", "validate"),
+        reinvocation: None,
     };
-    let m = MutatingWebhookConfiguration {
-        metadata: meta.clone(),
-        webhooks: Some(vec![MutatingWebhook {
-            name: "mutate.gkm.io".into(),
-            admission_review_versions: vec!["v1".into()],
-            client_config: client_config("mutate"),
-            failure_policy: Some("Fail".into()),
-            side_effects: "None".into(),
-            timeout_seconds: Some(10),
-            namespace_selector: Some(selector.clone()),
-            rules: Some(rules.clone()),
-            ..Default::default()
-        }]),
-    };
-    let v = ValidatingWebhookConfiguration {
-        metadata: meta,
-        webhooks: Some(vec![ValidatingWebhook {
-            name: "validate.gkm.io".into(),
-            admission_review_versions: vec!["v1".into()],
-            client_config: client_config("validate"),
-            failure_policy: Some("Fail".into()),
-            side_effects: "None".into(),
-            timeout_seconds: Some(10),
-            namespace_selector: Some(selector),
-            rules: Some(rules),
-            ..Default::default()
-        }]),
-    };
-    let pp = PatchParams::apply("gkm-testenv").force();
-    let ctx = |e| Error::kube(format!("registering webhooks {name}"), e);
-    Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .patch(name, &pp, &Patch::Apply(&m))
+    pair.register(cluster, name, (port, ca_pem), label, rules)
         .await
-        .map_err(ctx)?;
-    Api::<ValidatingWebhookConfiguration>::all(client)
-        .patch(name, &pp, &Patch::Apply(&v))
-        .await
-        .map_err(ctx)?;
-    Ok(())
+}
+
+/// The two webhooks of a Mutating- and ValidatingWebhookConfiguration pair: each as
+/// `(webhook name, path)`, and the mutating one's reinvocationPolicy.
+struct Pair {
+    mutating: (&'static str, &'static str),
+    validating: (&'static str, &'static str),
+    reinvocation: Option<&'static str>,
+}
+
+impl Pair {
+    /// Server-side applies both configurations, named `name`, calling
+    /// `https://127.0.0.1:<port>/<path>` trusted by `ca_pem` (`at`) on `rules`, for
+    /// namespaces labelled `label`. failurePolicy Fail, timeout 10 s.
+    async fn register(
+        &self,
+        cluster: &Cluster,
+        name: &str,
+        at: (u16, &str),
+        label: (&str, &str),
+        rules: Vec<RuleWithOperations>,
+    ) -> Result<(), Error> {
+        let (port, ca_pem) = at;
+        let client = cluster.admin_client().await?;
+        let meta = ObjectMeta {
+            name: Some(name.to_string()),
+            ..Default::default()
+        };
+        let m = MutatingWebhookConfiguration {
+            metadata: meta.clone(),
+            webhooks: Some(vec![MutatingWebhook {
+                name: self.mutating.0.into(),
+                admission_review_versions: vec!["v1".into()],
+                client_config: local(port, self.mutating.1, ca_pem),
+                failure_policy: Some("Fail".into()),
+                side_effects: "None".into(),
+                timeout_seconds: Some(10),
+                namespace_selector: Some(labelled(label)),
+                reinvocation_policy: self.reinvocation.map(String::from),
+                rules: Some(rules.clone()),
+                ..Default::default()
+            }]),
+        };
+        let v = ValidatingWebhookConfiguration {
+            metadata: meta,
+            webhooks: Some(vec![ValidatingWebhook {
+                name: self.validating.0.into(),
+                admission_review_versions: vec!["v1".into()],
+                client_config: local(port, self.validating.1, ca_pem),
+                failure_policy: Some("Fail".into()),
+                side_effects: "None".into(),
+                timeout_seconds: Some(10),
+                namespace_selector: Some(labelled(label)),
+                rules: Some(rules),
+                ..Default::default()
+            }]),
+        };
+        let pp = PatchParams::apply("gkm-testenv").force();
+        let ctx = |e| Error::kube(format!("registering webhooks {name}"), e);
+        Api::<MutatingWebhookConfiguration>::all(client.clone())
+            .patch(name, &pp, &Patch::Apply(&m))
+            .await
+            .map_err(ctx)?;
+        Api::<ValidatingWebhookConfiguration>::all(client)
+            .patch(name, &pp, &Patch::Apply(&v))
+            .await
+            .map_err(ctx)?;
+        Ok(())
+    }
 }
 
 /// `https://127.0.0.1:<port>/<path>`, trusted by `ca_pem`.
@@ -106,9 +136,12 @@ fn labelled(label: (&str, &str)) -> LabelSelector {
     }
 }
 
-/// Registers (server-side applies) a ValidatingWebhookConfiguration named `name` for the
-/// Pod policy, calling `https://127.0.0.1:<port>/validate-pods` trusted by `ca_pem`, for pods
-/// and ephemeral containers in namespaces labelled `label`. failurePolicy Fail, timeout 10 s.
+/// Registers (server-side applies) the Pod policy's two webhooks, as deployed, named `name`:
+/// a MutatingWebhookConfiguration calling `https://127.0.0.1:<port>/pin-pods` (pinning
+/// verified tags to their digest, reinvocationPolicy IfNeeded) and a
+/// ValidatingWebhookConfiguration calling `/validate-pods`, trusted by `ca_pem`, for pods
+/// and ephemeral containers in namespaces labelled `label`. Both failurePolicy Fail,
+/// timeout 10 s.
 pub async fn register_pod_policy(
     cluster: &Cluster,
     name: &str,
@@ -116,36 +149,14 @@ pub async fn register_pod_policy(
     ca_pem: &str,
     label: (&str, &str),
 ) -> Result<(), Error> {
-    let client = cluster.admin_client().await?;
-    let v = ValidatingWebhookConfiguration {
-        metadata: ObjectMeta {
-            name: Some(name.to_string()),
-            ..Default::default()
-        },
-        webhooks: Some(vec![ValidatingWebhook {
-            name: "pods.gkm.io".into(),
-            admission_review_versions: vec!["v1".into()],
-            client_config: local(port, "validate-pods", ca_pem),
-            failure_policy: Some("Fail".into()),
-            side_effects: "None".into(),
-            timeout_seconds: Some(10),
-            namespace_selector: Some(labelled(label)),
-            rules: Some(pod_rules(
-                &["CREATE", "UPDATE"],
-                &["pods", "pods/ephemeralcontainers"],
-            )),
-            ..Default::default()
-        }]),
+    let rules = pod_rules(&["CREATE", "UPDATE"], &["pods", "pods/ephemeralcontainers"]);
+    let pair = Pair {
+        mutating: ("pod-pin.gkm.io", "pin-pods"),
+        validating: ("pods.gkm.io", "validate-pods"),
+        reinvocation: Some("IfNeeded"),
     };
-    Api::<ValidatingWebhookConfiguration>::all(client)
-        .patch(
-            name,
-            &PatchParams::apply("gkm-testenv").force(),
-            &Patch::Apply(&v),
-        )
+    pair.register(cluster, name, (port, ca_pem), label, rules)
         .await
-        .map_err(|e| Error::kube(format!("registering the pod webhook {name}"), e))?;
-    Ok(())
 }
 
 /// Registers (server-side applies) a MutatingWebhookConfiguration named `name` for the

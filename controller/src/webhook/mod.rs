@@ -9,7 +9,8 @@
 //! served it): it resolves and verifies again, through the verifier's cache.
 //! Configured trusted users (service accounts of GKM's own automation) are exempt.
 //!
-//! [`pods`] holds the trust policy's Pod rule (`podPolicy`), served on its own path.
+//! [`pods`] holds the trust policy's Pod rules (`podPolicy`: pinning and validation),
+//! served on their own paths.
 
 use std::collections::BTreeMap;
 
@@ -138,6 +139,11 @@ impl<V: ImageVerifier> Admission<V> {
             .verify(image)
             .await
             .map_err(|d| format!("{kind} {name}: {d}"))
+    }
+
+    /// The Pod pinning rule (`podPolicy.verifySignatures`: `/pin-pods`).
+    pub async fn pin_pod(&self, req: &AdmissionRequest<DynamicObject>) -> Decision {
+        pods::pin(&self.verifier, req).await
     }
 
     /// The Pod rule (`podPolicy`).

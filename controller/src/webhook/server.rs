@@ -1,5 +1,6 @@
 //! The HTTPS admission server (rustls): `POST /mutate`, `POST /validate` (caches),
-//! `POST /validate-pods` (the Pod policy), `POST /mutate-pods` (the cache variables), `POST /api/images/verify-and-promote`,
+//! `POST /validate-pods` and `POST /pin-pods` (the Pod policy), `POST /mutate-pods` (the
+//! cache variables), `POST /api/images/verify-and-promote`,
 //! `GET /healthz`, `GET /readyz`.
 
 use std::convert::Infallible;
@@ -123,7 +124,10 @@ async fn handle<V: ImageVerifier, G: Gatekeeper>(
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz" | "/readyz") => Ok(reply(StatusCode::OK, b"ok".to_vec())),
-        (&Method::POST, "/mutate" | "/validate" | "/validate-pods" | "/mutate-pods") => {
+        (
+            &Method::POST,
+            "/mutate" | "/validate" | "/validate-pods" | "/pin-pods" | "/mutate-pods",
+        ) => {
             let body = match req.into_body().collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(e) => return Ok(reply(StatusCode::BAD_REQUEST, e.to_string().into_bytes())),
@@ -161,6 +165,7 @@ async fn handle<V: ImageVerifier, G: Gatekeeper>(
                     "/mutate" => admission.mutate(&request).await,
                     "/validate" => admission.validate(&request).await,
                     "/mutate-pods" => admission.mutate_pod(&request).await,
+                    "/pin-pods" => admission.pin_pod(&request).await,
                     _ => admission.validate_pod(&request).await,
                 }
             }
