@@ -63,11 +63,16 @@ impl KernelMetadata {
             .as_str()
             .ok_or_else(|| "target.backend is not a string".to_string())
             .and_then(parse_backend)?;
+        // An arch that normalises to nothing (`:xnack-`, `sm_`) would be written into the
+        // summary label as "", which every node refuses to read.
         let arch = match target.get("arch") {
-            Some(Value::String(a)) if !a.trim().is_empty() => normalize_arch(a),
+            Some(Value::String(a)) => normalize_arch(a),
             Some(Value::Number(n)) if n.is_u64() => n.to_string(),
-            _ => return Err("target.arch is neither a name nor a number".into()),
+            _ => String::new(),
         };
+        if arch.is_empty() {
+            return Err("target.arch is neither a name nor a number".into());
+        }
         let warp_size = target
             .get("warp_size")
             .and_then(Value::as_u64)
@@ -137,11 +142,17 @@ pub fn capture_root(rel_dir: &str, recorded: &str) -> Option<String> {
 
 /// The Python ABI tag of an extension module's file name (`cpython-312-x86_64-linux-gnu`
 /// of `__triton_launcher.cpython-312-x86_64-linux-gnu.so`; `abi3` of `x.abi3.so`), the
-/// suffix CPython's `EXT_SUFFIX` gives it. `None` for other files.
+/// suffix CPython's `EXT_SUFFIX` gives it. `None` for other files: no module name, or a
+/// tag of other characters than CPython's tags use (letters, digits, `-`, `_`), which
+/// could not be listed in the comma-separated `python-abis` label.
 pub fn python_abi(file_name: &str) -> Option<&str> {
     let stem = file_name.strip_suffix(".so")?;
-    let (_, tag) = stem.split_once('.')?;
-    (!tag.is_empty() && !tag.contains('.')).then_some(tag)
+    let (module, tag) = stem.split_once('.')?;
+    let tag_ok = !tag.is_empty()
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    (!module.is_empty() && tag_ok).then_some(tag)
 }
 
 #[cfg(test)]

@@ -1,0 +1,78 @@
+//! The fuzz targets' checks (fuzz/src/oracles, docs/fuzzing.md) as normal tests: each
+//! replays its target's seed corpus and a fixed set of mutants of it, so `cargo test`
+//! runs a few seconds of every fuzzer without libFuzzer. The named tests below are inputs
+//! the coverage-guided fuzzer found failing, kept after the fix.
+
+#[path = "../fuzz/src/oracles/mod.rs"]
+mod oracles;
+#[path = "../fuzz/src/replay.rs"]
+mod replay;
+
+use std::path::PathBuf;
+
+fn corpus(target: &str) -> PathBuf {
+    gkm_testenv::workspace_root()
+        .join("fuzz/corpus")
+        .join(target)
+}
+
+fn replay(target: &str, check: fn(&[u8]), mutants: usize) {
+    let n = replay::replay(target, &corpus(target), check, mutants);
+    assert!(n > mutants);
+}
+
+#[test]
+fn fuzz_corpus_extract() {
+    replay("extract", oracles::extract::check, 1500);
+}
+
+#[test]
+fn fuzz_corpus_reference() {
+    replay("reference", oracles::reference::check, 5000);
+}
+
+#[test]
+fn fuzz_corpus_labels() {
+    replay("labels", oracles::labels::check, 5000);
+}
+
+#[test]
+fn fuzz_corpus_triton() {
+    replay("triton", oracles::triton::check, 5000);
+}
+
+#[test]
+fn fuzz_corpus_view() {
+    replay("view", oracles::view::check, 5000);
+}
+
+#[test]
+fn fuzz_corpus_csi() {
+    replay("csi", oracles::csi::check, 5000);
+}
+
+// Inputs the fuzzers found failing, each kept as the test of what it exercises.
+
+/// triton: `python_abi` read `.0", "nam6_64-linux-gnu.so` (the third line here) as an
+/// extension module with ABI tag `0", "nam6_64-linux-gnu`: no module name, and a tag that
+/// could hold the comma that separates the `python-abis` label's values.
+#[test]
+fn fuzz_triton_python_abi_needs_a_module_name_and_a_plain_tag() {
+    use gkm::kernel_cache::triton::python_abi;
+    oracles::triton::check(
+        b"{\"target\": {\"backend\": \"hip\", \"arch\": \"gfx942:sramecc+:xnack-\", \"warp_size\": 64}, {triton_versiamecc+:xnack-\", \"warp_size\": 64}, \"triton_version\": \"3.6ton_launcher.cpython-312-x86_64-linux-gnu.so\n.0\", \"nam6_64-linux-gnu.so\ne\": \"k\"}",
+    );
+    assert_eq!(python_abi(".abi3.so"), None);
+    assert_eq!(python_abi("m.abi3,cpython-312.so"), None);
+    assert_eq!(python_abi("m.abi3.so"), Some("abi3"));
+}
+
+/// triton: kernel metadata whose arch normalises to nothing (`:gfx942:...` keeps what is
+/// before the first `:`) was accepted with arch "", and `gkm build` would have written a
+/// summary label that every node refuses to parse.
+#[test]
+fn fuzz_triton_metadata_arch_that_normalises_to_nothing_is_refused() {
+    let input = br#"{"target": {"backend": "hip", "arch": ":gfx942:sramecc+:xnack-", "warp_size": 64}, "triton_version": "[.6.0", "name": "k"}"#;
+    oracles::triton::check(input);
+    assert!(gkm::kernel_cache::triton::KernelMetadata::parse(input).is_err());
+}
