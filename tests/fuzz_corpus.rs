@@ -76,3 +76,25 @@ fn fuzz_triton_metadata_arch_that_normalises_to_nothing_is_refused() {
     oracles::triton::check(input);
     assert!(gkm::kernel_cache::triton::KernelMetadata::parse(input).is_err());
 }
+
+/// reference: `r1B5000/x__y/z-1.2:t5` parsed (as oci-spec parses it) to the Docker Hub
+/// repository `r1B5000/x__y/z-1.2`, whose `whole()`, `docker.io/r1B5000/...`, no parser
+/// accepts; Docker refuses such a name as not lowercase, and so does GKM now.
+#[test]
+fn fuzz_reference_uppercase_docker_hub_repository_is_refused() {
+    oracles::reference::check(b"r1B5000/x__y/z-1.2:t5");
+    assert!(gkm::oci::parse_reference("r1B5000/x__y/z-1.2:t5").is_err());
+    assert!(gkm::oci::parse_reference("r1b5000/x__y/z-1.2:t5").is_ok());
+}
+
+/// triton: a `triton_version` of `3.,.0` was kept, and `gkm build` would have listed it in
+/// the comma-separated `triton-versions` label as the two versions `3.` and `.0`.
+#[test]
+fn fuzz_triton_version_with_a_comma_is_left_out() {
+    let input = br#"{"target": {"backend": "hip", "arch": "ck-", "warp_size": 64}, "triton_version": "3.,.0", "name": "k"}"#;
+    oracles::triton::check(input);
+    let m = gkm::kernel_cache::triton::KernelMetadata::parse(input)
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.triton_version, None);
+}

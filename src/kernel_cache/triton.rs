@@ -37,7 +37,9 @@ pub struct KernelMetadata {
     pub name: Option<String>,
     pub hash: Option<String>,
     pub target: CacheTarget,
-    /// `triton_version`, written by Triton 3.x; absent in older caches.
+    /// `triton_version`, written by Triton 3.x; absent in older caches, and left out when
+    /// it is not a plain version (letters, digits, `.+-_!`), which could not be listed in
+    /// the comma-separated `triton-versions` label.
     pub triton_version: Option<String>,
     pub ptx_version: Option<u64>,
     pub num_warps: Option<u64>,
@@ -89,13 +91,20 @@ impl KernelMetadata {
                 arch,
                 warp_size,
             },
-            triton_version: str_field("triton_version"),
+            triton_version: str_field("triton_version").filter(|v| is_plain_version(v)),
             ptx_version: num_field("ptx_version"),
             num_warps: num_field("num_warps"),
             num_stages: num_field("num_stages"),
             debug: v.get("debug").and_then(Value::as_bool),
         }))
     }
+}
+
+/// A PEP 440 version's characters only (`3.6.0`, `3.6.0+git1a2b3c`), not empty.
+fn is_plain_version(v: &str) -> bool {
+    !v.is_empty()
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-' | b'_' | b'!'))
 }
 
 /// `cuda` or `hip`, or why not.

@@ -3,9 +3,9 @@
 //!
 //! Checks:
 //! - differential: oci-spec's regular-expression parser (`Reference::from_str`) accepts the
-//!   same strings and builds the same registry, repository, tag and digest; the one
-//!   intended difference is a non-ASCII tag, which oci-spec's Unicode `\w` accepts and GKM
-//!   refuses;
+//!   same strings and builds the same registry, repository, tag and digest; the intended
+//!   differences are a non-ASCII tag, which oci-spec's Unicode `\w` accepts, and an
+//!   uppercase Docker Hub repository (`Foo/bar`), which Docker refuses too;
 //! - round trip: a parsed reference's `whole()` parses to the same reference;
 //! - `PinnedRef::parse` accepts exactly the parsed references with a sha256 digest of 64
 //!   lowercase hex digits, and keeps their registry and repository.
@@ -39,7 +39,8 @@ pub fn check(data: &[u8]) {
             fields(o)
         ),
         (Err(e), Ok(t)) => assert!(
-            t.tag().is_some_and(|tag| !tag.is_ascii()),
+            t.tag().is_some_and(|tag| !tag.is_ascii())
+                || t.repository().bytes().any(|b| b.is_ascii_uppercase()),
             "{s:?}: oci-spec parses it as {:?}, GKM refuses it: {e}",
             fields(t)
         ),
