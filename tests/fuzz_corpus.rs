@@ -98,3 +98,45 @@ fn fuzz_triton_version_with_a_comma_is_left_out() {
         .unwrap();
     assert_eq!(m.triton_version, None);
 }
+
+/// labels: a summary label whose `backend` is a 2 KB string gave a 2.3 KB error (serde's
+/// message quotes the value whole), which goes into node status and logs; the label itself
+/// was already cut to 200 characters, now serde's message is too.
+#[test]
+fn fuzz_labels_summary_error_stays_short_for_a_long_value() {
+    let input =
+        std::fs::read(gkm_testenv::workspace_root().join("fuzz/regressions/labels-long-backend"))
+            .unwrap();
+    oracles::labels::check(&input);
+    let long = format!(
+        r#"{{"targets":[{{"backend":"{}","arch":"90","warp_size":32}}]}}"#,
+        "x".repeat(1 << 20)
+    );
+    let e = gkm::gpu::Summary::parse(&long).unwrap_err().to_string();
+    assert!(e.len() < 1024, "{} bytes", e.len());
+}
+
+/// view: a group child recorded as `/` (no file name) was moved to the mount path itself,
+/// `/acche`, and rewriting that view again moved it to `/acche/acche`: `capture_root` now
+/// needs a file name, so such a child is left as it is.
+#[test]
+fn fuzz_view_child_without_a_file_name_is_not_moved() {
+    oracles::view::check(b"\n/acche\n\n{\"child_paths\": {\"adde\": \"/\"}}");
+    assert_eq!(gkm::kernel_cache::triton::capture_root("", "/"), None);
+    assert_eq!(
+        gkm::kernel_cache::triton::capture_root("K", "/tmp/K/"),
+        None
+    );
+}
+
+/// csi: `volume_of_target` drops `..` components (it keeps only normal ones), so
+/// `.../kernels/mount/../` named the volume `kernels`. Only a target path that
+/// `validate_target` accepted reaches it, and that refuses `..`; `src/csi/pods.rs` is left
+/// as it is (docs/fuzzing.md, Findings).
+#[test]
+fn fuzz_csi_target_with_dot_dot_never_reaches_volume_of_target() {
+    let input = b"\x01/..i-0a1b2c\"b/var/lib/kubelet/pods/6d6ce3b-22a4\x00-4a8e-9a43-1c2f0e8d7b11/volumes/kubernetes.io~csi/kernels/mount/../";
+    oracles::csi::check(input);
+    let target = std::str::from_utf8(&input[1..]).unwrap();
+    assert!(gkm::csi::validate_target(target).is_err());
+}

@@ -137,9 +137,13 @@ pub fn group_json(children: &BTreeMap<String, String>) -> Vec<u8> {
 /// The directory a cache was captured at, from one child of a group file: the child's
 /// recorded path minus `/<rel_dir>/<file>`, where `rel_dir` is the group file's folder
 /// relative to the cache root. `None` when the path does not end that way (the child was
-/// not written next to its group file, as Triton always does).
+/// not written next to its group file, as Triton always does), or names no file (ends
+/// with `/`).
 pub fn capture_root(rel_dir: &str, recorded: &str) -> Option<String> {
     let file = recorded.rsplit_once('/')?.1;
+    if file.is_empty() {
+        return None;
+    }
     let suffix = if rel_dir.is_empty() {
         format!("/{file}")
     } else {

@@ -14,7 +14,8 @@
 //!   is read-only when CSI's `readonly` or `csi.gkm.io/writable: "false"` says so;
 //! - the attributes name a namespaced cache only with a namespace attribute, and never both
 //!   kinds at once;
-//! - the volume found in a target path is one plain path component, and belongs to the
+//! - the volume found in a target path that `validate_target` accepts (the only ones the
+//!   plugin reads it from) is one plain path component of that path, and belongs to the
 //!   pod uid given;
 //! - `decide` picks a mount path that some container really mounts the volume at, and
 //!   warns whenever a container mounting the volume sees it elsewhere.
@@ -101,7 +102,9 @@ fn check_target(target: &str, uid: &str) {
         assert_eq!(p.as_os_str(), target);
         check_normal(&p);
     }
-    if let Some(volume) = volume_of_target(Path::new(target), uid) {
+    // The plugin reads the volume only from a target path `validate_target` accepted.
+    let volume = volume_of_target(Path::new(target), uid);
+    if let (Some(volume), Ok(_)) = (volume, validate_target(target)) {
         assert!(
             !volume.is_empty() && !volume.contains('/') && volume != "." && volume != "..",
             "{target:?} → volume {volume:?}"

@@ -16,8 +16,9 @@ use gkm::api::{GpuBackend, GpuInfo};
 use gkm::gpu::compat::{Summary, Verdict, normalize_arch};
 use gkm::kernel_cache::{CacheKind, CacheLabels};
 
-/// A summary error quotes at most 200 characters of the label.
-const MAX_ERROR_MESSAGE: usize = 2048;
+/// A summary error quotes at most 200 characters of the label and of serde's message (the
+/// label's escaped, up to 10 bytes a character).
+const MAX_ERROR_MESSAGE: usize = 4096;
 
 pub fn check(data: &[u8]) {
     let Ok(s) = std::str::from_utf8(data) else {
