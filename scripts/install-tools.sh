@@ -30,6 +30,10 @@
 #   triton-python            a Python virtual environment with PyPI's Triton wheel, whose
 #                            compiler and cache manager decide hit or miss in the cache tests
 #                            (it compiles for cuda:90 and gfx942 on a CPU).
+#   cargo-fuzz               from crates.io (`cargo install --locked`), for scripts/fuzz.sh
+#                            (docs/fuzzing.md); the test command itself does not use it.
+#
+# `scripts/install-tools.sh cargo-fuzz` installs only the named tool (scripts/fuzz.sh does).
 set -Eeuo pipefail
 
 KUBE_VERSION=${KUBE_VERSION:-v1.36.3}
@@ -40,6 +44,7 @@ CSI_SANITY_VERSION=${CSI_SANITY_VERSION:-v5.5.0}
 CONTAINERD_VERSION=${CONTAINERD_VERSION:-v2.4.2}
 # The Triton of the H200 fixture (../shared/fixtures): its metadata says 3.6.0.
 TRITON_VERSION=${TRITON_VERSION:-3.6.0}
+CARGO_FUZZ_VERSION=${CARGO_FUZZ_VERSION:-0.13.2}
 
 TOOLS_DIR=${GKM_TOOLS_DIR:-$HOME/.cache/gkm/tools}
 BIN=$TOOLS_DIR/bin
@@ -287,6 +292,37 @@ triton_python() {
   chmod +x "$BIN/triton-python"
 }
 
+# cargo-fuzz into a versioned cargo root, linked as $BIN/cargo-fuzz. It drives libFuzzer
+# on the stable toolchain with `--sanitizer none`.
+cargo_fuzz() {
+  local v=$CARGO_FUZZ_VERSION
+  local root=$TOOLS_DIR/cargo-fuzz-$v
+  step cargo-fuzz "crates.io cargo-fuzz@$v"
+  if [ -x "$root/bin/cargo-fuzz" ]; then
+    echo "    cached: $root/bin/cargo-fuzz"
+  else
+    local t0
+    t0=$(now)
+    # Its own throwaway target directory, not the one the test command exported.
+    env -u CARGO_TARGET_DIR cargo install --locked --quiet --version "$v" --root "$root" cargo-fuzz
+    echo "    built in $(($(now) - t0))s"
+  fi
+  ln -sfn "../cargo-fuzz-$v/bin/cargo-fuzz" "$BIN/cargo-fuzz"
+}
+
+if [ $# -gt 0 ]; then
+  for tool in "$@"; do
+    case $tool in
+      cargo-fuzz) cargo_fuzz ;;
+      *)
+        echo "install-tools: $tool cannot be installed on its own (only cargo-fuzz)" >&2
+        exit 2
+        ;;
+    esac
+  done
+  exit 0
+fi
+
 T_ALL=$(now)
 kube_tools
 go_tool cosign github.com/sigstore/cosign/v3/cmd/cosign "$COSIGN_VERSION"
@@ -301,6 +337,7 @@ go_program gkm-pause node/pause main.go go.mod
 go_program gkm-registrar node/registrar main.go go.mod go.sum
 docker_registry
 triton_python
+cargo_fuzz
 
 step versions "installed into $BIN"
 STEP=versions
@@ -317,5 +354,6 @@ printf '    %-15s %s\n' runc "$(runc --version | sed -n 1p)"
 printf '    %-15s %s\n' busybox "$(/bin/busybox --help 2>&1 | sed -n 1p)"
 printf '    %-15s %s\n' docker-registry "$("$BIN/docker-registry" --version)"
 printf '    %-15s %s\n' triton "$("$BIN/triton-python" -c 'import sys, triton; print(triton.__version__, "on Python", sys.version.split()[0])')"
+printf '    %-15s %s\n' cargo-fuzz "$("$BIN/cargo-fuzz" --version)"
 printf '    %-15s %s\n' etcd "from the etcd-bin-vendored crate (cargo)"
 echo "install-tools: done in $(($(now) - T_ALL))s"

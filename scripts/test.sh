@@ -24,6 +24,8 @@ timed() {
 T0=$(date +%s)
 timed tools scripts/install-tools.sh
 timed build cargo build --workspace --all-targets --locked
+# Includes the fuzz targets' checks over their seed corpus and fixed mutants of it
+# (tests/fuzz_corpus.rs, controller/tests/fuzz_corpus.rs); scripts/fuzz.sh runs libFuzzer.
 timed test cargo test --workspace --locked --no-fail-fast
 timed csi-sanity csi-sanity/run.sh
 # The README's main-job command, end to end (its binaries were built above).

@@ -178,8 +178,12 @@ fn every_agent_and_controller_flag_in_the_docs_exists() {
     }
 }
 
-/// Flags of other programs the docs show (kubectl, cargo, cosign, the demo).
+/// Flags of other programs the docs show (kubectl, cargo, cosign, the demo, scripts/fuzz.sh
+/// and cargo-fuzz).
 const OTHER_TOOLS_FLAGS: &[&str] = &[
+    "--replay",
+    "--list",
+    "--sanitizer",
     "--cacert",
     "--server-side",
     "--dry-run",

@@ -61,8 +61,10 @@ pub struct Summary {
 impl Summary {
     /// Parses the label's value (a JSON string).
     pub fn parse(label: &str) -> Result<Summary, Error> {
+        // serde's message quotes the offending value whole (a megabyte-long backend, say):
+        // cut it as the label is cut.
         serde_json::from_str(label).map_err(|e| Error::Summary {
-            reason: format!("{e} (in {})", abbreviate(label)),
+            reason: format!("{} (in {})", cut(&e.to_string()), abbreviate(label)),
         })
     }
 
@@ -253,12 +255,22 @@ pub fn display_arch(backend: GpuBackend, arch: &str) -> String {
     }
 }
 
+/// Characters of a label value quoted in an error message.
+const QUOTED: usize = 200;
+
 /// Label values end up in error messages; keep a huge one from flooding the log.
 fn abbreviate(s: &str) -> String {
-    const MAX: usize = 200;
-    match s.char_indices().nth(MAX) {
+    match s.char_indices().nth(QUOTED) {
         Some((cut, _)) => format!("{:?}...", &s[..cut]),
         None => format!("{s:?}"),
+    }
+}
+
+/// At most [`QUOTED`] characters of `s`, then `...`.
+fn cut(s: &str) -> String {
+    match s.char_indices().nth(QUOTED) {
+        Some((at, _)) => format!("{}...", &s[..at]),
+        None => s.to_string(),
     }
 }
 

@@ -37,7 +37,9 @@ pub struct KernelMetadata {
     pub name: Option<String>,
     pub hash: Option<String>,
     pub target: CacheTarget,
-    /// `triton_version`, written by Triton 3.x; absent in older caches.
+    /// `triton_version`, written by Triton 3.x; absent in older caches, and left out when
+    /// it is not a plain version (letters, digits, `.+-_!`), which could not be listed in
+    /// the comma-separated `triton-versions` label.
     pub triton_version: Option<String>,
     pub ptx_version: Option<u64>,
     pub num_warps: Option<u64>,
@@ -63,11 +65,16 @@ impl KernelMetadata {
             .as_str()
             .ok_or_else(|| "target.backend is not a string".to_string())
             .and_then(parse_backend)?;
+        // An arch that normalises to nothing (`:xnack-`, `sm_`) would be written into the
+        // summary label as "", which every node refuses to read.
         let arch = match target.get("arch") {
-            Some(Value::String(a)) if !a.trim().is_empty() => normalize_arch(a),
+            Some(Value::String(a)) => normalize_arch(a),
             Some(Value::Number(n)) if n.is_u64() => n.to_string(),
-            _ => return Err("target.arch is neither a name nor a number".into()),
+            _ => String::new(),
         };
+        if arch.is_empty() {
+            return Err("target.arch is neither a name nor a number".into());
+        }
         let warp_size = target
             .get("warp_size")
             .and_then(Value::as_u64)
@@ -84,13 +91,20 @@ impl KernelMetadata {
                 arch,
                 warp_size,
             },
-            triton_version: str_field("triton_version"),
+            triton_version: str_field("triton_version").filter(|v| is_plain_version(v)),
             ptx_version: num_field("ptx_version"),
             num_warps: num_field("num_warps"),
             num_stages: num_field("num_stages"),
             debug: v.get("debug").and_then(Value::as_bool),
         }))
     }
+}
+
+/// A PEP 440 version's characters only (`3.6.0`, `3.6.0+git1a2b3c`), not empty.
+fn is_plain_version(v: &str) -> bool {
+    !v.is_empty()
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-' | b'_' | b'!'))
 }
 
 /// `cuda` or `hip`, or why not.
@@ -123,9 +137,13 @@ pub fn group_json(children: &BTreeMap<String, String>) -> Vec<u8> {
 /// The directory a cache was captured at, from one child of a group file: the child's
 /// recorded path minus `/<rel_dir>/<file>`, where `rel_dir` is the group file's folder
 /// relative to the cache root. `None` when the path does not end that way (the child was
-/// not written next to its group file, as Triton always does).
+/// not written next to its group file, as Triton always does), or names no file (ends
+/// with `/`).
 pub fn capture_root(rel_dir: &str, recorded: &str) -> Option<String> {
     let file = recorded.rsplit_once('/')?.1;
+    if file.is_empty() {
+        return None;
+    }
     let suffix = if rel_dir.is_empty() {
         format!("/{file}")
     } else {
@@ -137,11 +155,17 @@ pub fn capture_root(rel_dir: &str, recorded: &str) -> Option<String> {
 
 /// The Python ABI tag of an extension module's file name (`cpython-312-x86_64-linux-gnu`
 /// of `__triton_launcher.cpython-312-x86_64-linux-gnu.so`; `abi3` of `x.abi3.so`), the
-/// suffix CPython's `EXT_SUFFIX` gives it. `None` for other files.
+/// suffix CPython's `EXT_SUFFIX` gives it. `None` for other files: no module name, or a
+/// tag of other characters than CPython's tags use (letters, digits, `-`, `_`), which
+/// could not be listed in the comma-separated `python-abis` label.
 pub fn python_abi(file_name: &str) -> Option<&str> {
     let stem = file_name.strip_suffix(".so")?;
-    let (_, tag) = stem.split_once('.')?;
-    (!tag.is_empty() && !tag.contains('.')).then_some(tag)
+    let (module, tag) = stem.split_once('.')?;
+    let tag_ok = !tag.is_empty()
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    (!module.is_empty() && tag_ok).then_some(tag)
 }
 
 #[cfg(test)]

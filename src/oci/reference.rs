@@ -7,7 +7,11 @@
 //! grammar by hand, accepts and rejects the same strings (a test compares the two over
 //! generated inputs), and builds the same [`Reference`] through its plain constructors.
 //! Tags are ASCII only (`\w` is Unicode in the expression); the distribution spec allows
-//! nothing else, so no registry serves them.
+//! nothing else, so no registry serves them. And, as Docker's `ParseNormalizedNamed` does,
+//! the repository must be lowercase: the grammar reads an uppercase first component of
+//! `Foo/bar` as a domain, which the Docker Hub rule then turns into the repository
+//! `Foo/bar` of `docker.io`, which no registry serves and whose `docker.io/Foo/bar` form
+//! neither parser accepts (the fuzz target `reference` found it; oci-spec accepts it).
 
 use super::Reference;
 
@@ -22,6 +26,7 @@ pub enum Invalid {
     DigestFormat,
     DigestLength,
     DigestUnsupported,
+    Uppercase,
 }
 
 impl std::fmt::Display for Invalid {
@@ -33,6 +38,7 @@ impl std::fmt::Display for Invalid {
             Invalid::DigestFormat => "invalid digest format",
             Invalid::DigestLength => "invalid checksum digest length",
             Invalid::DigestUnsupported => "unsupported digest algorithm",
+            Invalid::Uppercase => "repository name must be lowercase",
         })
     }
 }
@@ -68,6 +74,9 @@ pub fn parse(s: &str) -> Result<Reference, Invalid> {
     let (registry, repository) = split_domain(name);
     if repository.len() > NAME_TOTAL_LENGTH_MAX {
         return Err(Invalid::NameTooLong);
+    }
+    if repository.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(Invalid::Uppercase);
     }
     if let Some(d) = digest {
         let want = match d.split_once(':') {
@@ -193,7 +202,9 @@ mod tests {
     use super::*;
     use std::str::FromStr;
 
-    /// Both parsers give the same answer: the same fields, or both an error.
+    /// Both parsers give the same answer: the same fields, or both an error, except where
+    /// GKM refuses on purpose what oci-spec accepts: a non-ASCII tag, an uppercase Docker
+    /// Hub repository.
     fn same(s: &str) {
         let ours = parse(s).ok().map(|r| {
             (
@@ -211,6 +222,13 @@ mod tests {
                 r.digest().map(str::to_string),
             )
         });
+        if ours.is_none()
+            && let Some((_, repository, tag, _)) = &theirs
+            && (tag.as_ref().is_some_and(|t| !t.is_ascii())
+                || repository.bytes().any(|b| b.is_ascii_uppercase()))
+        {
+            return;
+        }
         assert_eq!(ours, theirs, "{s:?}");
     }
 
@@ -295,6 +313,21 @@ mod tests {
         ] {
             same(&s);
         }
+    }
+
+    #[test]
+    fn uppercase_docker_hub_repositories_are_refused() {
+        // oci-spec reads `Foo` as a domain, then puts the name on Docker Hub as it is.
+        let theirs = Reference::from_str("Foo/bar").unwrap();
+        assert_eq!(theirs.repository(), "Foo/bar");
+        assert!(Reference::from_str(&theirs.whole()).is_err());
+        assert_eq!(parse("Foo/bar").unwrap_err(), Invalid::Uppercase);
+        assert_eq!(
+            parse("r1B5000/x__y/z-1.2:t5").unwrap_err(),
+            Invalid::Uppercase
+        );
+        // A domain may have capitals; it is not part of the repository.
+        assert_eq!(parse("UPPER.io/app").unwrap().repository(), "app");
     }
 
     #[test]

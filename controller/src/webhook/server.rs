@@ -109,6 +109,11 @@ pub async fn serve<V: ImageVerifier, G: Gatekeeper>(
     }
 }
 
+/// Largest AdmissionReview read. The API server caps a request body at 3 MiB and etcd an
+/// object at 1.5 MiB; a review carries the object and its old version, so 16 MiB leaves
+/// room while bounding what anyone who reaches the Service can make the controller hold.
+pub const MAX_ADMISSION_BODY: usize = 16 << 20;
+
 async fn handle<V: ImageVerifier, G: Gatekeeper>(
     routes: Arc<Routes<V, G>>,
     req: Request<Incoming>,
@@ -128,64 +133,19 @@ async fn handle<V: ImageVerifier, G: Gatekeeper>(
             &Method::POST,
             "/mutate" | "/validate" | "/validate-pods" | "/pin-pods" | "/mutate-pods",
         ) => {
-            let body = match req.into_body().collect().await {
+            let body = match http_body_util::Limited::new(req.into_body(), MAX_ADMISSION_BODY)
+                .collect()
+                .await
+            {
                 Ok(b) => b.to_bytes(),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    let why = format!("an AdmissionReview of more than {MAX_ADMISSION_BODY} bytes");
+                    return Ok(reply(StatusCode::PAYLOAD_TOO_LARGE, why.into_bytes()));
+                }
                 Err(e) => return Ok(reply(StatusCode::BAD_REQUEST, e.to_string().into_bytes())),
             };
-            let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    return Ok(reply(
-                        StatusCode::BAD_REQUEST,
-                        format!("not an AdmissionReview: {e}").into_bytes(),
-                    ));
-                }
-            };
-            let request: AdmissionRequest<DynamicObject> = match review.try_into() {
-                Ok(r) => r,
-                Err(e) => {
-                    let resp = AdmissionResponse::invalid(format!("not an admission request: {e}"));
-                    return Ok(reply(
-                        StatusCode::OK,
-                        serde_json::to_vec(&resp.into_review()).unwrap_or_default(),
-                    ));
-                }
-            };
-            let span = info_span!(
-                "admission",
-                endpoint = %path,
-                op = ?request.operation,
-                kind = %request.kind.kind,
-                object = %format!("{}/{}", request.namespace.clone().unwrap_or_default(), request.name),
-                user = %request.user_info.username.clone().unwrap_or_default(),
-            );
-            let started = std::time::Instant::now();
-            let decision = async {
-                match path.as_str() {
-                    "/mutate" => admission.mutate(&request).await,
-                    "/validate" => admission.validate(&request).await,
-                    "/mutate-pods" => admission.mutate_pod(&request).await,
-                    "/pin-pods" => admission.pin_pod(&request).await,
-                    _ => admission.validate_pod(&request).await,
-                }
-            }
-            .instrument(span)
-            .await;
-            let outcome = match &decision {
-                super::Decision::Allow { .. } => "allowed",
-                super::Decision::SetDigest { .. } | super::Decision::Patch { .. } => "mutated",
-                super::Decision::Deny(_) => "denied",
-            };
-            crate::metrics::global().admission(
-                path.trim_start_matches('/'),
-                outcome,
-                started.elapsed().as_secs_f64(),
-            );
-            let review = decision.into_response(&request).into_review();
-            Ok(reply(
-                StatusCode::OK,
-                serde_json::to_vec(&review).unwrap_or_default(),
-            ))
+            let (status, body) = answer(admission, &path, &body).await;
+            Ok(reply(status, body))
         }
         (&Method::POST, crate::promote::PATH) => {
             let Some(api) = &routes.promote else {
@@ -218,4 +178,69 @@ async fn handle<V: ImageVerifier, G: Gatekeeper>(
         }
         _ => Ok(reply(StatusCode::NOT_FOUND, b"not found".to_vec())),
     }
+}
+
+/// The answer to an AdmissionReview `body` POSTed to `endpoint` (`/mutate`, `/validate`,
+/// `/mutate-pods`; anything else is `/validate-pods`): the HTTP status and the response
+/// body. Everything the server does with an admission request's bytes; public so the fuzz
+/// target feeds it arbitrary bytes (docs/fuzzing.md).
+pub async fn answer<V: ImageVerifier>(
+    admission: &Admission<V>,
+    endpoint: &str,
+    body: &[u8],
+) -> (StatusCode, Vec<u8>) {
+    let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("not an AdmissionReview: {e}").into_bytes(),
+            );
+        }
+    };
+    let request: AdmissionRequest<DynamicObject> = match review.try_into() {
+        Ok(r) => r,
+        Err(e) => {
+            let resp = AdmissionResponse::invalid(format!("not an admission request: {e}"));
+            return (
+                StatusCode::OK,
+                serde_json::to_vec(&resp.into_review()).unwrap_or_default(),
+            );
+        }
+    };
+    let span = info_span!(
+        "admission",
+        endpoint = %endpoint,
+        op = ?request.operation,
+        kind = %request.kind.kind,
+        object = %format!("{}/{}", request.namespace.clone().unwrap_or_default(), request.name),
+        user = %request.user_info.username.clone().unwrap_or_default(),
+    );
+    let started = std::time::Instant::now();
+    let decision = async {
+        match endpoint {
+            "/mutate" => admission.mutate(&request).await,
+            "/validate" => admission.validate(&request).await,
+            "/mutate-pods" => admission.mutate_pod(&request).await,
+            "/pin-pods" => admission.pin_pod(&request).await,
+            _ => admission.validate_pod(&request).await,
+        }
+    }
+    .instrument(span)
+    .await;
+    let outcome = match &decision {
+        super::Decision::Allow { .. } => "allowed",
+        super::Decision::SetDigest { .. } | super::Decision::Patch { .. } => "mutated",
+        super::Decision::Deny(_) => "denied",
+    };
+    crate::metrics::global().admission(
+        endpoint.trim_start_matches('/'),
+        outcome,
+        started.elapsed().as_secs_f64(),
+    );
+    let review = decision.into_response(&request).into_review();
+    (
+        StatusCode::OK,
+        serde_json::to_vec(&review).unwrap_or_default(),
+    )
 }

@@ -1,0 +1,3 @@
+#![no_main]
+//! What this target checks: docs/fuzzing.md and `gkm_fuzz::oracles::labels`.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| gkm_fuzz::oracles::labels::check(data));
