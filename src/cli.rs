@@ -445,5 +445,7 @@ pub async fn promote(
     let pusher = oci::Pusher::new(registry.insecure.clone(), creds);
     let trust = std::sync::Arc::new(crate::trust::Verifier::new(policy, pusher.puller().clone()));
     let promoter = crate::promote::Promoter::new(trust, pusher);
-    Ok(promoter.promote(&req.image, req.digest.as_deref()).await?)
+    Ok(promoter
+        .promote(&req.image, req.digest.as_deref(), None)
+        .await?)
 }

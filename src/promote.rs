@@ -26,10 +26,14 @@ use tracing::{Instrument, info, info_span};
 
 use crate::oci::image::{OCI_INDEX, OCI_MANIFEST};
 use crate::oci::{PinnedRef, PullError, PushError, Pusher, Reference};
+use crate::trust::attest::{
+    self, Caller, PolicyRecord, VERIFICATION_PREDICATE_TYPE, VerificationPredicate,
+    VerificationRecord,
+};
 use crate::trust::sign::{self, SigningKey};
 use crate::trust::{
-    Authority, AuthorityKind, Evidence, MAX_MANIFEST_BYTES, PublicKey, RegistryPrefix, TrustPolicy,
-    VerificationSettings, Verifier,
+    Authority, AuthorityKind, Evidence, MAX_MANIFEST_BYTES, PublicKey, RegistryPrefix,
+    RequiredAttestation, Scope, Signer, TrustPolicy, VerificationSettings, Verifier,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +96,17 @@ impl PromoteError {
     }
 }
 
+/// `t` as RFC 3339 in UTC, to the second (`2026-12-01T02:03:04Z`).
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    k8s_openapi::jiff::Timestamp::from_second(secs)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
 /// What a promotion did.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct Promoted {
@@ -111,6 +126,10 @@ pub struct Promoted {
     pub signatures: Vec<String>,
     /// Whether the promoter's key signed the promoted digest.
     pub signed: bool,
+    /// The promoter's verification attestation (`<trusted repository>:sha256-<hex>.att`),
+    /// when it has a key; it was written by this call or an earlier promotion.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<String>,
 }
 
 /// Verifies and copies images from the incoming to the trusted registry.
@@ -127,19 +146,25 @@ impl Promoter {
     /// Promotes `image` (incoming repository, by tag or digest) at `digest` (required when
     /// `image` has no digest and resolving its tag is not wanted; must agree with it when
     /// both are given). The tag resolution, when needed, happens once, before verification.
+    /// `caller` is who asked, as the API server vouched for them; it goes into the
+    /// verification attestation.
     pub async fn promote(
         &self,
         image: &str,
         digest: Option<&str>,
+        caller: Option<&Caller>,
     ) -> Result<Promoted, PromoteError> {
         let span = info_span!("promote", image = %image, digest = digest.unwrap_or(""));
-        self.promote_inner(image, digest).instrument(span).await
+        self.promote_inner(image, digest, caller)
+            .instrument(span)
+            .await
     }
 
     async fn promote_inner(
         &self,
         image: &str,
         digest: Option<&str>,
+        caller: Option<&Caller>,
     ) -> Result<Promoted, PromoteError> {
         let policy = self.trust.policy();
         let promotion = policy
@@ -243,13 +268,54 @@ impl Promoter {
         blobs_copied += n;
         signatures.extend(referrers);
 
-        let signed = match &key {
+        let (signed, attestation) = match &key {
             Some(key) => {
                 sign::push_signature(&self.pusher, &target, key).await?;
-                self.check_promoter_signature(&target, key).await?;
-                true
+                let predicate = VerificationPredicate {
+                    incoming: source.to_string(),
+                    trusted: target.to_string(),
+                    verification: VerificationRecord {
+                        authority: verified.authority.clone(),
+                        key_fingerprint: match &verified.signer {
+                            Signer::Key { fingerprint } => Some(fingerprint.clone()),
+                            Signer::Keyless { .. } => None,
+                        },
+                        issuer: match &verified.signer {
+                            Signer::Keyless { issuer, .. } => Some(issuer.clone()),
+                            Signer::Key { .. } => None,
+                        },
+                        subject: match &verified.signer {
+                            Signer::Keyless { subject, .. } => Some(subject.clone()),
+                            Signer::Key { .. } => None,
+                        },
+                        signature_format: verified.format.as_str().into(),
+                    },
+                    policy: PolicyRecord {
+                        sha256: policy.sha256.clone(),
+                        generation: self.trust.generation(),
+                    },
+                    verified_at: rfc3339(verified.verified_at),
+                    caller: caller.cloned(),
+                };
+                let statement = attest::statement(
+                    &format!("{}/{}", target.registry(), target.repository()),
+                    &digest,
+                    VERIFICATION_PREDICATE_TYPE,
+                    &serde_json::to_value(&predicate).expect("JSON into memory"),
+                );
+                let attached = attest::attach(
+                    &self.pusher,
+                    &target,
+                    key,
+                    VERIFICATION_PREDICATE_TYPE,
+                    &statement,
+                )
+                .await?;
+                info!(tag = %attached.tag, written = attached.written, "verification attestation");
+                self.check_promoter_artifacts(&target, key).await?;
+                (true, Some(attached.tag))
             }
-            None => false,
+            None => (false, None),
         };
 
         if let Some(tag) = tag {
@@ -268,6 +334,7 @@ impl Promoter {
             blobs_copied,
             signatures,
             signed,
+            attestation,
         })
     }
 
@@ -411,9 +478,10 @@ impl Promoter {
     }
 
     /// Verifies the promoted digest under the promoter's key alone, with the bounded
-    /// verifier admission uses, so that `signed: true` is reported only for a signature a
-    /// cluster trusting just that key finds.
-    async fn check_promoter_signature(
+    /// verifier admission uses, requiring the verification attestation too, so that
+    /// `signed: true` and the attestation are reported only when a cluster trusting just
+    /// that key finds them.
+    async fn check_promoter_artifacts(
         &self,
         target: &PinnedRef,
         key: &SigningKey,
@@ -425,6 +493,14 @@ impl Promoter {
                 reason: format!("the promoter's public key: {e}"),
             })?;
         let promoter_only = TrustPolicy {
+            required_attestations: vec![RequiredAttestation {
+                predicate_type: VERIFICATION_PREDICATE_TYPE.into(),
+                authority: "promotion.signKey".into(),
+                key: public.clone(),
+                applies_to: vec![Scope::Caches],
+                conditions: Vec::new(),
+            }],
+            sha256: String::new(),
             authorities: vec![Authority {
                 name: "promotion.signKey".into(),
                 kind: AuthorityKind::Key(public),
@@ -447,7 +523,7 @@ impl Promoter {
             .map_err(|e| PromoteError::Artifact {
                 image: target.to_string(),
                 reason: format!(
-                    "the promoter's signature was written, but a verifier trusting only promotion.signKey does not accept it: {e}"
+                    "the promoter's signature and attestation were written, but a verifier trusting only promotion.signKey does not accept them: {e}"
                 ),
             })
     }

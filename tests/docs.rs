@@ -190,6 +190,7 @@ const OTHER_TOOLS_FLAGS: &[&str] = &[
     "--field-manager",
     "--overwrite",
     "--bin",
+    "--lib",
     "--workspace",
     "--test",
     "--bench",

@@ -139,4 +139,15 @@ fn fuzz_csi_target_with_dot_dot_never_reaches_volume_of_target() {
     oracles::csi::check(input);
     let target = std::str::from_utf8(&input[1..]).unwrap();
     assert!(gkm::csi::validate_target(target).is_err());
+    // And the function itself refuses a `..`, should it ever see one.
+    let path = "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~csi/kernels/mount/../";
+    assert_eq!(
+        gkm::csi::pods::volume_of_target(std::path::Path::new(path), ""),
+        None
+    );
+    let path = path.trim_end_matches("../");
+    assert_eq!(
+        gkm::csi::pods::volume_of_target(std::path::Path::new(path), "u1").as_deref(),
+        Some("kernels")
+    );
 }

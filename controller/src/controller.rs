@@ -1,6 +1,9 @@
 //! The status controller: promotes the admission-verified digest (the annotation) to
-//! `status.resolvedDigest`, sets the `Verified` and `Ready` conditions, and aggregates the
-//! node objects into `status.counts`. It never verifies again: admission did.
+//! `status.resolvedDigest`, sets the `Verified` and `Ready` conditions, aggregates the
+//! node objects into `status.counts`, and records who vouched for the digest in
+//! `status.provenance`. The digest is admission's; the provenance comes from the
+//! controller's own verification of that digest ([`Vouch`]), answered from the verifier's
+//! cache when admission has just verified it, so nothing in it is taken from the object.
 //!
 //! Reconcile is a plain function of the cache and a context; status is written with
 //! server-side apply under the field manager `gkm-controller`, only when it changes.
@@ -11,7 +14,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use gkm::api::{
     CacheCounts, CacheState, CacheStatus, ClusterGKMCache, ClusterGKMCacheNode, GKMCache,
-    GKMCacheNode, NodeStatus, RESOLVED_DIGEST_ANNOTATION, short_digest,
+    GKMCacheNode, NodeStatus, Provenance, RESOLVED_DIGEST_ANNOTATION, short_digest,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -43,14 +46,96 @@ impl Error {
 
 pub struct Context {
     pub client: Client,
+    /// Verifies a cache's digest for its provenance; `None` leaves provenance out.
+    pub vouch: Option<Arc<dyn Vouch>>,
 }
 
-/// The status a cache should have, from its metadata, its current status and the status
-/// of every node object that may mention it.
+/// Verifies `image` (a cache's `spec.image`, by tag or digest) at `digest` under the
+/// trust policy in force, as admission does for caches.
+pub trait Vouch: Send + Sync + 'static {
+    fn vouch<'a>(
+        &'a self,
+        image: &'a str,
+        digest: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<gkm::trust::Verified, String>>;
+}
+
+impl Vouch for gkm::trust::Verifier {
+    fn vouch<'a>(
+        &'a self,
+        image: &'a str,
+        digest: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<gkm::trust::Verified, String>> {
+        Box::pin(async move {
+            let reference = gkm::oci::parse_reference(image).map_err(|e| e.to_string())?;
+            let pinned = gkm::oci::PinnedRef::new(&reference, digest).map_err(|e| e.to_string())?;
+            self.verify(&pinned).await.map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// The provenance of `digest` from a verification of it (`verified`), keeping `old`'s
+/// `verifiedAt` when it recorded the same outcome, and `old` itself, for the same digest,
+/// when there is no new verification (the registry is unreachable, say): it was true when
+/// it was written, and `verifiedAt` says when.
+pub fn provenance(
+    digest: Option<&str>,
+    verified: Option<&gkm::trust::Verified>,
+    old: Option<&Provenance>,
+) -> Option<Provenance> {
+    let digest = digest?;
+    let Some(v) = verified.filter(|v| v.digest == digest) else {
+        return old.filter(|o| o.digest == digest).cloned();
+    };
+    let (key_fingerprint, issuer, subject) = match &v.signer {
+        gkm::trust::Signer::Key { fingerprint } => (Some(fingerprint.clone()), None, None),
+        gkm::trust::Signer::Keyless { issuer, subject } => {
+            (None, Some(issuer.clone()), Some(subject.clone()))
+        }
+    };
+    let secs = v
+        .verified_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let mut p = Provenance {
+        digest: digest.to_string(),
+        authority: v.authority.clone(),
+        key_fingerprint,
+        issuer,
+        subject,
+        signature_format: v.format.as_str().to_string(),
+        attestation_required: !v.attestations.is_empty(),
+        attestations: v
+            .attestations
+            .iter()
+            .map(|a| a.predicate_type.clone())
+            .collect(),
+        verified_at: Time(
+            k8s_openapi::jiff::Timestamp::from_second(secs)
+                .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        ),
+    };
+    if let Some(o) = old {
+        let same = Provenance {
+            verified_at: o.verified_at.clone(),
+            ..p.clone()
+        };
+        if same == *o {
+            p.verified_at = o.verified_at.clone();
+        }
+    }
+    Some(p)
+}
+
+/// The status a cache should have, from its metadata, its current status, the status of
+/// every node object that may mention it, and the controller's verification of its digest
+/// (`vouched`, if one was made).
 pub fn desired_status<'a>(
     meta: &ObjectMeta,
     old: Option<&CacheStatus>,
     nodes: impl Iterator<Item = &'a NodeStatus>,
+    vouched: Option<&gkm::trust::Verified>,
     now: Time,
 ) -> CacheStatus {
     let name = meta.name.clone().unwrap_or_default();
@@ -140,6 +225,11 @@ pub fn desired_status<'a>(
         })
         .collect();
     CacheStatus {
+        provenance: provenance(
+            digest.as_deref(),
+            vouched,
+            old.and_then(|o| o.provenance.as_ref()),
+        ),
         short_digest: digest.as_deref().map(short_digest),
         resolved_digest: digest,
         last_updated,
@@ -244,10 +334,28 @@ pub async fn reconcile<K: CacheKind>(cache: Arc<K>, ctx: Arc<Context>) -> Result
             cache: shown.clone(),
             source,
         })?;
+    let digest = cache
+        .annotations()
+        .get(RESOLVED_DIGEST_ANNOTATION)
+        .filter(|d| gkm::oci::sha256_hex(d).is_some());
+    let mut retry = Duration::from_secs(300);
+    let verified = match (&ctx.vouch, digest) {
+        (Some(v), Some(d)) => match v.vouch(cache.image(), d).await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                // Admission verified it; the record of who did waits for the next try.
+                warn!(cache = %shown, digest = %d, error = %e, "verifying for provenance failed");
+                retry = Duration::from_secs(30);
+                None
+            }
+        },
+        _ => None,
+    };
     let want = desired_status(
         cache.meta(),
         cache.status(),
         list.items.iter().filter_map(K::node_status),
+        verified.as_ref(),
         now(),
     );
     if !same_status(cache.status(), &want) {
@@ -260,7 +368,7 @@ pub async fn reconcile<K: CacheKind>(cache: Arc<K>, ctx: Arc<Context>) -> Result
         info!(cache = %shown, digest = want.resolved_digest.as_deref().unwrap_or("-"), "status updated");
     }
     gkm::metrics::Metrics::result(&crate::metrics::global().reconciles, "ok");
-    Ok(Action::requeue(Duration::from_secs(300)))
+    Ok(Action::requeue(retry))
 }
 
 /// Equal but for timestamps that `desired_status` carries over anyway.
@@ -278,10 +386,12 @@ fn error_policy<K>(_: Arc<K>, e: &Error, _: Arc<Context>) -> Action {
 /// name in `status.caches`.
 pub async fn run(
     client: Client,
+    vouch: Option<Arc<dyn Vouch>>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let ctx = Arc::new(Context {
         client: client.clone(),
+        vouch,
     });
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
     let namespaced = Controller::new(
@@ -374,7 +484,7 @@ mod tests {
             node(&[(D1, CacheState::Incompatible, 0)]),
             node(&[(D1, CacheState::Error, 0)]),
         ];
-        let s = desired_status(&meta(Some(D1)), None, nodes.iter(), t(100));
+        let s = desired_status(&meta(Some(D1)), None, nodes.iter(), None, t(100));
         assert_eq!(s.resolved_digest.as_deref(), Some(D1));
         assert_eq!(s.short_digest.as_deref(), Some("sha256:111111111111"));
         assert_eq!(s.last_updated, Some(t(100)));
@@ -397,11 +507,23 @@ mod tests {
 
     #[test]
     fn timestamps_move_only_when_something_changes() {
-        let first = desired_status(&meta(Some(D1)), None, std::iter::empty(), t(100));
-        let again = desired_status(&meta(Some(D1)), Some(&first), std::iter::empty(), t(200));
+        let first = desired_status(&meta(Some(D1)), None, std::iter::empty(), None, t(100));
+        let again = desired_status(
+            &meta(Some(D1)),
+            Some(&first),
+            std::iter::empty(),
+            None,
+            t(200),
+        );
         assert_eq!(again, first, "nothing changed: identical status, no write");
         let ready_now = [node(&[(D1, CacheState::Extracted, 0)])];
-        let later = desired_status(&meta(Some(D1)), Some(&first), ready_now.iter(), t(300));
+        let later = desired_status(
+            &meta(Some(D1)),
+            Some(&first),
+            ready_now.iter(),
+            None,
+            t(300),
+        );
         assert_eq!(
             later.last_updated,
             Some(t(100)),
@@ -423,17 +545,90 @@ mod tests {
 
     #[test]
     fn no_annotation_means_not_verified() {
-        let s = desired_status(&meta(None), None, std::iter::empty(), t(1));
+        let s = desired_status(&meta(None), None, std::iter::empty(), None, t(1));
         assert_eq!(s.resolved_digest, None);
         let v = s.conditions.iter().find(|c| c.type_ == "Verified").unwrap();
         assert_eq!(
             (v.status.as_str(), v.reason.as_str()),
             ("False", "NotVerified")
         );
-        let bad = desired_status(&meta(Some("sha256:nothex")), None, std::iter::empty(), t(1));
+        let bad = desired_status(
+            &meta(Some("sha256:nothex")),
+            None,
+            std::iter::empty(),
+            None,
+            t(1),
+        );
         assert_eq!(
             bad.resolved_digest, None,
             "a malformed annotation is not promoted"
         );
+    }
+
+    fn verified(digest: &str, authority: &str, at: i64) -> gkm::trust::Verified {
+        gkm::trust::Verified {
+            digest: digest.into(),
+            authority: authority.into(),
+            signer: gkm::trust::Signer::Key {
+                fingerprint: "sha256:abcd".into(),
+            },
+            format: gkm::trust::SignatureFormat::Tag,
+            evidence: gkm::trust::Evidence::Referrer {
+                digest: String::new(),
+            },
+            verified_at: std::time::UNIX_EPOCH + std::time::Duration::from_secs(at as u64),
+            attestations: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn provenance_comes_from_the_verification_and_keeps_its_first_time() {
+        let v = verified(D1, "release", 50);
+        let s = desired_status(&meta(Some(D1)), None, std::iter::empty(), Some(&v), t(100));
+        let p = s.provenance.clone().unwrap();
+        assert_eq!(
+            (
+                p.digest.as_str(),
+                p.authority.as_str(),
+                p.key_fingerprint.as_deref()
+            ),
+            (D1, "release", Some("sha256:abcd"))
+        );
+        assert_eq!(
+            (p.signature_format.as_str(), p.attestation_required),
+            ("tag", false)
+        );
+        assert_eq!(p.verified_at, t(50));
+
+        // Verified again later with the same outcome: the first time stays, nothing to write.
+        let again = verified(D1, "release", 400);
+        let s2 = desired_status(
+            &meta(Some(D1)),
+            Some(&s),
+            std::iter::empty(),
+            Some(&again),
+            t(500),
+        );
+        assert_eq!(s2, s);
+        // No verification this time (registry down): the record for this digest stays.
+        let s3 = desired_status(&meta(Some(D1)), Some(&s), std::iter::empty(), None, t(600));
+        assert_eq!(s3.provenance, s.provenance);
+        // Another authority: a new record with its own time.
+        let other = verified(D1, "ci", 700);
+        let s4 = desired_status(
+            &meta(Some(D1)),
+            Some(&s),
+            std::iter::empty(),
+            Some(&other),
+            t(800),
+        );
+        assert_eq!(s4.provenance.as_ref().unwrap().authority, "ci");
+        assert_eq!(s4.provenance.unwrap().verified_at, t(700));
+        // A new digest without a verification: no record (the old one was for D0... or D1).
+        let s5 = desired_status(&meta(Some(D0)), Some(&s), std::iter::empty(), None, t(900));
+        assert_eq!(s5.provenance, None);
+        // A verification of another digest than the annotation's is not used.
+        let s6 = desired_status(&meta(Some(D0)), None, std::iter::empty(), Some(&v), t(900));
+        assert_eq!(s6.provenance, None);
     }
 }

@@ -236,7 +236,15 @@ impl<G: Gatekeeper> PromoteApi<G> {
         let span =
             info_span!("verify_and_promote", user = %who, image = %req.image, digest = %req.digest);
         async {
-            let done = self.promoter.promote(&req.image, Some(&req.digest)).await?;
+            let vouched = gkm::trust::attest::Caller {
+                username: who.clone(),
+                uid: caller.user.uid.clone(),
+                groups: caller.user.groups.clone().unwrap_or_default(),
+            };
+            let done = self
+                .promoter
+                .promote(&req.image, Some(&req.digest), Some(&vouched))
+                .await?;
             info!(promoted = %done.promoted, "promotion done");
             Ok(done)
         }

@@ -211,14 +211,18 @@ pub async fn run(
     let tls = crate::webhook::server::tls_config(&cfg.args.tls_cert, &cfg.args.tls_key)?;
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
 
-    tokio::spawn(reload_policy(cfg.args.policy.clone(), trust));
+    tokio::spawn(reload_policy(cfg.args.policy.clone(), trust.clone()));
     let server = crate::webhook::server::serve(routes, cfg.listen, tls, shutdown.clone());
     info!(listen = %cfg.listen, "serving admission");
     let Some(client) = client.filter(|_| !cfg.args.webhook_only) else {
         server.await?;
         return Ok(());
     };
-    let (served, ()) = tokio::join!(server, crate::controller::run(client, shutdown));
+    let vouch: Arc<dyn crate::controller::Vouch> = trust;
+    let (served, ()) = tokio::join!(
+        server,
+        crate::controller::run(client, Some(vouch), shutdown)
+    );
     served?;
     Ok(())
 }

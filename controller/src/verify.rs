@@ -14,23 +14,31 @@ pub struct VerifiedImage {
     pub authority: String,
 }
 
+pub use gkm::trust::Scope;
+
 /// Why an image may not be used, in words that name the image.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct Denial(pub String);
 
 pub trait ImageVerifier: Send + Sync + 'static {
-    /// Resolves `image` (by tag or digest) and verifies it. Must fail closed: any error,
-    /// timeout or unreachable registry is a denial.
-    fn verify(&self, image: &str) -> impl Future<Output = Result<VerifiedImage, Denial>> + Send;
+    /// Resolves `image` (by tag or digest) and verifies it as an image of `scope` (whose
+    /// required attestations it must carry). Must fail closed: any error, timeout or
+    /// unreachable registry is a denial.
+    fn verify(
+        &self,
+        image: &str,
+        scope: Scope,
+    ) -> impl Future<Output = Result<VerifiedImage, Denial>> + Send;
     /// [`ImageVerifier::verify`], with a tag resolved now, never answered from a memory of
     /// recent resolutions: the digest a Pod is pinned to must be what the tag names when
     /// the pod is admitted.
     fn verify_now(
         &self,
         image: &str,
+        scope: Scope,
     ) -> impl Future<Output = Result<VerifiedImage, Denial>> + Send {
-        self.verify(image)
+        self.verify(image, scope)
     }
     /// The Pod rule of the policy in force (it changes when the policy is reloaded).
     fn pod_rules(&self) -> crate::webhook::pods::PodRules;
@@ -101,19 +109,24 @@ impl ImageVerifier for TrustVerifier {
         }
     }
 
-    async fn verify(&self, image: &str) -> Result<VerifiedImage, Denial> {
-        self.verify_counted(image, false).await
+    async fn verify(&self, image: &str, scope: Scope) -> Result<VerifiedImage, Denial> {
+        self.verify_counted(image, scope, false).await
     }
 
-    async fn verify_now(&self, image: &str) -> Result<VerifiedImage, Denial> {
-        self.verify_counted(image, true).await
+    async fn verify_now(&self, image: &str, scope: Scope) -> Result<VerifiedImage, Denial> {
+        self.verify_counted(image, scope, true).await
     }
 }
 
 impl TrustVerifier {
     /// A verification, counted under its outcome's metric label.
-    async fn verify_counted(&self, image: &str, fresh: bool) -> Result<VerifiedImage, Denial> {
-        let result = self.verify_labelled(image, fresh).await;
+    async fn verify_counted(
+        &self,
+        image: &str,
+        scope: Scope,
+        fresh: bool,
+    ) -> Result<VerifiedImage, Denial> {
+        let result = self.verify_labelled(image, scope, fresh).await;
         let label = result.as_ref().map_or_else(|(l, _)| *l, |_| "verified");
         gkm::metrics::Metrics::result(&crate::metrics::global().verifications, label);
         result.map_err(|(_, d)| d)
@@ -123,6 +136,7 @@ impl TrustVerifier {
     async fn verify_labelled(
         &self,
         image: &str,
+        scope: Scope,
         fresh: bool,
     ) -> Result<VerifiedImage, (&'static str, Denial)> {
         let reference = gkm::oci::parse_reference(image)
@@ -150,7 +164,7 @@ impl TrustVerifier {
                 .map_err(|d| ("resolve_failed", d))?;
             let v = self
                 .trust
-                .verify(&pinned)
+                .verify_for(&pinned, scope)
                 .await
                 .map_err(|e| (e.label(), Denial(e.to_string())))?;
             Ok(VerifiedImage {

@@ -248,6 +248,23 @@ async fn a_signed_image_by_tag_is_pinned_verified_and_promoted() {
         .find(|c| c.type_ == "Verified")
         .unwrap();
     assert_eq!(verified.status, "True");
+    // Who vouched for it: the controller's own verification, recorded in status.
+    let p = status.provenance.as_ref().expect("status.provenance");
+    assert_eq!(
+        (
+            p.digest.as_str(),
+            p.authority.as_str(),
+            p.signature_format.as_str()
+        ),
+        (img.digest.as_str(), "test-key", "tag")
+    );
+    assert!(
+        p.key_fingerprint
+            .as_deref()
+            .is_some_and(|f| f.starts_with("sha256:") && f.len() == 71),
+        "{p:?}"
+    );
+    assert!(!p.attestation_required && p.attestations.is_empty());
 
     // Moving the tag afterwards does not change the cache's digest.
     let moved = push(&repo, "v1", "two").await;
@@ -1163,4 +1180,22 @@ async fn the_promotion_api_refuses_tags_reserved_for_artifacts() {
     );
     let (code, body) = promote_call(port, Some(&bot), &signed.by_tag(), &signed.digest).await;
     assert_eq!(code, 200, "an ordinary tag promotes: {body}");
+}
+
+#[tokio::test]
+async fn an_admission_body_past_the_limit_is_413() {
+    let port = main_webhook();
+    gkm::install_crypto();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(env().ca.cert_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let url = format!("https://127.0.0.1:{port}/validate");
+    let big = vec![b' '; gkm_controller::webhook::server::MAX_ADMISSION_BODY + 1];
+    let resp = client.post(&url).body(big).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 413);
+    // Just under the limit is read (and is not an AdmissionReview).
+    let under = vec![b' '; 1 << 20];
+    let resp = client.post(&url).body(under).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
 }

@@ -77,7 +77,11 @@ pub fn resolve(image: &str) -> Result<VerifiedImage, Denial> {
 }
 
 impl ImageVerifier for FakeVerifier {
-    fn verify(&self, image: &str) -> impl Future<Output = Result<VerifiedImage, Denial>> + Send {
+    fn verify(
+        &self,
+        image: &str,
+        _: gkm_controller::verify::Scope,
+    ) -> impl Future<Output = Result<VerifiedImage, Denial>> + Send {
         std::future::ready(resolve(image))
     }
 

@@ -23,7 +23,8 @@ use super::schema::{dns_label_list, opaque_object};
     printcolumn = r#"{"name":"Digest","type":"string","jsonPath":".status.shortDigest"}"#,
     printcolumn = r#"{"name":"Ready-Nodes","type":"integer","jsonPath":".status.counts.nodesReady"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    printcolumn = r#"{"name":"Full-Digest","type":"string","jsonPath":".status.resolvedDigest","priority":1}"#
+    printcolumn = r#"{"name":"Full-Digest","type":"string","jsonPath":".status.resolvedDigest","priority":1}"#,
+    printcolumn = r#"{"name":"Authority","type":"string","jsonPath":".status.provenance.authority","priority":1}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GKMCacheSpec {
@@ -52,7 +53,8 @@ pub struct GKMCacheSpec {
     printcolumn = r#"{"name":"Digest","type":"string","jsonPath":".status.shortDigest"}"#,
     printcolumn = r#"{"name":"Ready-Nodes","type":"integer","jsonPath":".status.counts.nodesReady"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    printcolumn = r#"{"name":"Full-Digest","type":"string","jsonPath":".status.resolvedDigest","priority":1}"#
+    printcolumn = r#"{"name":"Full-Digest","type":"string","jsonPath":".status.resolvedDigest","priority":1}"#,
+    printcolumn = r#"{"name":"Authority","type":"string","jsonPath":".status.provenance.authority","priority":1}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterGKMCacheSpec {
@@ -135,6 +137,42 @@ pub struct CacheStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+
+    /// Who vouched for `resolvedDigest`, as the controller's own verification found it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<Provenance>,
+}
+
+/// Who vouched for a cache's digest: what the controller's verification under the trust
+/// policy found. Written by the controller only, from its own verification; nothing in
+/// it comes from the cache's spec or annotations.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Provenance {
+    /// The digest this describes (the `resolvedDigest` it was verified for).
+    pub digest: String,
+    /// The name of the trust policy's authority whose signature verified.
+    pub authority: String,
+    /// `sha256:<hex>` of the authority key's SubjectPublicKeyInfo (key authorities).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_fingerprint: Option<String>,
+    /// The signing certificate's OIDC issuer (keyless authorities).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// The signing certificate's subject, its email or URI SAN (keyless authorities).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// Where the signature was found: `tag` (cosign's `.sig` tag) or `bundle` (a Sigstore
+    /// bundle referrer).
+    pub signature_format: String,
+    /// Whether the trust policy required attestations of caches.
+    pub attestation_required: bool,
+    /// The predicate types of the required attestations found (empty when none required).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attestations: Vec<String>,
+    /// When the digest was verified under this authority (the first such verification
+    /// the controller made; re-verifications with the same outcome keep it).
+    pub verified_at: Time,
 }
 
 /// How many nodes and pods a cache reaches.

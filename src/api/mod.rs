@@ -10,7 +10,7 @@ mod schema;
 
 pub use cache::{
     Cache, CacheCounts, CacheStatus, ClusterGKMCache, ClusterGKMCacheSpec, GKMCache, GKMCacheSpec,
-    LegacyFields, short_digest,
+    LegacyFields, Provenance, short_digest,
 };
 pub use node::{
     CacheDigestStatus, CacheState, ClusterGKMCacheNode, ClusterGKMCacheNodeSpec, GKMCacheNode,

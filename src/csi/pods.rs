@@ -125,13 +125,16 @@ impl PodSource for StaticPods {
 /// `<kubelet root>/pods/<uid>/volumes/kubernetes.io~csi/<volume>/mount` (kubelet's
 /// `csi_mounter.go`). `None` for any other shape, or another pod's uid.
 pub fn volume_of_target(target: &Path, pod_uid: &str) -> Option<String> {
-    let parts: Vec<&str> = target
-        .components()
-        .filter_map(|c| match c {
-            Component::Normal(s) => s.to_str(),
-            _ => None,
-        })
-        .collect();
+    // Any component but the root and plain names (`..`, `.`) makes the path name
+    // something else than it spells: no volume.
+    let mut parts = Vec::new();
+    for c in target.components() {
+        match c {
+            Component::RootDir => {}
+            Component::Normal(s) => parts.push(s.to_str()?),
+            _ => return None,
+        }
+    }
     match parts.as_slice() {
         [
             ..,

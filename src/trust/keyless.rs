@@ -268,6 +268,17 @@ impl KeylessIdentity {
             && subjects(&leaf).is_ok_and(|s| s.iter().any(|s| self.subject.matches(s)))
     }
 
+    /// The certificate's subject (email or URI SAN) that this identity matches, for the
+    /// record of who signed; `None` when none does or the certificate is unreadable. Read
+    /// after the certificate verified, never instead.
+    pub(crate) fn matched_subject(&self, cert_der: &[u8]) -> Option<String> {
+        let leaf = parse_cert(cert_der).ok()?;
+        subjects(&leaf)
+            .ok()?
+            .into_iter()
+            .find(|s| self.subject.matches(s))
+    }
+
     /// Checks the SET and returns the time it vouches for.
     fn verify_log_entry(&self, e: &LogEntry) -> Result<i64, KeylessError> {
         let log = self

@@ -189,6 +189,12 @@ impl PublicKey {
         &self.spki_der
     }
 
+    /// `sha256:<hex>` of the DER SubjectPublicKeyInfo: what names this key in attestations
+    /// and status (`openssl pkey -pubin -outform DER | sha256sum` gives the same hex).
+    pub fn fingerprint(&self) -> String {
+        format!("sha256:{}", hex::encode(Sha256::digest(&self.spki_der)))
+    }
+
     /// Whether `sig` has the form of a signature by this key, judged without cryptography:
     /// an ASN.1 DER ECDSA signature with both scalars in range, 64 bytes for Ed25519, the
     /// modulus' length for RSA. What fails here never verifies, so a verifier can set it

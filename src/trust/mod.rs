@@ -7,6 +7,8 @@
 //! - [`Verifier`]: discovery of an image's signatures in both cosign formats (the
 //!   `sha256-<hex>.sig` tag, and Sigstore bundles as OCI referrers or under the referrers
 //!   fallback tag), the decision, the cache of successes and the fail-closed timeout;
+//! - [`attest`]: attestations in cosign's `.att` tag: the verification attestation the
+//!   promoter signs, and the check of those a policy requires;
 //! - the cryptographic checks, done here with RustCrypto primitives rather than trusted to a
 //!   Sigstore library (see DESIGN.md, "Known hazards"): [`keys`] (ECDSA P-256, Ed25519ph,
 //!   RSA PKCS#1 v1.5), [`tag`] (simple-signing claims), [`bundle`] (DSSE PAE, in-toto
@@ -17,6 +19,7 @@
 //! its signatures verifies, claims and all, under at least one authority. Everything else
 //! denies, naming the image and saying, signature by signature, why.
 
+pub mod attest;
 pub mod bundle;
 pub mod canonical;
 pub mod keyless;
@@ -30,11 +33,11 @@ mod verifier;
 pub use keyless::{KeylessIdentity, SubjectMatch};
 pub use keys::PublicKey;
 pub use policy::{
-    Authority, AuthorityKind, PodPolicy, PolicyError, Problem, Promotion, RegistryPrefix,
-    TrustPolicy, VerificationSettings,
+    Authority, AuthorityKind, Condition, ConditionTest, PodPolicy, PolicyError, Problem, Promotion,
+    RegistryPrefix, RequiredAttestation, Scope, TrustPolicy, VerificationSettings,
 };
 pub use root::TrustedRoot;
 pub use verifier::{
     Evidence, MAX_BLOB_BYTES, MAX_MANIFEST_BYTES, MAX_SIGNATURE_CHECKS, MAX_SIGNATURE_FETCHES,
-    Rejected, SignatureFormat, Verified, Verifier, VerifyError,
+    Rejected, SignatureFormat, Signer, Verified, Verifier, VerifyError,
 };

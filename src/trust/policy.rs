@@ -19,7 +19,14 @@
 //! trustedRegistries: [registry.example.com/kernels]
 //! verification: {timeoutSeconds: 10, cacheTTLSeconds: 300}
 //! podPolicy: {namespaces: ["ml-*"], requireDigest: true, verifySignatures: false}
-//! promotion: {incoming: incoming.example.com/dev, trusted: registry.example.com/kernels}
+//! promotion: {incoming: incoming.example.com/dev, trusted: registry.example.com/kernels,
+//!             signKey: promoter.key}
+//! requiredAttestations:            # each must be met by an attestation in the `.att` tag
+//!   - predicateType: https://gkm.io/attestations/verification/v1
+//!     authority: promoter          # a key authority of `authorities`
+//!     appliesTo: [caches, pods]    # default: [caches]
+//!     conditions:                  # JSON pointers into the predicate
+//!       - {field: /caller/groups, contains: release-engineers}
 //! ```
 
 use std::collections::BTreeMap;
@@ -29,6 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_norway::{Mapping, Value};
+use sha2::{Digest, Sha256};
 
 use super::keyless::{KeylessIdentity, SubjectMatch};
 use super::keys::PublicKey;
@@ -95,6 +103,121 @@ pub struct TrustPolicy {
     pub verification: VerificationSettings,
     pub pod_policy: PodPolicy,
     pub promotion: Option<Promotion>,
+    /// Attestations an image must carry besides a valid signature.
+    pub required_attestations: Vec<RequiredAttestation>,
+    /// `sha256:<hex>` of the policy's text: which policy a verification was made under.
+    pub sha256: String,
+}
+
+/// What admission is deciding about: a cache image (`GKMCache`, `ClusterGKMCache`) or a
+/// container image of a Pod under `podPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    Caches,
+    Pods,
+}
+
+impl Scope {
+    /// The word the policy's `appliesTo` uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Caches => "caches",
+            Scope::Pods => "pods",
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One entry of `requiredAttestations`: an in-toto attestation of `predicate_type` about
+/// the image's digest, in a DSSE envelope of cosign's `.att` tag, signed by the key of
+/// authority `authority`, whose predicate meets every condition.
+#[derive(Debug, Clone)]
+pub struct RequiredAttestation {
+    pub predicate_type: String,
+    /// The authority's name (for messages) and its key.
+    pub authority: String,
+    pub key: PublicKey,
+    pub applies_to: Vec<Scope>,
+    pub conditions: Vec<Condition>,
+}
+
+impl RequiredAttestation {
+    /// Whether it applies to images of `scope`.
+    pub fn applies(&self, scope: Scope) -> bool {
+        self.applies_to.contains(&scope)
+    }
+}
+
+impl fmt::Display for RequiredAttestation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "an attestation of type {} signed by authority {:?}",
+            self.predicate_type, self.authority
+        )?;
+        if !self.conditions.is_empty() {
+            let c: Vec<String> = self.conditions.iter().map(|c| c.to_string()).collect();
+            write!(f, " with {}", c.join(" and "))?;
+        }
+        Ok(())
+    }
+}
+
+/// A condition on a field of an attestation's predicate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Condition {
+    /// An RFC 6901 JSON pointer into the predicate (`/caller/groups`).
+    pub field: String,
+    pub test: ConditionTest,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConditionTest {
+    /// The field equals this value (JSON equality).
+    Equals(serde_json::Value),
+    /// The field is a list holding this value, or a string holding this one.
+    Contains(serde_json::Value),
+}
+
+impl Condition {
+    /// Whether `predicate` meets it; Err says why not, naming the field and what it holds.
+    pub fn check(&self, predicate: &serde_json::Value) -> Result<(), String> {
+        let Some(got) = predicate.pointer(&self.field) else {
+            return Err(format!("the predicate has no field {}", self.field));
+        };
+        let ok = match &self.test {
+            ConditionTest::Equals(want) => got == want,
+            ConditionTest::Contains(want) => match (got, want) {
+                (serde_json::Value::Array(items), _) => items.contains(want),
+                (serde_json::Value::String(s), serde_json::Value::String(w)) => s.contains(w),
+                _ => false,
+            },
+        };
+        if ok {
+            Ok(())
+        } else {
+            let mut shown = got.to_string();
+            if let Some((cut, _)) = shown.char_indices().nth(200) {
+                shown.truncate(cut);
+                shown.push('…');
+            }
+            Err(format!("{} is {shown}, so not {self}", self.field))
+        }
+    }
+}
+
+impl fmt::Display for Condition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.test {
+            ConditionTest::Equals(v) => write!(f, "{} equal to {v}", self.field),
+            ConditionTest::Contains(v) => write!(f, "{} containing {v}", self.field),
+        }
+    }
 }
 
 /// A named signer the cluster trusts.
@@ -327,7 +450,10 @@ impl TrustPolicy {
         };
         let policy = w.policy(&doc);
         match policy {
-            Some(p) if w.problems.is_empty() => Ok(p),
+            Some(mut p) if w.problems.is_empty() => {
+                p.sha256 = format!("sha256:{}", hex::encode(Sha256::digest(text.as_bytes())));
+                Ok(p)
+            }
             _ => Err(PolicyError::Invalid(w.problems)),
         }
     }
@@ -369,6 +495,19 @@ fn kind(v: &Value) -> &'static str {
 }
 
 impl Walk<'_> {
+    /// The items of an optional list (none when absent or null); a problem when it is
+    /// something else.
+    fn optional_list<'v>(&mut self, v: Option<&'v Value>, path: &str) -> Option<&'v [Value]> {
+        match v {
+            None | Some(Value::Null) => Some(&[]),
+            Some(Value::Sequence(items)) => Some(items),
+            Some(other) => {
+                self.err(path, format!("must be a list, not {}", kind(other)));
+                None
+            }
+        }
+    }
+
     fn err(&mut self, path: impl Into<String>, reason: impl Into<String>) {
         self.problems.push(Problem {
             path: path.into(),
@@ -504,6 +643,7 @@ impl Walk<'_> {
                 "verification",
                 "podPolicy",
                 "promotion",
+                "requiredAttestations",
             ],
         )?;
         let authorities = self.authorities(top.get("authorities"));
@@ -514,13 +654,162 @@ impl Walk<'_> {
             None | Some(Value::Null) => None,
             Some(v) => self.promotion(v),
         };
+        let required_attestations =
+            self.required_attestations(top.get("requiredAttestations"), authorities.as_deref());
         Some(TrustPolicy {
             authorities: authorities?,
             trusted_registries: trusted_registries?,
             verification: verification?,
             pod_policy: pod_policy?,
             promotion,
+            required_attestations: required_attestations?,
+            sha256: String::new(),
         })
+    }
+
+    fn required_attestations(
+        &mut self,
+        v: Option<&Value>,
+        authorities: Option<&[Authority]>,
+    ) -> Option<Vec<RequiredAttestation>> {
+        let path = "requiredAttestations";
+        let items = self.optional_list(v, path)?;
+        let before = self.problems.len();
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            if let Some(r) = self.required_attestation(item, &format!("{path}[{i}]"), authorities) {
+                out.push(r);
+            }
+        }
+        (self.problems.len() == before).then_some(out)
+    }
+
+    fn required_attestation(
+        &mut self,
+        v: &Value,
+        path: &str,
+        authorities: Option<&[Authority]>,
+    ) -> Option<RequiredAttestation> {
+        let m = self.mapping(
+            v,
+            path,
+            &["predicateType", "authority", "appliesTo", "conditions"],
+        )?;
+        let predicate_type = self.required_string(m, "predicateType", path);
+        let authority = self.required_string(m, "authority", path);
+        // Authorities with problems are reported where they are; only a name that is not
+        // there at all is a problem here.
+        let key = match (&authority, authorities) {
+            (Some(name), Some(all)) => match all.iter().find(|a| &a.name == name) {
+                Some(Authority {
+                    kind: AuthorityKind::Key(k),
+                    ..
+                }) => Some(k.clone()),
+                Some(_) => {
+                    self.err(
+                        join(path, "authority"),
+                        format!("{name:?} is a keyless authority; attestations are checked against key authorities only"),
+                    );
+                    None
+                }
+                None => {
+                    let names: Vec<&str> = all.iter().map(|a| a.name.as_str()).collect();
+                    self.err(
+                        join(path, "authority"),
+                        format!(
+                            "{name:?} is not the name of an authority (authorities: {})",
+                            names.join(", ")
+                        ),
+                    );
+                    None
+                }
+            },
+            _ => None,
+        };
+        let scopes_path = join(path, "appliesTo");
+        let applies_to = match m.get("appliesTo") {
+            None | Some(Value::Null) => Some(vec![Scope::Caches]),
+            v => self.strings(v, &scopes_path).and_then(|words| {
+                let before = self.problems.len();
+                let mut out = Vec::new();
+                for (i, w) in words.iter().enumerate() {
+                    match w.as_str() {
+                        "caches" => out.push(Scope::Caches),
+                        "pods" => out.push(Scope::Pods),
+                        _ => self.err(
+                            format!("{scopes_path}[{i}]"),
+                            format!("{w:?} is neither caches nor pods"),
+                        ),
+                    }
+                }
+                if words.is_empty() {
+                    self.err(
+                        &scopes_path,
+                        "must name caches, pods or both (leave it out for caches)",
+                    );
+                }
+                (self.problems.len() == before).then_some(out)
+            }),
+        };
+        let conditions = self.conditions(m.get("conditions"), &join(path, "conditions"));
+        let predicate_type = predicate_type?;
+        Some(RequiredAttestation {
+            predicate_type,
+            authority: authority?,
+            key: key?,
+            applies_to: applies_to?,
+            conditions: conditions?,
+        })
+    }
+
+    fn conditions(&mut self, v: Option<&Value>, path: &str) -> Option<Vec<Condition>> {
+        let items = self.optional_list(v, path)?;
+        let before = self.problems.len();
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("{path}[{i}]");
+            let Some(m) = self.mapping(item, &p, &["field", "equals", "contains"]) else {
+                continue;
+            };
+            let field = self.required_string(m, "field", &p);
+            if let Some(f) = &field
+                && !f.starts_with('/')
+            {
+                self.err(
+                    join(&p, "field"),
+                    format!("{f:?} is not a JSON pointer (RFC 6901: it starts with /, like /caller/groups)"),
+                );
+            }
+            let json = |v: &Value| serde_json::to_value(v).map_err(|e| e.to_string());
+            let test = match (m.get("equals"), m.get("contains")) {
+                (Some(_), Some(_)) => {
+                    self.err(&p, "has both equals and contains; give one");
+                    None
+                }
+                (None, None) => {
+                    self.err(&p, "needs equals or contains");
+                    None
+                }
+                (Some(v), None) => match json(v) {
+                    Ok(v) => Some(ConditionTest::Equals(v)),
+                    Err(e) => {
+                        self.err(join(&p, "equals"), e);
+                        None
+                    }
+                },
+                (None, Some(v)) => match json(v) {
+                    Ok(v) => Some(ConditionTest::Contains(v)),
+                    Err(e) => {
+                        self.err(join(&p, "contains"), e);
+                        None
+                    }
+                },
+            };
+            if let (Some(field), Some(test)) = (field, test) {
+                out.push(Condition { field, test });
+            }
+        }
+        (self.problems.len() == before).then_some(out)
     }
 
     fn authorities(&mut self, v: Option<&Value>) -> Option<Vec<Authority>> {
@@ -942,5 +1231,54 @@ r37uQmr0b7EPjnJZhikUbKoT2mefOEkARyNPBAHAV4oNOOdbqdeObUsVdA==
         assert_eq!(e.problems()[0].path, "authorities");
         let e = TrustPolicy::from_yaml("", Path::new("/")).unwrap_err();
         assert!(!e.problems().is_empty());
+    }
+
+    #[test]
+    fn required_attestations_are_read_with_every_problem_at_once() {
+        let base = format!(
+            "authorities:\n  - name: k\n    key: |\n{}trustedRegistries: [reg.io/team]\n",
+            key_yaml()
+        );
+        let good = format!(
+            "{base}requiredAttestations:\n  - predicateType: https://gkm.io/attestations/verification/v1\n    authority: k\n    appliesTo: [caches, pods]\n    conditions:\n      - {{field: /caller/groups, contains: release}}\n      - {{field: /verification/signatureFormat, equals: tag}}\n"
+        );
+        let p = TrustPolicy::from_yaml(&good, Path::new("/")).unwrap();
+        let r = &p.required_attestations[0];
+        assert_eq!(r.authority, "k");
+        assert!(r.applies(Scope::Caches) && r.applies(Scope::Pods));
+        assert_eq!(
+            r.conditions[0].test,
+            ConditionTest::Contains(serde_json::json!("release"))
+        );
+        assert_eq!(
+            r.to_string(),
+            "an attestation of type https://gkm.io/attestations/verification/v1 signed by authority \"k\" with /caller/groups containing \"release\" and /verification/signatureFormat equal to \"tag\""
+        );
+        assert!(p.sha256.starts_with("sha256:") && p.sha256.len() == 71);
+
+        let defaults =
+            format!("{base}requiredAttestations:\n  - {{predicateType: t, authority: k}}\n");
+        let p = TrustPolicy::from_yaml(&defaults, Path::new("/")).unwrap();
+        assert_eq!(p.required_attestations[0].applies_to, vec![Scope::Caches]);
+
+        let bad = format!(
+            "{base}requiredAttestations:\n  - authority: nobody\n    appliesTo: [nodes]\n    conditions:\n      - {{field: caller, equals: x, contains: y}}\n      - {{field: /a}}\n    extra: 1\n"
+        );
+        let e = TrustPolicy::from_yaml(&bad, Path::new("/")).unwrap_err();
+        let got: Vec<String> = e.problems().iter().map(|p| p.to_string()).collect();
+        for want in [
+            "requiredAttestations[0].extra: unknown field",
+            "requiredAttestations[0].predicateType: is required",
+            "requiredAttestations[0].authority: \"nobody\" is not the name of an authority (authorities: k)",
+            "requiredAttestations[0].appliesTo[0]: \"nodes\" is neither caches nor pods",
+            "requiredAttestations[0].conditions[0].field: \"caller\" is not a JSON pointer",
+            "requiredAttestations[0].conditions[0]: has both equals and contains",
+            "requiredAttestations[0].conditions[1]: needs equals or contains",
+        ] {
+            assert!(
+                got.iter().any(|g| g.starts_with(want)),
+                "{want} not in {got:#?}"
+            );
+        }
     }
 }

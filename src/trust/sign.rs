@@ -142,6 +142,25 @@ impl SigningKey {
             .expect("a P-256 public key encodes")
     }
 
+    /// A fixed key made from `seed`, for tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(seed: u8) -> Self {
+        Self {
+            key: p256::ecdsa::SigningKey::from_bytes(&[seed.max(1); 32].into()).unwrap(),
+            origin: format!("test key {seed}"),
+        }
+    }
+
+    /// The public key's [`PublicKey::fingerprint`](super::PublicKey::fingerprint).
+    pub fn fingerprint(&self) -> String {
+        let der = self
+            .key
+            .verifying_key()
+            .to_public_key_der()
+            .expect("a P-256 public key encodes");
+        format!("sha256:{}", hex::encode(Sha256::digest(der.as_bytes())))
+    }
+
     /// The ASN.1 DER ECDSA signature over SHA-256 of `msg` (deterministic, RFC 6979).
     pub fn sign(&self, msg: &[u8]) -> Vec<u8> {
         let sig: p256::ecdsa::Signature = self.key.sign(msg);
@@ -416,8 +435,16 @@ pub struct SignatureArtifacts {
     pub changed: bool,
 }
 
-/// The config and manifest of a `.sig` tag holding `layers`, as cosign writes them.
-fn sig_manifest(layers: Vec<SigDescriptor>) -> (Vec<u8>, Vec<u8>) {
+/// The layers of a `.sig` or `.att` manifest.
+pub(crate) fn manifest_layers(manifest: &[u8]) -> Result<Vec<SigDescriptor>, String> {
+    serde_json::from_slice::<SigManifest>(manifest)
+        .map(|m| m.layers)
+        .map_err(|e| format!("the manifest is not readable: {e}"))
+}
+
+/// The config and manifest of a `.sig` (or `.att`) tag holding `layers`, as cosign writes
+/// them.
+pub(crate) fn sig_manifest(layers: Vec<SigDescriptor>) -> (Vec<u8>, Vec<u8>) {
     // cosign's config (go-containerregistry's empty image, one history entry per layer).
     let zero = "0001-01-01T00:00:00Z";
     let config = serde_json::to_vec(&serde_json::json!({

@@ -17,7 +17,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::bundle::{BUNDLE_MEDIA_TYPE_PREFIX, Bundle, COSIGN_PREDICATE_TYPE, Material};
 use super::keyless::{self, LogEntry, Signed};
-use super::policy::{AuthorityKind, TrustPolicy};
+use super::policy::{AuthorityKind, Scope, TrustPolicy};
 use super::tag::{self, BUNDLE_ANNOTATION, CERTIFICATE_ANNOTATION, SIGNATURE_ANNOTATION};
 use crate::oci::{Credentials, PinnedRef, PullConfig, PullError, Puller, RefError};
 
@@ -56,6 +56,16 @@ impl fmt::Display for SignatureFormat {
     }
 }
 
+impl SignatureFormat {
+    /// The word status and attestations use: `tag` or `bundle`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignatureFormat::Tag => "tag",
+            SignatureFormat::Bundle => "bundle",
+        }
+    }
+}
+
 /// A successful verification.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
@@ -63,9 +73,59 @@ pub struct Verified {
     pub digest: String,
     /// The name of the authority it verified under.
     pub authority: String,
+    /// What identifies the signer under that authority.
+    pub signer: Signer,
     pub format: SignatureFormat,
     /// Which signature verified (promotion lists it first in the trusted registry).
     pub evidence: Evidence,
+    /// When the signature was verified (a cached result keeps its original time).
+    pub verified_at: std::time::SystemTime,
+    /// The attestations the policy required of this image's scope, each as found.
+    pub attestations: Vec<super::attest::FoundAttestation>,
+}
+
+/// Who signed, under the authority that accepted the signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signer {
+    /// A key authority: `sha256:<hex>` of its SubjectPublicKeyInfo.
+    Key { fingerprint: String },
+    /// A keyless authority: the certificate's OIDC issuer and the subject (email or URI
+    /// SAN) that matched.
+    Keyless { issuer: String, subject: String },
+}
+
+impl fmt::Display for Signer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Signer::Key { fingerprint } => write!(f, "key {fingerprint}"),
+            Signer::Keyless { issuer, subject } => write!(f, "{subject} (issuer {issuer})"),
+        }
+    }
+}
+
+/// The [`Signer`] of a signature that verified under authority `name`; `cert_der` is the
+/// certificate that came with it, if any.
+fn signer_of(policy: &TrustPolicy, name: &str, cert_der: Option<&[u8]>) -> Signer {
+    match policy
+        .authorities
+        .iter()
+        .find(|a| a.name == name)
+        .map(|a| &a.kind)
+    {
+        Some(AuthorityKind::Key(k)) => Signer::Key {
+            fingerprint: k.fingerprint(),
+        },
+        Some(AuthorityKind::Keyless(id)) => Signer::Keyless {
+            issuer: id.issuer.clone(),
+            subject: cert_der
+                .and_then(|c| id.matched_subject(c))
+                .unwrap_or_default(),
+        },
+        // `decide` only names authorities of the policy.
+        None => Signer::Key {
+            fingerprint: String::new(),
+        },
+    }
 }
 
 /// The one signature that verified.
@@ -118,6 +178,17 @@ pub enum VerifyError {
     },
     #[error("verifying the signatures of {image} timed out after {after:?}; denied")]
     Timeout { image: String, after: Duration },
+    /// The signature verified, but an attestation the policy requires is missing or fails.
+    #[error(
+        "{image} is signed, but the trust policy requires {required} for {scope}, and none was found:{}",
+        reasons.iter().map(|r| format!("\n  - {r}")).collect::<String>()
+    )]
+    Attestation {
+        image: String,
+        scope: Scope,
+        required: String,
+        reasons: Vec<String>,
+    },
 }
 
 /// How [`Rejected`] entries the bounds left unexamined begin their reason.
@@ -153,6 +224,7 @@ impl VerifyError {
             VerifyError::Registry { .. } => "registry_error",
             VerifyError::NotVerified { .. } => "not_verified",
             VerifyError::Timeout { .. } => "timeout",
+            VerifyError::Attestation { .. } => "attestation_missing",
         }
     }
 }
@@ -237,24 +309,37 @@ impl Verifier {
         self.verify(&pinned).await
     }
 
-    /// Verifies `image` under the policy in force: its repository must be in a trusted
-    /// registry, and at least one of its signatures must verify under an authority.
+    /// Verifies cache image `image` under the policy in force: its repository must be in
+    /// a trusted registry, at least one of its signatures must verify under an authority,
+    /// and it must carry every attestation the policy requires of caches.
     pub async fn verify(&self, image: &PinnedRef) -> Result<Verified, VerifyError> {
-        self.verify_from(image, false).await
+        self.verify_from(image, Some(Scope::Caches)).await
+    }
+
+    /// [`Verifier::verify`] for an image of `scope` (a Pod's container image checks the
+    /// attestations required of pods).
+    pub async fn verify_for(
+        &self,
+        image: &PinnedRef,
+        scope: Scope,
+    ) -> Result<Verified, VerifyError> {
+        self.verify_from(image, Some(scope)).await
     }
 
     /// Verifies `image` of the promotion's incoming registry under the policy's authorities,
     /// before it is promoted. Never cached, and never answered from the cache: the trusted
     /// copy is verified on its own when admission asks.
     pub async fn verify_incoming(&self, image: &PinnedRef) -> Result<Verified, VerifyError> {
-        self.verify_from(image, true).await
+        self.verify_from(image, None).await
     }
 
+    /// `scope` is `None` for an incoming image: signatures only, never cached.
     async fn verify_from(
         &self,
         image: &PinnedRef,
-        incoming: bool,
+        scope: Option<Scope>,
     ) -> Result<Verified, VerifyError> {
+        let incoming = scope.is_none();
         let span =
             info_span!("verify_signatures", image = %image, digest = %image.digest(), incoming);
         async {
@@ -294,24 +379,30 @@ impl Verifier {
             } else {
                 policy.verification.cache_ttl
             };
-            if let Some(v) = self.cached(image.digest(), loaded.generation, ttl) {
+            let key = cache_key(image.digest(), scope);
+            if let Some(v) = self.cached(&key, loaded.generation, ttl) {
                 debug!(authority = %v.authority, "verified (cached)");
                 return Ok(v);
             }
             let after = policy.verification.timeout;
-            let result = tokio::time::timeout(after, self.verify_uncached(policy, image))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(VerifyError::Timeout {
-                        image: image.to_string(),
-                        after,
-                    })
-                });
+            let work = async {
+                let mut v = self.verify_uncached(policy, image).await?;
+                if let Some(scope) = scope {
+                    v.attestations = self.required_attestations(policy, image, scope).await?;
+                }
+                Ok(v)
+            };
+            let result = tokio::time::timeout(after, work).await.unwrap_or_else(|_| {
+                Err(VerifyError::Timeout {
+                    image: image.to_string(),
+                    after,
+                })
+            });
             match &result {
                 Ok(v) => {
                     info!(authority = %v.authority, format = %v.format, "signature verified");
                     if !ttl.is_zero() {
-                        self.remember(v, loaded.generation);
+                        self.remember(&key, v, loaded.generation);
                     }
                 }
                 Err(e) => warn!(error = %e, "signature verification denied"),
@@ -322,15 +413,15 @@ impl Verifier {
         .await
     }
 
-    fn cached(&self, digest: &str, generation: u64, ttl: Duration) -> Option<Verified> {
+    fn cached(&self, key: &str, generation: u64, ttl: Duration) -> Option<Verified> {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         cache
-            .get(digest)
+            .get(key)
             .filter(|e| e.generation == generation && e.at.elapsed() < ttl)
             .map(|e| e.verified.clone())
     }
 
-    fn remember(&self, v: &Verified, generation: u64) {
+    fn remember(&self, key: &str, v: &Verified, generation: u64) {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= MAX_CACHE_ENTRIES {
             // Drop the stale generation first, then the oldest entry; the cache only saves
@@ -346,13 +437,45 @@ impl Verifier {
             }
         }
         cache.insert(
-            v.digest.clone(),
+            key.to_string(),
             CacheEntry {
                 verified: v.clone(),
                 generation,
                 at: Instant::now(),
             },
         );
+    }
+
+    /// Each attestation the policy requires of `scope`, found, or the first requirement
+    /// none meets.
+    async fn required_attestations(
+        &self,
+        policy: &TrustPolicy,
+        image: &PinnedRef,
+        scope: Scope,
+    ) -> Result<Vec<super::attest::FoundAttestation>, VerifyError> {
+        let mut found = Vec::new();
+        for required in policy
+            .required_attestations
+            .iter()
+            .filter(|r| r.applies(scope))
+        {
+            match super::attest::find(&self.puller, image, required).await {
+                Ok(a) => {
+                    debug!(predicate_type = %a.predicate_type, authority = %a.authority, "attestation found");
+                    found.push(a);
+                }
+                Err(reasons) => {
+                    return Err(VerifyError::Attestation {
+                        image: image.to_string(),
+                        scope,
+                        required: required.to_string(),
+                        reasons: shorten(reasons),
+                    });
+                }
+            }
+        }
+        Ok(found)
     }
 
     async fn verify_uncached(
@@ -466,10 +589,17 @@ impl Verifier {
             };
             match outcome {
                 Ok(authority) => {
+                    let cert = layer
+                        .annotations
+                        .get(CERTIFICATE_ANNOTATION)
+                        .and_then(|c| keyless::cert_from_pem(c).ok());
                     found.verified = Some(Verified {
                         digest: image.digest().to_string(),
+                        signer: signer_of(policy, &authority, cert.as_deref()),
                         authority,
                         format: SignatureFormat::Tag,
+                        verified_at: std::time::SystemTime::now(),
+                        attestations: Vec::new(),
                         evidence: Evidence::Layer {
                             payload: layer.digest.clone(),
                             signature: layer
@@ -533,11 +663,14 @@ impl Verifier {
             }
             let signature = format!("bundle {} of {total} (referrer {})", i + 1, entry.digest);
             match self.bundle_referrer(policy, image, &entry.digest).await {
-                Ok(Some(authority)) => {
+                Ok(Some((authority, cert))) => {
                     found.verified = Some(Verified {
                         digest: image.digest().to_string(),
+                        signer: signer_of(policy, &authority, cert.as_deref()),
                         authority,
                         format: SignatureFormat::Bundle,
+                        verified_at: std::time::SystemTime::now(),
+                        attestations: Vec::new(),
                         evidence: Evidence::Referrer {
                             digest: entry.digest.clone(),
                         },
@@ -563,7 +696,7 @@ impl Verifier {
         policy: &TrustPolicy,
         image: &PinnedRef,
         digest: &str,
-    ) -> Result<Option<String>, Vec<String>> {
+    ) -> Result<Option<(String, Option<Vec<u8>>)>, Vec<String>> {
         let one = |e: String| vec![e];
         if crate::oci::sha256_hex(digest).is_none() {
             return Err(one(format!("referrer digest {digest:?} is not sha256")));
@@ -664,7 +797,13 @@ impl Verifier {
                 },
             }
         })
-        .map(Some)
+        .map(|authority| {
+            let cert = match &bundle.material {
+                Material::Certificate { cert_der, .. } => Some(cert_der.clone()),
+                Material::PublicKey => None,
+            };
+            Some((authority, cert))
+        })
     }
 
     async fn small_blob(
@@ -735,6 +874,27 @@ fn decide(
         }
     }
     Err(rejection(claim.err(), verified_by, reasons))
+}
+
+/// The cache key of a verification: the digest, and the scope whose attestations it
+/// checked (an incoming verification is never cached).
+fn cache_key(digest: &str, scope: Option<Scope>) -> String {
+    match scope {
+        Some(s) => format!("{s}:{digest}"),
+        None => format!("incoming:{digest}"),
+    }
+}
+
+/// The first dozen reasons and a count of the rest: junk must not make a denial of
+/// thousands of lines.
+fn shorten(mut reasons: Vec<String>) -> Vec<String> {
+    const SHOWN: usize = 12;
+    if reasons.len() > SHOWN {
+        let more = reasons.len() - SHOWN;
+        reasons.truncate(SHOWN);
+        reasons.push(format!("and {more} more"));
+    }
+    reasons
 }
 
 /// What one format may still spend on an image's signatures (see
@@ -905,15 +1065,16 @@ struct SignatureManifest {
     subject: Option<Layer>,
 }
 
-#[derive(Deserialize)]
+/// A manifest's layer (or subject) descriptor, as much of it as verification reads.
+#[derive(Deserialize, Clone)]
 #[serde(rename_all = "camelCase")]
-struct Layer {
+pub(crate) struct Layer {
     #[serde(default)]
-    media_type: String,
-    digest: String,
-    size: u64,
+    pub(crate) media_type: String,
+    pub(crate) digest: String,
+    pub(crate) size: u64,
     #[serde(default)]
-    annotations: BTreeMap<String, String>,
+    pub(crate) annotations: BTreeMap<String, String>,
 }
 
 /// Why a signature was rejected: a wrong claim (the payload or statement names another

@@ -136,7 +136,7 @@ impl<V: ImageVerifier> Admission<V> {
             return Err(format!("{kind} {name}: spec.image is required"));
         };
         self.verifier
-            .verify(image)
+            .verify(image, crate::verify::Scope::Caches)
             .await
             .map_err(|d| format!("{kind} {name}: {d}"))
     }
@@ -341,7 +341,11 @@ mod tests {
     }
 
     impl ImageVerifier for Fake {
-        async fn verify(&self, image: &str) -> Result<VerifiedImage, Denial> {
+        async fn verify(
+            &self,
+            image: &str,
+            _: crate::verify::Scope,
+        ) -> Result<VerifiedImage, Denial> {
             self.calls.lock().unwrap().push(image.to_string());
             match image {
                 "r.io/signed:v1" => Ok(VerifiedImage {

@@ -180,7 +180,7 @@ async fn unverified<V: ImageVerifier>(verifier: &V, image: &str) -> Option<Strin
             "image {image:?} is not pinned by digest: with verifySignatures a pod runs only the digest GKM verified (its webhook pod-pin.gkm.io rewrites a tag to it; was that webhook skipped, or did a later one change the image?)"
         ));
     };
-    match verifier.verify(image).await {
+    match verifier.verify(image, crate::verify::Scope::Pods).await {
         Ok(v) if v.digest == digest => None,
         Ok(v) => Some(format!(
             "image {image:?} names {digest}, but GKM verified {}",
@@ -245,7 +245,10 @@ pub async fn pin<V: ImageVerifier>(
         if gkm::oci::parse_reference(&c.image).is_ok_and(|r| r.digest().is_some()) {
             continue;
         }
-        match verifier.verify_now(&c.image).await {
+        match verifier
+            .verify_now(&c.image, crate::verify::Scope::Pods)
+            .await
+        {
             Ok(v) => {
                 let pinned = format!("{}@{}", v.repository, v.digest);
                 info!(container = %c.container, image = %c.image, pinned = %pinned, "pinned to the verified digest");
@@ -283,7 +286,11 @@ mod tests {
     }
 
     impl ImageVerifier for Fake {
-        async fn verify(&self, image: &str) -> Result<VerifiedImage, Denial> {
+        async fn verify(
+            &self,
+            image: &str,
+            _: crate::verify::Scope,
+        ) -> Result<VerifiedImage, Denial> {
             // A tag of the signed image names D; a digest is what it says.
             if image.contains("/signed@") || image.ends_with("/signed:v1") {
                 Ok(VerifiedImage {
