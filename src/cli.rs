@@ -449,3 +449,27 @@ pub async fn promote(
         .promote(&req.image, req.digest.as_deref(), None)
         .await?)
 }
+
+/// `gkm promote --server`: asks the cluster's promoter to verify and promote `image` at
+/// `digest` (default: the image's own digest, or its tag resolved now in the incoming
+/// registry with `registry`'s credentials, which a developer has).
+pub async fn promote_via_server(
+    image: &str,
+    digest: Option<&str>,
+    server: &crate::promote::client::ServerOptions,
+    registry: &RegistryOptions,
+) -> Result<crate::promote::Promoted> {
+    let reference = oci::parse_reference(image).with_context(|| format!("image {image}"))?;
+    let digest = match (digest, reference.digest()) {
+        (Some(d), _) => d.to_string(),
+        (None, Some(d)) => d.to_string(),
+        (None, None) => registry
+            .puller()?
+            .resolve_tag(&reference)
+            .await
+            .with_context(|| format!("resolving the tag of {image} (or pass --digest)"))?
+            .digest()
+            .to_string(),
+    };
+    Ok(crate::promote::client::promote_via_server(server, image, &digest).await?)
+}

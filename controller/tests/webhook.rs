@@ -80,6 +80,18 @@ fn start_controller(
     webhook_only: bool,
     edit: fn(String) -> String,
 ) -> (ServerProcess, u16, u16) {
+    start_controller_with(env, tag, port, webhook_only, edit, &[])
+}
+
+/// [`start_controller`], with a policy edit that may capture, and `extra` arguments.
+fn start_controller_with(
+    env: &Env,
+    tag: &str,
+    port: Option<u16>,
+    webhook_only: bool,
+    edit: impl FnOnce(String) -> String,
+    extra: &[String],
+) -> (ServerProcess, u16, u16) {
     let port = port.unwrap_or_else(|| gkm_testenv::process::free_port().unwrap());
     let metrics_port = gkm_testenv::process::free_port().unwrap();
     let d = env.dir.path().join(tag);
@@ -111,6 +123,7 @@ fn start_controller(
     if webhook_only {
         args.push("--webhook-only".into());
     }
+    args.extend_from_slice(extra);
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_gkm-controller"));
     let envs = [("COSIGN_PASSWORD", env.promoter.password())];
     let process = ServerProcess::start("gkm-controller", &bin, &args, &envs, &d).unwrap();
@@ -1198,4 +1211,411 @@ async fn an_admission_body_past_the_limit_is_413() {
     let under = vec![b' '; 1 << 20];
     let resp = client.post(&url).body(under).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 400);
+}
+
+/// The `gkm` binary next to this test's build (built if missing).
+fn gkm_bin() -> PathBuf {
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let bin = dir.join("gkm");
+    if !bin.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-p", "gkm", "--bin", "gkm"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    bin
+}
+
+/// Runs `gkm` with `args` and no kubeconfig; its exit code, stdout and stderr.
+async fn gkm_cli(args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(gkm_bin())
+        .args(args)
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env("HOME", "/nonexistent")
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The layers of `repo`'s `.att` manifest for `digest` in an htpasswd registry.
+async fn attestation_layers(
+    vault: &gkm_testenv::auth_registry::AuthRegistry,
+    repo: &str,
+    digest: &str,
+) -> (String, Vec<serde_json::Value>) {
+    use gkm_testenv::auth_registry::{PASSWORD, USER};
+    let tag = format!("{}.att", digest.replace(':', "-"));
+    let resp = reqwest::Client::new()
+        .get(format!("http://{}/v2/{repo}/manifests/{tag}", vault.host()))
+        .basic_auth(USER, Some(PASSWORD))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        resp.status().is_success(),
+        "{repo}:{tag}: {}",
+        resp.status()
+    );
+    let bytes = resp.text().await.unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&bytes).unwrap();
+    (bytes, doc["layers"].as_array().cloned().unwrap_or_default())
+}
+
+/// Issue #14 end to end: a developer with push rights on the incoming registry only asks
+/// the promoter through `gkm promote --server`; the trusted registry (which requires
+/// credentials only the controller has) then holds the image, its signatures and a
+/// verification attestation real cosign accepts; a policy that requires that attestation
+/// admits the promoted cache and Pod, and denies, naming what is missing, an image put
+/// there past the promoter, one attested by another key, of another type, or whose
+/// attestation is about another digest; status records who vouched; re-promotion leaves
+/// one attestation.
+#[tokio::test]
+async fn a_developer_promotes_through_the_server_and_policies_require_its_attestation() {
+    use gkm::trust::attest::VERIFICATION_PREDICATE_TYPE as VERIFICATION;
+    use gkm_testenv::auth_registry::{AuthMode, AuthRegistry};
+    let env = env();
+    let cluster = shared_cluster();
+    let vault = AuthRegistry::start(AuthMode::Basic).await.unwrap();
+    let ci = unique_name("ci");
+    let indent = |pem: String| -> String { pem.lines().map(|l| format!("      {l}\n")).collect() };
+    let (dev_pem, promoter_pem) = (
+        indent(env.cosign.public_key_pem().unwrap()),
+        indent(env.promoter.public_key_pem().unwrap()),
+    );
+    let (vault_host, incoming_host) = (vault.host().to_string(), env.incoming.host().to_string());
+    let sign_key = env.promoter.key_path();
+    let group = format!("system:serviceaccounts:{ci}");
+    let policy = format!(
+        "authorities:\n  - name: developers\n    key: |\n{dev_pem}  - name: promoter\n    key: |\n{promoter_pem}\
+         trustedRegistries:\n  - {vault_host}/promoted\nverification:\n  timeoutSeconds: 8\n\
+         podPolicy:\n  namespaces: [\"{POD_NS}-*\"]\n  verifySignatures: true\n\
+         promotion:\n  incoming: {incoming_host}/dev\n  trusted: {vault_host}/promoted\n  signKey: {}\n\
+         requiredAttestations:\n  - predicateType: {VERIFICATION}\n    authority: promoter\n    appliesTo: [caches, pods]\n\
+         \x20   conditions:\n      - field: /caller/groups\n        contains: \"{group}\"\n",
+        sign_key.display()
+    );
+    let (_controller, port, _) = start_controller_with(
+        env,
+        "provenance",
+        None,
+        false,
+        |_| policy,
+        &[
+            format!("--registry-auth={}", vault.docker_config().display()),
+            format!("--insecure-registry={vault_host}"),
+        ],
+    );
+    register(cluster, env, "prov", port).await;
+    let ns = namespace(cluster, "prov").await;
+
+    // The developer: an incoming image signed with their key, a token that may promote,
+    // and no credentials for the trusted registry (a write there is 401).
+    let name = unique_name("kernels");
+    let good = push_to(&env.incoming, &format!("dev/{name}"), "v1", "good").await;
+    env.cosign.sign(&good.by_digest()).await.unwrap();
+    let bypass = push_to(&env.incoming, &format!("dev/{name}"), "v2", "bypass").await;
+    env.cosign.sign(&bypass.by_digest()).await.unwrap();
+    let anonymous_write = reqwest::Client::new()
+        .post(format!(
+            "http://{vault_host}/v2/promoted/{name}/blobs/uploads/"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous_write.status().as_u16(), 401);
+    let work = tempfile::tempdir().unwrap();
+    let write = |file: &str, text: &str| {
+        let p = work.path().join(file);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let token = write("token", &promoter_token(cluster, &ci, "dev", true).await);
+    let nobody = write(
+        "nobody",
+        &promoter_token(cluster, &ci, "nobody", false).await,
+    );
+    let junk = write("junk", "not-a-token");
+    let ca = write("ca.pem", &env.ca.cert_pem);
+    let server = format!("https://127.0.0.1:{port}");
+    let promote = |image: String, token: String| {
+        let (server, ca, incoming_host) = (server.clone(), ca.clone(), incoming_host.clone());
+        async move {
+            gkm_cli(&[
+                "promote",
+                &image,
+                "--server",
+                &server,
+                "--token-file",
+                &token,
+                "--ca-file",
+                &ca,
+                "--insecure-registry",
+                &incoming_host,
+            ])
+            .await
+        }
+    };
+
+    // Refusals, in words and exit codes a developer (or a CI job) can act on.
+    let (code, _, err) = promote(good.by_tag(), junk.clone()).await;
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("did not accept your credentials"), "{err}");
+    let (code, _, err) = promote(good.by_tag(), nobody.clone()).await;
+    assert_eq!(code, 4, "{err}");
+    assert!(
+        err.contains(&format!(
+            "system:serviceaccount:{ci}:nobody may not promote"
+        )),
+        "{err}"
+    );
+    let unsigned = push_to(&env.incoming, &format!("dev/{name}-u"), "v1", "u").await;
+    let (code, _, err) = promote(unsigned.by_tag(), token.clone()).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("refused the image") && err.contains(&unsigned.digest),
+        "{err}"
+    );
+
+    // The promotion, by tag (resolved in the incoming registry by the developer's gkm).
+    let (code, out, err) = promote(good.by_tag(), token.clone()).await;
+    assert_eq!(code, 0, "{err}");
+    let done: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let promoted = format!("{vault_host}/promoted/{name}@{}", good.digest);
+    assert_eq!(done["promoted"], promoted.as_str(), "{done}");
+    assert_eq!(done["signed"], true, "{done}");
+    let att_tag = format!(
+        "{vault_host}/promoted/{name}:{}.att",
+        good.digest.replace(':', "-")
+    );
+    assert_eq!(done["attestation"], att_tag.as_str(), "{done}");
+    // Real cosign accepts it with the promoter's public key (and the registry credentials).
+    env.promoter
+        .verify_attestation(&promoted, VERIFICATION, Some(&vault.docker_config()))
+        .await
+        .unwrap();
+    assert!(
+        env.cosign
+            .verify_attestation(&promoted, VERIFICATION, Some(&vault.docker_config()))
+            .await
+            .is_err(),
+        "the developer's key made no attestation"
+    );
+
+    // Put into the trusted registry past the promoter, with the developer's signature:
+    // a cache of it is denied, naming the attestation; the promoted one is admitted.
+    let local_policy = write(
+        "local-policy.yaml",
+        &format!(
+            "authorities:\n  - name: developers\n    key: |\n{dev_pem}trustedRegistries: [{vault_host}/promoted]\n\
+             promotion:\n  incoming: {incoming_host}/dev\n  trusted: {vault_host}/promoted\n"
+        ),
+    );
+    let (code, _, err) = gkm_cli(&[
+        "promote",
+        &bypass.by_tag(),
+        "--policy",
+        &local_policy,
+        "--registry-auth",
+        &vault.docker_config().display().to_string(),
+        "--insecure-registry",
+        env.incoming.host(),
+        "--insecure-registry",
+        &vault_host,
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let bypassed = format!("{vault_host}/promoted/{name}@{}", bypass.digest);
+
+    let alice: Api<GKMCache> = Api::namespaced(cluster.user_client("alice").await.unwrap(), &ns);
+    let expect_denied = |what: &'static str, image: String| {
+        let alice = alice.clone();
+        async move {
+            let c = cache(&unique_name("denied"), &image, None);
+            let message = match create(&alice, &c).await {
+                Err(kube::Error::Api(e)) => e.message,
+                other => panic!("{what}: admitted: {other:?}"),
+            };
+            assert!(
+                message.contains(&format!("an attestation of type {VERIFICATION}"))
+                    && message.contains("\"promoter\""),
+                "{what}: {message}"
+            );
+            message
+        }
+    };
+    expect_denied("not promoted", bypassed.clone()).await;
+    let admitted = create(
+        &alice,
+        &cache(
+            "promoted",
+            &format!("{vault_host}/promoted/{name}:v1"),
+            None,
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(annotation(&admitted).as_deref(), Some(good.digest.as_str()));
+
+    // Attestations that do not count: another key, another predicate type, another digest.
+    let other = Cosign::generate().await.unwrap();
+    let predicate = done_predicate(&promoted, &group);
+    other
+        .attest(
+            &bypassed,
+            VERIFICATION,
+            &predicate,
+            Some(&vault.docker_config()),
+        )
+        .await
+        .unwrap();
+    expect_denied("another key", bypassed.clone()).await;
+    env.promoter
+        .attest(
+            &bypassed,
+            "https://example.com/other/v1",
+            &predicate,
+            Some(&vault.docker_config()),
+        )
+        .await
+        .unwrap();
+    expect_denied("another type", bypassed.clone()).await;
+    let (manifest, _) = attestation_layers(&vault, &format!("promoted/{name}"), &good.digest).await;
+    let put = reqwest::Client::new()
+        .put(format!(
+            "http://{vault_host}/v2/promoted/{name}/manifests/{}.att",
+            bypass.digest.replace(':', "-")
+        ))
+        .basic_auth(
+            gkm_testenv::auth_registry::USER,
+            Some(gkm_testenv::auth_registry::PASSWORD),
+        )
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest)
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{}", put.status());
+    let message = expect_denied("another digest", bypassed.clone()).await;
+    assert!(message.contains(&bypass.digest), "{message}");
+
+    // Pods under podPolicy: the same requirement.
+    let covered = pod_policy_namespace(port, "prov").await;
+    let pods: Api<Pod> = Api::namespaced(cluster.admin_client().await.unwrap(), &covered);
+    let (_, message) = first_denial(&pods, &bypassed).await;
+    assert!(
+        message.contains(&format!("an attestation of type {VERIFICATION}")),
+        "{message}"
+    );
+    pods.create(&PostParams::default(), &pod("attested", &promoted))
+        .await
+        .unwrap();
+
+    // Status says who vouched and when; a user cannot write it.
+    let admin: Api<GKMCache> = Api::namespaced(cluster.admin_client().await.unwrap(), &ns);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let provenance = loop {
+        let c = admin.get("promoted").await.unwrap();
+        if let Some(p) = c.status.and_then(|s| s.provenance) {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no status.provenance");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(provenance.digest, good.digest);
+    assert!(
+        ["promoter", "developers"].contains(&provenance.authority.as_str()),
+        "{provenance:?}"
+    );
+    assert!(provenance.attestation_required, "{provenance:?}");
+    assert_eq!(provenance.attestations, vec![VERIFICATION.to_string()]);
+    let forged = serde_json::json!({"status": {"provenance": {
+        "digest": good.digest, "authority": "alice", "signatureFormat": "tag",
+        "attestationRequired": false, "attestations": [], "verifiedAt": "2020-01-01T00:00:00Z"}}});
+    match alice
+        .patch_status("promoted", &PatchParams::default(), &Patch::Merge(&forged))
+        .await
+    {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 403, "{e:?}"),
+        other => panic!("alice wrote status: {other:?}"),
+    }
+
+    // Promoting the same digest again leaves one attestation.
+    let (code, _, err) = promote(good.by_tag(), token.clone()).await;
+    assert_eq!(code, 0, "{err}");
+    let (_, layers) = attestation_layers(&vault, &format!("promoted/{name}"), &good.digest).await;
+    let ours = layers
+        .iter()
+        .filter(|l| l["annotations"]["predicateType"] == VERIFICATION)
+        .count();
+    assert_eq!(ours, 1, "{layers:?}");
+
+    // The documented developer workflow, unchanged: build, push, sign, promote, print.
+    let cache_dir = work.path().join("triton-cache/KEY1");
+    std::fs::create_dir_all(&cache_dir).unwrap();
+    std::fs::write(
+        cache_dir.join("k.json"),
+        br#"{"name":"k","target":{"backend":"cuda","arch":90,"warp_size":32}}"#,
+    )
+    .unwrap();
+    std::fs::write(cache_dir.join("k.cubin"), b"\x7fELF cubin").unwrap();
+    let path = format!(
+        "{}:{}:/usr/bin:/bin",
+        gkm_bin().parent().unwrap().display(),
+        gkm_testenv::tools::tools_bin_dir().display()
+    );
+    let out = tokio::process::Command::new(
+        gkm_testenv::workspace_root().join("examples/developer-workflow.sh"),
+    )
+    .env_clear()
+    .env("PATH", path)
+    .env("HOME", work.path())
+    .env("KUBECONFIG", "/nonexistent/kubeconfig")
+    .env("CACHE_DIR", work.path().join("triton-cache"))
+    .env("IMAGE", format!("{incoming_host}/dev/{name}-ci:v3"))
+    .env("COSIGN_KEY", env.cosign.key_path())
+    .env("COSIGN_PASSWORD", env.cosign.password())
+    .env("GKM_SERVER", &server)
+    .env("GKM_TOKEN_FILE", &token)
+    .env("GKM_CA_FILE", &ca)
+    .env("INSECURE_REGISTRY", &incoming_host)
+    .output()
+    .await
+    .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let printed = stdout.lines().last().unwrap_or_default();
+    assert!(
+        printed.starts_with(&format!("{vault_host}/promoted/{name}-ci@sha256:")),
+        "{stdout}\n{stderr}"
+    );
+    env.promoter
+        .verify_attestation(printed, VERIFICATION, Some(&vault.docker_config()))
+        .await
+        .unwrap();
+}
+
+/// A predicate shaped like the promoter's (so only the key, type or subject differs).
+fn done_predicate(promoted: &str, group: &str) -> serde_json::Value {
+    serde_json::json!({
+        "incoming": promoted, "trusted": promoted,
+        "verification": {"authority": "promoter", "signatureFormat": "tag"},
+        "policy": {"sha256": "0"}, "verifiedAt": "2026-01-01T00:00:00Z",
+        "caller": {"username": "x", "uid": "", "groups": [group]},
+    })
 }

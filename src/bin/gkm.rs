@@ -124,12 +124,36 @@ enum Command {
         /// The digest to promote (default: the image's digest, or its tag resolved once).
         #[arg(long, value_name = "sha256:HEX")]
         digest: Option<String>,
-        /// The trust policy file: its authorities and `promotion` section.
-        #[arg(long, value_name = "FILE")]
-        policy: PathBuf,
+        /// The trust policy file: its authorities and `promotion` section (promotes with
+        /// this machine's registry credentials; not with --server).
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present = "server",
+            conflicts_with = "server"
+        )]
+        policy: Option<PathBuf>,
         /// Sign the promoted digest with this key (overrides promotion.signKey).
-        #[arg(long = "sign-key", value_name = "KEY")]
+        #[arg(long = "sign-key", value_name = "KEY", conflicts_with = "server")]
         sign_key: Option<PathBuf>,
+        /// Ask the cluster's promoter (the controller's API, `https://host[:port]`) to
+        /// verify and promote, with a Kubernetes token; nothing is written from here.
+        #[arg(long, value_name = "URL")]
+        server: Option<String>,
+        /// The bearer token for --server (default: the current kubeconfig context's).
+        #[arg(long = "token-file", value_name = "FILE", requires = "server")]
+        token_file: Option<PathBuf>,
+        /// PEM CA bundle for --server's certificate (default: the kubeconfig cluster's CA).
+        #[arg(long = "ca-file", value_name = "FILE", requires = "server")]
+        ca_file: Option<PathBuf>,
+        /// Seconds to wait for --server's answer (promotion copies every blob).
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            default_value_t = 600,
+            requires = "server"
+        )]
+        timeout: u64,
         #[command(flatten)]
         registry: RegistryArgs,
     },
@@ -165,8 +189,30 @@ impl From<GpuArgs> for Inventory {
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+/// Exit codes: 0 done, 1 failed, 2 bad arguments (clap) or a request the promoter refused,
+/// 3 and 4 not authenticated or not allowed by the promoter, 5 the promoter or the network
+/// failed (`gkm promote --server`; see [`gkm::promote::client::ClientError::exit_code`]).
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("Error: starting the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            let code = e
+                .downcast_ref::<gkm::promote::client::ClientError>()
+                .map_or(1, |c| c.exit_code());
+            std::process::ExitCode::from(code)
+        }
+    }
+}
+
+async fn run() -> Result<()> {
     gkm::install_crypto();
     let cli = Cli::parse();
     gkm::init_logging(&cli.log, false).context("--log")?;
@@ -225,15 +271,34 @@ async fn main() -> Result<()> {
             digest,
             policy,
             sign_key,
+            server,
+            token_file,
+            ca_file,
+            timeout,
             registry,
         } => {
-            let req = cli::PromoteRequest {
-                image,
-                digest,
-                policy,
-                sign_key,
+            let done = match (server, policy) {
+                (Some(server), _) => {
+                    let opts = gkm::promote::client::ServerOptions {
+                        server,
+                        token_file,
+                        ca_file,
+                        timeout: std::time::Duration::from_secs(timeout),
+                    };
+                    cli::promote_via_server(&image, digest.as_deref(), &opts, &registry.into())
+                        .await?
+                }
+                (None, Some(policy)) => {
+                    let req = cli::PromoteRequest {
+                        image,
+                        digest,
+                        policy,
+                        sign_key,
+                    };
+                    cli::promote(&req, &registry.into()).await?
+                }
+                (None, None) => unreachable!("clap requires --policy without --server"),
             };
-            let done = cli::promote(&req, &registry.into()).await?;
             println!("{}", serde_json::to_string_pretty(&done)?);
         }
         Command::Gc { store } => {

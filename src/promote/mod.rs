@@ -18,10 +18,12 @@
 //! sets: never one reserved for artifacts ([`crate::trust::tag::reserved_tag`]), never
 //! over a tag that already names an artifact.
 
+pub mod client;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::{Instrument, info, info_span};
 
 use crate::oci::image::{OCI_INDEX, OCI_MANIFEST};
@@ -108,7 +110,7 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
 }
 
 /// What a promotion did.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Promoted {
     /// `<trusted repository>@<digest>`.
     pub promoted: String,
