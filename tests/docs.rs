@@ -76,23 +76,7 @@ fn help(bin: &Path, args: &[&str]) -> Option<String> {
 
 /// The controller binary, built if this test runs alone.
 fn controller_bin() -> PathBuf {
-    let dir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let bin = dir.join("gkm-controller");
-    if !bin.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "gkm-controller", "--bin", "gkm-controller"])
-            .current_dir(workspace_root())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-    bin
+    gkm_testenv::workspace_binary("gkm-controller", "gkm-controller")
 }
 
 #[test]
@@ -191,6 +175,10 @@ const OTHER_TOOLS_FLAGS: &[&str] = &[
     "--overwrite",
     "--bin",
     "--lib",
+    "--type",
+    "--new-bundle-format",
+    "--tlog-upload",
+    "--use-signing-config",
     "--workspace",
     "--test",
     "--bench",

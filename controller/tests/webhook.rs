@@ -1213,24 +1213,9 @@ async fn an_admission_body_past_the_limit_is_413() {
     assert_eq!(resp.status().as_u16(), 400);
 }
 
-/// The `gkm` binary next to this test's build (built if missing).
+/// The `gkm` binary of this workspace.
 fn gkm_bin() -> PathBuf {
-    let dir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let bin = dir.join("gkm");
-    if !bin.exists() {
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "-p", "gkm", "--bin", "gkm"])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-    bin
+    gkm_testenv::workspace_binary("gkm", "gkm")
 }
 
 /// Runs `gkm` with `args` and no kubeconfig; its exit code, stdout and stderr.

@@ -136,6 +136,33 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or(start)
 }
 
+/// A binary of this workspace, next to the running test's own build (`target/<profile>/`),
+/// built with cargo first when it is not there: a test of one package may run another
+/// package's program, which cargo builds only for that package's own tests.
+///
+/// Panics when the build fails: a test cannot run without it.
+pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test> -> target/<profile>/
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("a test binary under target/<profile>/deps");
+    let path = dir.join(bin);
+    if !path.exists() {
+        let status = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
+            .args(["build", "-p", package, "--bin", bin])
+            .current_dir(workspace_root())
+            .status()
+            .expect("running cargo build");
+        assert!(
+            status.success(),
+            "cargo build -p {package} --bin {bin} failed"
+        );
+    }
+    path
+}
+
 /// A name unique within this machine, for namespaces and repositories: `<prefix>-<suffix>`.
 pub fn unique_name(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
