@@ -385,17 +385,7 @@ pub async fn verify(
     let policy = crate::trust::TrustPolicy::load(policy)
         .with_context(|| format!("--policy {}", policy.display()))?;
     let reference = oci::parse_reference(image)?;
-    if policy.trusted_registry_for(&reference).is_none() {
-        anyhow::bail!(
-            "{image} is not in a trusted registry (trusted: {})",
-            policy
-                .trusted_registries
-                .iter()
-                .map(|p| p.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
+    policy.check_registry(image, &reference)?;
     let puller = registry.puller()?;
     let pinned = match reference.digest() {
         Some(d) => PinnedRef::new(&reference, d)?,

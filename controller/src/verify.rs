@@ -16,10 +16,41 @@ pub struct VerifiedImage {
 
 pub use gkm::trust::Scope;
 
-/// Why an image may not be used, in words that name the image.
+/// Why an image may not be used: words that name the image, and a short, stable label for
+/// metrics (`untrusted_registry`, `resolve_failed`, `timeout`, or a [`VerifyError`]'s).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Denial(pub String);
+#[error("{message}")]
+pub struct Denial {
+    pub label: &'static str,
+    pub message: String,
+}
+
+impl Denial {
+    pub fn new(label: &'static str, message: impl Into<String>) -> Self {
+        Denial {
+            label,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<gkm::trust::VerifyError> for Denial {
+    fn from(e: gkm::trust::VerifyError) -> Self {
+        Denial::new(e.label(), e.to_string())
+    }
+}
+
+impl From<gkm::trust::UntrustedRegistry> for Denial {
+    fn from(e: gkm::trust::UntrustedRegistry) -> Self {
+        Denial::new("untrusted_registry", e.to_string())
+    }
+}
+
+impl From<gkm::oci::RefError> for Denial {
+    fn from(e: gkm::oci::RefError) -> Self {
+        Denial::new("bad_reference", e.to_string())
+    }
+}
 
 pub trait ImageVerifier: Send + Sync + 'static {
     /// Resolves `image` (by tag or digest) and verifies it as an image of `scope` (whose
@@ -41,7 +72,7 @@ pub trait ImageVerifier: Send + Sync + 'static {
         self.verify(image, scope)
     }
     /// The Pod rule of the policy in force (it changes when the policy is reloaded).
-    fn pod_rules(&self) -> crate::webhook::pods::PodRules;
+    fn pod_rules(&self) -> gkm::trust::PodRules;
 }
 
 /// Admission's verifier: the trust policy's registry check (before any network call, so
@@ -74,7 +105,7 @@ impl TrustVerifier {
         fresh: bool,
     ) -> Result<gkm::oci::PinnedRef, Denial> {
         if let Some(d) = reference.digest() {
-            return gkm::oci::PinnedRef::new(reference, d).map_err(|e| Denial(e.to_string()));
+            return Ok(gkm::oci::PinnedRef::new(reference, d)?);
         }
         let cached = if fresh {
             None
@@ -85,13 +116,12 @@ impl TrustVerifier {
                 .map(|(d, _)| d.clone())
         };
         if let Some(d) = cached {
-            return gkm::oci::PinnedRef::new(reference, &d).map_err(|e| Denial(e.to_string()));
+            return Ok(gkm::oci::PinnedRef::new(reference, &d)?);
         }
-        let pinned = self
-            .puller
-            .resolve_tag(reference)
-            .await
-            .map_err(|e| Denial(format!("cannot resolve {image}: {e}")))?;
+        let pinned =
+            self.puller.resolve_tag(reference).await.map_err(|e| {
+                Denial::new("resolve_failed", format!("cannot resolve {image}: {e}"))
+            })?;
         self.tags.lock().unwrap_or_else(|e| e.into_inner()).insert(
             image.to_string(),
             (pinned.digest().to_string(), std::time::Instant::now()),
@@ -101,12 +131,8 @@ impl TrustVerifier {
 }
 
 impl ImageVerifier for TrustVerifier {
-    fn pod_rules(&self) -> crate::webhook::pods::PodRules {
-        let policy = self.trust.policy();
-        crate::webhook::pods::PodRules {
-            policy: policy.pod_policy.clone(),
-            trusted_registries: policy.trusted_registries.clone(),
-        }
+    fn pod_rules(&self) -> gkm::trust::PodRules {
+        self.trust.policy().pod_rules()
     }
 
     async fn verify(&self, image: &str, scope: Scope) -> Result<VerifiedImage, Denial> {
@@ -126,47 +152,25 @@ impl TrustVerifier {
         scope: Scope,
         fresh: bool,
     ) -> Result<VerifiedImage, Denial> {
-        let result = self.verify_labelled(image, scope, fresh).await;
-        let label = result.as_ref().map_or_else(|(l, _)| *l, |_| "verified");
+        let result = self.verify_uncounted(image, scope, fresh).await;
+        let label = result.as_ref().map_or_else(|d| d.label, |_| "verified");
         gkm::metrics::Metrics::result(&crate::metrics::global().verifications, label);
-        result.map_err(|(_, d)| d)
+        result
     }
 
-    /// [`ImageVerifier::verify`], with a metric label for each way it can fail.
-    async fn verify_labelled(
+    async fn verify_uncounted(
         &self,
         image: &str,
         scope: Scope,
         fresh: bool,
-    ) -> Result<VerifiedImage, (&'static str, Denial)> {
-        let reference = gkm::oci::parse_reference(image)
-            .map_err(|e| ("bad_reference", Denial(e.to_string())))?;
+    ) -> Result<VerifiedImage, Denial> {
+        let reference = gkm::oci::parse_reference(image)?;
         let policy = self.trust.policy();
-        if policy.trusted_registry_for(&reference).is_none() {
-            let trusted: Vec<&str> = policy
-                .trusted_registries
-                .iter()
-                .map(|p| p.as_str())
-                .collect();
-            return Err((
-                "untrusted_registry",
-                Denial(format!(
-                    "{image} is not in a trusted registry (trusted: {})",
-                    trusted.join(", ")
-                )),
-            ));
-        }
+        policy.check_registry(image, &reference)?;
         let timeout = policy.verification.timeout;
         let work = async {
-            let pinned = self
-                .pin(image, &reference, fresh)
-                .await
-                .map_err(|d| ("resolve_failed", d))?;
-            let v = self
-                .trust
-                .verify_for(&pinned, scope)
-                .await
-                .map_err(|e| (e.label(), Denial(e.to_string())))?;
+            let pinned = self.pin(image, &reference, fresh).await?;
+            let v = self.trust.verify_for(&pinned, scope).await?;
             Ok(VerifiedImage {
                 repository: format!("{}/{}", pinned.registry(), pinned.repository()),
                 digest: v.digest,
@@ -174,11 +178,9 @@ impl TrustVerifier {
             })
         };
         tokio::time::timeout(timeout, work).await.map_err(|_| {
-            (
+            Denial::new(
                 "timeout",
-                Denial(format!(
-                    "verifying {image} took longer than {timeout:?}; denied (fail closed)"
-                )),
+                format!("verifying {image} took longer than {timeout:?}; denied (fail closed)"),
             )
         })?
     }

@@ -28,10 +28,9 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use gkm::csi::CacheKey;
 use gkm::kernel_cache::CacheKind;
-use gkm::trust::{PodPolicy, RegistryPrefix};
+use gkm::trust::{PodPolicy, PodRules, RegistryPrefix};
 use gkm_controller::verify::{Denial, ImageVerifier, VerifiedImage};
 use gkm_controller::webhook::pod_env::CacheKindSource;
-use gkm_controller::webhook::pods::PodRules;
 use gkm_controller::webhook::{Admission, server};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionReview, Operation};
@@ -50,9 +49,12 @@ pub struct FakeVerifier {
 
 /// What [`FakeVerifier`] answers for `image`, without a future.
 pub fn resolve(image: &str) -> Result<VerifiedImage, Denial> {
-    let r = gkm::oci::parse_reference(image).map_err(|e| Denial(e.to_string()))?;
+    let r = gkm::oci::parse_reference(image).map_err(Denial::from)?;
     if image.contains("unsigned") {
-        return Err(Denial(format!("{image}: no valid signature")));
+        return Err(Denial::new(
+            "not_verified",
+            format!("{image}: no valid signature"),
+        ));
     }
     let digest = match r.digest().filter(|d| gkm::oci::sha256_hex(d).is_some()) {
         Some(d) => d.to_string(),

@@ -33,8 +33,9 @@ mod verifier;
 pub use keyless::{KeylessIdentity, SubjectMatch};
 pub use keys::PublicKey;
 pub use policy::{
-    Authority, AuthorityKind, Condition, ConditionTest, PodPolicy, PolicyError, Problem, Promotion,
-    RegistryPrefix, RequiredAttestation, Scope, TrustPolicy, VerificationSettings,
+    Authority, AuthorityKind, Condition, ConditionTest, PodPolicy, PodRules, PolicyError, Problem,
+    Promotion, RegistryPrefix, RequiredAttestation, Scope, TrustPolicy, UntrustedRegistry,
+    VerificationSettings,
 };
 pub use root::TrustedRoot;
 pub use verifier::{

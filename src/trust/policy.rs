@@ -458,14 +458,85 @@ impl TrustPolicy {
         }
     }
 
-    /// The trusted-registry prefix that `reference` falls in, if any.
-    pub fn trusted_registry_for(
+    /// Whether `reference` (written `image` by the user) may be admitted at all: inside a
+    /// trusted registry. The one registry check of admission, `gkm verify`, the verifier
+    /// and the Pod rule; it makes no network call, so it runs before any.
+    pub fn check_registry(
         &self,
+        image: &str,
         reference: &oci_client::Reference,
-    ) -> Option<&RegistryPrefix> {
-        self.trusted_registries
-            .iter()
-            .find(|p| p.matches_reference(reference))
+    ) -> Result<&RegistryPrefix, UntrustedRegistry> {
+        check_registry(&self.trusted_registries, image, reference)
+    }
+
+    /// What the Pod rule needs of this policy.
+    pub fn pod_rules(&self) -> PodRules {
+        PodRules {
+            policy: self.pod_policy.clone(),
+            trusted_registries: self.trusted_registries.clone(),
+        }
+    }
+}
+
+/// An image outside the registries it had to come from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("image {image:?} is not from a trusted registry (trusted: {})", trusted.join(", "))]
+pub struct UntrustedRegistry {
+    /// As the user wrote it.
+    pub image: String,
+    /// The prefixes it could have come from.
+    pub trusted: Vec<String>,
+}
+
+/// The prefix of `trusted` that `reference` falls in, or why none does.
+pub fn check_registry<'p>(
+    trusted: &'p [RegistryPrefix],
+    image: &str,
+    reference: &oci_client::Reference,
+) -> Result<&'p RegistryPrefix, UntrustedRegistry> {
+    trusted
+        .iter()
+        .find(|p| p.matches_reference(reference))
+        .ok_or_else(|| UntrustedRegistry {
+            image: image.to_string(),
+            trusted: trusted.iter().map(|p| p.as_str().to_string()).collect(),
+        })
+}
+
+/// What the Pod rule of a policy checks: the namespaces and settings of `podPolicy`, and
+/// the trusted registries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRules {
+    pub policy: PodPolicy,
+    pub trusted_registries: Vec<RegistryPrefix>,
+}
+
+impl PodRules {
+    /// Why `image` breaks these rules, without any network call; `None` when only the
+    /// signature is left to check.
+    pub fn static_violation(&self, image: &str) -> Option<String> {
+        if image.is_empty() {
+            return Some("has no image".into());
+        }
+        let reference = match crate::oci::parse_reference(image) {
+            Ok(r) => r,
+            Err(e) => return Some(e.to_string()),
+        };
+        if let Err(e) = check_registry(&self.trusted_registries, image, &reference) {
+            return Some(e.to_string());
+        }
+        if self.policy.require_digest
+            && reference
+                .digest()
+                .and_then(crate::oci::sha256_hex)
+                .is_none()
+        {
+            return Some(format!(
+                "image {image:?} is not pinned by digest (write {}@sha256:<64 hex>)",
+                reference.repository()
+            ));
+        }
+        None
     }
 }
 
@@ -1105,6 +1176,38 @@ mod tests {
 
     fn prefix(s: &str) -> RegistryPrefix {
         RegistryPrefix::parse(s).unwrap()
+    }
+
+    #[test]
+    fn one_registry_check_decides_for_caches_pods_and_the_cli() {
+        let trusted = [prefix("r.io/kernels"), prefix("mirror.io")];
+        let check = |image: &str| {
+            let r = crate::oci::parse_reference(image).unwrap();
+            check_registry(&trusted, image, &r).map(|p| p.as_str().to_string())
+        };
+        assert_eq!(check("r.io/kernels/llama:v1").unwrap(), "r.io/kernels");
+        assert_eq!(check("mirror.io/anything/x:v1").unwrap(), "mirror.io");
+        // Prefixes end at path components: kernelsx is another repository.
+        let e = check("r.io/kernelsx/llama:v1").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "image \"r.io/kernelsx/llama:v1\" is not from a trusted registry (trusted: r.io/kernels, mirror.io)"
+        );
+        assert!(check("docker.io/library/busybox").is_err());
+        // The Pod rule says the same words, then adds its own: the digest pin.
+        let rules = PodRules {
+            policy: PodPolicy::default(),
+            trusted_registries: trusted.to_vec(),
+        };
+        assert_eq!(
+            rules.static_violation("r.io/kernelsx/llama:v1"),
+            Some(e.to_string())
+        );
+        let tag = rules.static_violation("r.io/kernels/llama:v1").unwrap();
+        assert!(tag.contains("is not pinned by digest"), "{tag}");
+        let pinned = format!("r.io/kernels/llama@sha256:{}", "a".repeat(64));
+        assert_eq!(rules.static_violation(&pinned), None);
+        assert_eq!(rules.static_violation("").as_deref(), Some("has no image"));
     }
 
     #[test]

@@ -156,8 +156,8 @@ impl fmt::Display for Rejected {
 pub enum VerifyError {
     #[error(transparent)]
     Reference(#[from] RefError),
-    #[error("{image} is not in a trusted registry (trusted: {trusted})")]
-    UntrustedRegistry { image: String, trusted: String },
+    #[error(transparent)]
+    UntrustedRegistry(#[from] super::policy::UntrustedRegistry),
     #[error("no signatures found for {image}")]
     NoSignatures { image: String },
     #[error("could not read the signatures of {image}: {}", problems.join("; "))]
@@ -219,7 +219,7 @@ impl VerifyError {
     pub fn label(&self) -> &'static str {
         match self {
             VerifyError::Reference(_) => "bad_reference",
-            VerifyError::UntrustedRegistry { .. } => "untrusted_registry",
+            VerifyError::UntrustedRegistry(_) => "untrusted_registry",
             VerifyError::NoSignatures { .. } => "no_signatures",
             VerifyError::Registry { .. } => "registry_error",
             VerifyError::NotVerified { .. } => "not_verified",
@@ -351,28 +351,23 @@ impl Verifier {
                     .as_ref()
                     .is_some_and(|p| p.incoming.matches_reference(image.as_reference()));
                 if !inside {
-                    return Err(VerifyError::UntrustedRegistry {
+                    return Err(super::policy::UntrustedRegistry {
                         image: image.to_string(),
-                        trusted: policy
-                            .promotion
-                            .as_ref()
-                            .map(|p| p.incoming.as_str().to_string())
-                            .unwrap_or_else(|| "no promotion.incoming".into()),
-                    });
+                        trusted: vec![
+                            policy
+                                .promotion
+                                .as_ref()
+                                .map(|p| p.incoming.as_str().to_string())
+                                .unwrap_or_else(|| "no promotion.incoming".into()),
+                        ],
+                    }
+                    .into());
                 }
             }
             // The registry check comes before the cache: a digest verified in one
             // repository must not be admitted from an untrusted one.
-            else if policy.trusted_registry_for(image.as_reference()).is_none() {
-                return Err(VerifyError::UntrustedRegistry {
-                    image: image.to_string(),
-                    trusted: policy
-                        .trusted_registries
-                        .iter()
-                        .map(|p| p.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                });
+            else {
+                policy.check_registry(&image.to_string(), image.as_reference())?;
             }
             let ttl = if incoming {
                 Duration::ZERO

@@ -358,12 +358,13 @@ mod tests {
                     digest: D2.into(),
                     authority: "key".into(),
                 }),
-                other => Err(Denial(format!(
-                    "{other}: no signature matches any authority"
-                ))),
+                other => Err(Denial::new(
+                    "not_verified",
+                    format!("{other}: no signature matches any authority"),
+                )),
             }
         }
-        fn pod_rules(&self) -> crate::webhook::pods::PodRules {
+        fn pod_rules(&self) -> gkm::trust::PodRules {
             unreachable!("the cache rules never ask for the pod rules")
         }
     }

@@ -13,7 +13,7 @@
 //! covered its namespace can still be labelled or have ephemeral containers added under
 //! the rule. Every violation of a request is reported at once, each naming its container.
 
-use gkm::trust::{PodPolicy, RegistryPrefix};
+use gkm::trust::PodRules;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, Operation};
 use serde_json::Value;
@@ -21,13 +21,6 @@ use tracing::info;
 
 use super::Decision;
 use crate::verify::ImageVerifier;
-
-/// What the pod rule needs of the policy in force.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PodRules {
-    pub policy: PodPolicy,
-    pub trusted_registries: Vec<RegistryPrefix>,
-}
 
 /// One container's image, as the pod spec names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,40 +61,6 @@ pub fn container_images(pod: &Value) -> Vec<ContainerImage> {
         }
     }
     out
-}
-
-/// Why `image` breaks `rules`, without any network call; `None` when only the signature is
-/// left to check.
-pub fn static_violation(rules: &PodRules, image: &str) -> Option<String> {
-    if image.is_empty() {
-        return Some("has no image".into());
-    }
-    let reference = match gkm::oci::parse_reference(image) {
-        Ok(r) => r,
-        Err(e) => return Some(e.to_string()),
-    };
-    if !rules
-        .trusted_registries
-        .iter()
-        .any(|p| p.matches_reference(&reference))
-    {
-        let trusted: Vec<&str> = rules
-            .trusted_registries
-            .iter()
-            .map(RegistryPrefix::as_str)
-            .collect();
-        return Some(format!(
-            "image {image:?} is not from a trusted registry (trusted: {})",
-            trusted.join(", ")
-        ));
-    }
-    if rules.policy.require_digest && reference.digest().and_then(gkm::oci::sha256_hex).is_none() {
-        return Some(format!(
-            "image {image:?} is not pinned by digest (write {}@sha256:<64 hex>)",
-            reference.repository()
-        ));
-    }
-    None
 }
 
 fn pod_name(obj: Option<&DynamicObject>, req: &AdmissionRequest<DynamicObject>) -> String {
@@ -203,7 +162,7 @@ pub async fn validate<V: ImageVerifier>(
     };
     let mut violations = Vec::new();
     for c in &added {
-        let problem = match static_violation(&rules, &c.image) {
+        let problem = match rules.static_violation(&c.image) {
             Some(p) => Some(p),
             None if rules.policy.verify_signatures => unverified(verifier, &c.image).await,
             None => None,
@@ -238,7 +197,7 @@ pub async fn pin<V: ImageVerifier>(
     };
     let (mut patch, mut warnings, mut violations) = (Vec::new(), Vec::new(), Vec::new());
     for c in &added {
-        if let Some(p) = static_violation(&rules, &c.image) {
+        if let Some(p) = rules.static_violation(&c.image) {
             violations.push(format!("{}: {p}", c.container));
             continue;
         }
@@ -278,6 +237,7 @@ pub async fn pin<V: ImageVerifier>(
 mod tests {
     use super::*;
     use crate::verify::{Denial, VerifiedImage};
+    use gkm::trust::{PodPolicy, RegistryPrefix};
 
     const D: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
 
@@ -299,9 +259,10 @@ mod tests {
                     authority: "key".into(),
                 })
             } else {
-                Err(Denial(format!(
-                    "{image}: no signature matches any authority"
-                )))
+                Err(Denial::new(
+                    "not_verified",
+                    format!("{image}: no signature matches any authority"),
+                ))
             }
         }
         fn pod_rules(&self) -> PodRules {
@@ -571,8 +532,12 @@ mod tests {
     fn require_digest_off_allows_tags_from_trusted_registries() {
         let mut rules = fake(false).rules;
         rules.policy.require_digest = false;
-        assert_eq!(static_violation(&rules, "r.io/trusted/app:v1"), None);
-        assert!(static_violation(&rules, "").is_some());
-        assert!(static_violation(&rules, "r.io/trusted/app@sha256:short").is_some());
+        assert_eq!(rules.static_violation("r.io/trusted/app:v1"), None);
+        assert!(rules.static_violation("").is_some());
+        assert!(
+            rules
+                .static_violation("r.io/trusted/app@sha256:short")
+                .is_some()
+        );
     }
 }
