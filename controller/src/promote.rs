@@ -19,8 +19,8 @@ use kube::api::{Api, PostParams};
 use serde::Deserialize;
 use tracing::{Instrument, info, info_span, warn};
 
-/// The path of the API.
-pub const PATH: &str = "/api/images/verify-and-promote";
+/// The path of the API (one definition, shared with the `gkm promote --server` client).
+pub const PATH: &str = gkm::promote::client::PROMOTE_PATH;
 /// What RBAC must grant a caller: `create` on this resource of this group.
 pub const RESOURCE: (&str, &str) = ("gkm.io", "promotions");
 
@@ -43,6 +43,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("checking the caller with the API server: {0}")]
     Review(String),
+    #[error("promotion is not served: the controller runs without API server access")]
+    NotServed,
     #[error(transparent)]
     Promote(#[from] PromoteError),
 }
@@ -55,6 +57,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Review(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotServed => StatusCode::NOT_IMPLEMENTED,
             ApiError::Promote(e) => match e {
                 PromoteError::BadRequest(_)
                 | PromoteError::NotVerified { .. }
@@ -76,6 +79,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Review(_) => "review_failed",
+            ApiError::NotServed => "not_configured",
             ApiError::Promote(e) => e.label(),
         }
     }
@@ -158,6 +162,14 @@ impl Gatekeeper for KubeGatekeeper {
     }
 }
 
+/// The answer to a refused call, counted in the promotions metric under its label: every
+/// refusal, the server's own (not served, an unreadable body) included, goes through here.
+pub fn refuse(e: ApiError) -> (StatusCode, serde_json::Value) {
+    gkm::metrics::Metrics::result(&crate::metrics::global().promotions, e.label());
+    warn!(reason = e.label(), error = %e, "promotion refused");
+    (e.status(), e.body())
+}
+
 /// The verify-and-promote API: gate, then promote.
 pub struct PromoteApi<G: Gatekeeper> {
     pub gate: G,
@@ -172,18 +184,15 @@ impl<G: Gatekeeper> PromoteApi<G> {
         authorization: Option<&str>,
         body: &[u8],
     ) -> (StatusCode, serde_json::Value) {
-        let result = self.try_call(authorization, body).await;
-        let label = result.as_ref().map_or_else(|e| e.label(), |_| "promoted");
-        gkm::metrics::Metrics::result(&crate::metrics::global().promotions, label);
-        match result {
-            Ok(done) => (
-                StatusCode::OK,
-                serde_json::to_value(done).expect("JSON into memory"),
-            ),
-            Err(e) => {
-                warn!(reason = e.label(), error = %e, "promotion refused");
-                (e.status(), e.body())
+        match self.try_call(authorization, body).await {
+            Ok(done) => {
+                gkm::metrics::Metrics::result(&crate::metrics::global().promotions, "promoted");
+                (
+                    StatusCode::OK,
+                    serde_json::to_value(done).expect("JSON into memory"),
+                )
             }
+            Err(e) => refuse(e),
         }
     }
 
@@ -368,6 +377,7 @@ mod tests {
             (ApiError::Forbidden(String::new()), 403),
             (ApiError::BadRequest(String::new()), 400),
             (ApiError::Review(String::new()), 503),
+            (ApiError::NotServed, 501),
             (PromoteError::NotConfigured.into(), 501),
             (
                 PromoteError::NotVerified {

@@ -114,103 +114,200 @@ pub async fn serve<V: ImageVerifier, G: Gatekeeper>(
 /// room while bounding what anyone who reaches the Service can make the controller hold.
 pub const MAX_ADMISSION_BODY: usize = 16 << 20;
 
+/// The admission endpoints, each one webhook of `deploy/controller/webhooks.yaml`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/mutate`: pins a cache's digest.
+    Mutate,
+    /// `/validate`: guards the cache's digest annotation.
+    Validate,
+    /// `/mutate-pods`: the cache variables of containers that mount a cache.
+    MutatePods,
+    /// `/pin-pods`: resolves and pins Pod images under `podPolicy`.
+    PinPods,
+    /// `/validate-pods`: the Pod policy's final check.
+    ValidatePods,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 5] = [
+        Endpoint::Mutate,
+        Endpoint::Validate,
+        Endpoint::MutatePods,
+        Endpoint::PinPods,
+        Endpoint::ValidatePods,
+    ];
+
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Mutate => "/mutate",
+            Endpoint::Validate => "/validate",
+            Endpoint::MutatePods => "/mutate-pods",
+            Endpoint::PinPods => "/pin-pods",
+            Endpoint::ValidatePods => "/validate-pods",
+        }
+    }
+
+    pub fn from_path(path: &str) -> Option<Endpoint> {
+        Endpoint::ALL.into_iter().find(|e| e.path() == path)
+    }
+}
+
+/// What a request asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /healthz`, `GET /readyz`.
+    Health,
+    /// `POST` to an admission endpoint.
+    Admission(Endpoint),
+    /// `POST /api/images/verify-and-promote`.
+    Promote,
+}
+
+impl Route {
+    /// The route of `method` and `path`; `None` for anything else (404).
+    pub fn of(method: &Method, path: &str) -> Option<Route> {
+        match (method, path) {
+            (&Method::GET, "/healthz" | "/readyz") => Some(Route::Health),
+            (&Method::POST, crate::promote::PATH) => Some(Route::Promote),
+            (&Method::POST, p) => Endpoint::from_path(p).map(Route::Admission),
+            _ => None,
+        }
+    }
+}
+
+/// Why a request got no AdmissionReview or promotion answer. [`HttpError::status`] is the
+/// one mapping to HTTP of everything the server refuses itself; the promotion API's own
+/// refusals map through [`crate::promote::ApiError::status`].
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("not found")]
+    NotFound,
+    #[error("a request body of more than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("reading the body: {0}")]
+    BadBody(String),
+    #[error("not an AdmissionReview: {0}")]
+    NotAReview(String),
+    #[error("the answer could not be serialised: {0}")]
+    Serialise(String),
+}
+
+impl HttpError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            HttpError::NotFound => StatusCode::NOT_FOUND,
+            HttpError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            HttpError::BadBody(_) | HttpError::NotAReview(_) => StatusCode::BAD_REQUEST,
+            HttpError::Serialise(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// A reply with JSON `body`; a value that cannot be serialised is a 500, never a 200 with
+/// an empty body.
+fn json_reply(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => reply(status, "application/json", bytes),
+        Err(e) => error_reply(&HttpError::Serialise(e.to_string())),
+    }
+}
+
+fn error_reply(e: &HttpError) -> Response<Full<Bytes>> {
+    reply(
+        e.status(),
+        "text/plain; charset=utf-8",
+        e.to_string().into_bytes(),
+    )
+}
+
+fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, v);
+    }
+    response
+}
+
+/// The body of `req`, at most `limit` bytes.
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, HttpError> {
+    match http_body_util::Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+    {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(HttpError::TooLarge { limit }),
+        Err(e) => Err(HttpError::BadBody(e.to_string())),
+    }
+}
+
 async fn handle<V: ImageVerifier, G: Gatekeeper>(
     routes: Arc<Routes<V, G>>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let admission = &routes.admission;
-    let reply = |status: StatusCode, body: Vec<u8>| {
-        Response::builder()
-            .status(status)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .expect("a valid response")
+    let response = match Route::of(req.method(), req.uri().path()) {
+        None => error_reply(&HttpError::NotFound),
+        Some(Route::Health) => reply(StatusCode::OK, "text/plain; charset=utf-8", b"ok".to_vec()),
+        Some(Route::Admission(endpoint)) => match read_body(req, MAX_ADMISSION_BODY).await {
+            Ok(body) => match answer(&routes.admission, endpoint, &body).await {
+                Ok(review) => reply(StatusCode::OK, "application/json", review),
+                Err(e) => error_reply(&e),
+            },
+            Err(e) => error_reply(&e),
+        },
+        Some(Route::Promote) => promote(&routes, req).await,
     };
-    let path = req.uri().path().to_string();
-    match (req.method(), path.as_str()) {
-        (&Method::GET, "/healthz" | "/readyz") => Ok(reply(StatusCode::OK, b"ok".to_vec())),
-        (
-            &Method::POST,
-            "/mutate" | "/validate" | "/validate-pods" | "/pin-pods" | "/mutate-pods",
-        ) => {
-            let body = match http_body_util::Limited::new(req.into_body(), MAX_ADMISSION_BODY)
-                .collect()
-                .await
-            {
-                Ok(b) => b.to_bytes(),
-                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                    let why = format!("an AdmissionReview of more than {MAX_ADMISSION_BODY} bytes");
-                    return Ok(reply(StatusCode::PAYLOAD_TOO_LARGE, why.into_bytes()));
-                }
-                Err(e) => return Ok(reply(StatusCode::BAD_REQUEST, e.to_string().into_bytes())),
-            };
-            let (status, body) = answer(admission, &path, &body).await;
-            Ok(reply(status, body))
-        }
-        (&Method::POST, crate::promote::PATH) => {
-            let Some(api) = &routes.promote else {
-                let body = serde_json::json!({"error": "promotion is not served (the controller runs without API server access)", "reason": "not_configured"});
-                return Ok(reply(
-                    StatusCode::NOT_IMPLEMENTED,
-                    body.to_string().into_bytes(),
-                ));
-            };
-            let authorization = req
-                .headers()
-                .get(hyper::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            let body = match http_body_util::Limited::new(req.into_body(), MAX_PROMOTE_BODY)
-                .collect()
-                .await
-            {
-                Ok(b) => b.to_bytes(),
-                Err(e) => {
-                    let body = serde_json::json!({"error": format!("reading the body: {e}"), "reason": "bad_request"});
-                    return Ok(reply(
-                        StatusCode::BAD_REQUEST,
-                        body.to_string().into_bytes(),
-                    ));
-                }
-            };
-            let (status, body) = api.call(authorization.as_deref(), &body).await;
-            Ok(reply(status, body.to_string().into_bytes()))
-        }
-        _ => Ok(reply(StatusCode::NOT_FOUND, b"not found".to_vec())),
-    }
+    Ok(response)
 }
 
-/// The answer to an AdmissionReview `body` POSTed to `endpoint` (`/mutate`, `/validate`,
-/// `/mutate-pods`; anything else is `/validate-pods`): the HTTP status and the response
-/// body. Everything the server does with an admission request's bytes; public so the fuzz
-/// target feeds it arbitrary bytes (docs/fuzzing.md).
+/// `POST /api/images/verify-and-promote`: every answer, refusals included, is the API's
+/// JSON and is counted in the promotions metric.
+async fn promote<V: ImageVerifier, G: Gatekeeper>(
+    routes: &Routes<V, G>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    use crate::promote::ApiError;
+    let Some(api) = &routes.promote else {
+        let (status, body) = crate::promote::refuse(ApiError::NotServed);
+        return json_reply(status, &body);
+    };
+    let authorization = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let (status, body) = match read_body(req, MAX_PROMOTE_BODY).await {
+        Ok(body) => api.call(authorization.as_deref(), &body).await,
+        Err(e) => crate::promote::refuse(ApiError::BadRequest(e.to_string())),
+    };
+    json_reply(status, &body)
+}
+
+/// The AdmissionReview answering `body` POSTed to `endpoint`, serialised; an error when
+/// `body` is no AdmissionReview (400) or the answer cannot be serialised (500). Everything
+/// the server does with an admission request's bytes; public so the fuzz target feeds it
+/// arbitrary bytes (docs/fuzzing.md).
 pub async fn answer<V: ImageVerifier>(
     admission: &Admission<V>,
-    endpoint: &str,
+    endpoint: Endpoint,
     body: &[u8],
-) -> (StatusCode, Vec<u8>) {
-    let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
-        Ok(r) => r,
-        Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                format!("not an AdmissionReview: {e}").into_bytes(),
-            );
-        }
-    };
+) -> Result<Vec<u8>, HttpError> {
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_slice(body).map_err(|e| HttpError::NotAReview(e.to_string()))?;
     let request: AdmissionRequest<DynamicObject> = match review.try_into() {
         Ok(r) => r,
         Err(e) => {
             let resp = AdmissionResponse::invalid(format!("not an admission request: {e}"));
-            return (
-                StatusCode::OK,
-                serde_json::to_vec(&resp.into_review()).unwrap_or_default(),
-            );
+            return serde_json::to_vec(&resp.into_review())
+                .map_err(|e| HttpError::Serialise(e.to_string()));
         }
     };
     let span = info_span!(
         "admission",
-        endpoint = %endpoint,
+        endpoint = %endpoint.path(),
         op = ?request.operation,
         kind = %request.kind.kind,
         object = %format!("{}/{}", request.namespace.clone().unwrap_or_default(), request.name),
@@ -219,11 +316,11 @@ pub async fn answer<V: ImageVerifier>(
     let started = std::time::Instant::now();
     let decision = async {
         match endpoint {
-            "/mutate" => admission.mutate(&request).await,
-            "/validate" => admission.validate(&request).await,
-            "/mutate-pods" => admission.mutate_pod(&request).await,
-            "/pin-pods" => admission.pin_pod(&request).await,
-            _ => admission.validate_pod(&request).await,
+            Endpoint::Mutate => admission.mutate(&request).await,
+            Endpoint::Validate => admission.validate(&request).await,
+            Endpoint::MutatePods => admission.mutate_pod(&request).await,
+            Endpoint::PinPods => admission.pin_pod(&request).await,
+            Endpoint::ValidatePods => admission.validate_pod(&request).await,
         }
     }
     .instrument(span)
@@ -234,13 +331,59 @@ pub async fn answer<V: ImageVerifier>(
         super::Decision::Deny(_) => "denied",
     };
     crate::metrics::global().admission(
-        endpoint.trim_start_matches('/'),
+        endpoint.path().trim_start_matches('/'),
         outcome,
         started.elapsed().as_secs_f64(),
     );
     let review = decision.into_response(&request).into_review();
-    (
-        StatusCode::OK,
-        serde_json::to_vec(&review).unwrap_or_default(),
-    )
+    serde_json::to_vec(&review).map_err(|e| HttpError::Serialise(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_and_only_those_are_served() {
+        for e in Endpoint::ALL {
+            assert_eq!(
+                Route::of(&Method::POST, e.path()),
+                Some(Route::Admission(e))
+            );
+            assert_eq!(Route::of(&Method::GET, e.path()), None, "{e:?} by GET");
+        }
+        assert_eq!(Route::of(&Method::GET, "/healthz"), Some(Route::Health));
+        assert_eq!(Route::of(&Method::GET, "/readyz"), Some(Route::Health));
+        assert_eq!(
+            Route::of(&Method::POST, crate::promote::PATH),
+            Some(Route::Promote)
+        );
+        assert_eq!(Route::of(&Method::POST, "/mutate/"), None);
+        assert_eq!(Route::of(&Method::POST, "/"), None);
+        assert_eq!(Route::of(&Method::DELETE, "/mutate"), None);
+    }
+
+    #[test]
+    fn every_refusal_has_one_status_and_says_what_it_is() {
+        for (e, status) in [
+            (HttpError::NotFound, 404),
+            (HttpError::TooLarge { limit: 10 }, 413),
+            (HttpError::BadBody("x".into()), 400),
+            (HttpError::NotAReview("x".into()), 400),
+            (HttpError::Serialise("x".into()), 500),
+        ] {
+            let r = error_reply(&e);
+            assert_eq!(r.status().as_u16(), status, "{e:?}");
+            assert_eq!(
+                r.headers()[hyper::header::CONTENT_TYPE],
+                "text/plain; charset=utf-8",
+                "{e:?}: plain text is not labelled JSON"
+            );
+        }
+        let ok = json_reply(StatusCode::OK, &serde_json::json!({"a": 1}));
+        assert_eq!(
+            ok.headers()[hyper::header::CONTENT_TYPE],
+            "application/json"
+        );
+    }
 }
