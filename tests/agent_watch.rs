@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gkm::agent::watch::WatchResolver;
+use gkm::api::CacheRef;
 use gkm::api::{GKMCache, RESOLVED_DIGEST_ANNOTATION};
-use gkm::csi::{CacheKey, CacheResolver, Plugin, PluginConfig, PublishRequest, RecordingMounter};
+use gkm::csi::{CacheResolver, Plugin, PluginConfig, PublishRequest, RecordingMounter};
 use gkm::oci::{Credentials, PullConfig, Puller};
 use gkm::store::{Store, StoreConfig};
 use gkm_testenv::image::{CacheKind, Compression, ImageBuilder, Target};
@@ -48,7 +49,7 @@ async fn a_known_cache_publishes_while_the_api_server_is_down() {
         assert!(Instant::now() < deadline, "the watch did not sync");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let key = CacheKey::Namespaced {
+    let key = CacheRef::Namespaced {
         namespace: ns.clone(),
         name: "llama".into(),
     };

@@ -272,8 +272,8 @@ where
     .map(|_| ())
 }
 
-/// What the reconciler needs to know of a cache kind and its node objects.
-pub trait CacheKind:
+/// What the reconciler needs to know of a cache resource (either kind) and its node objects.
+pub trait CacheResource:
     gkm::api::Cache
     + Resource<DynamicType = ()>
     + Clone
@@ -289,7 +289,7 @@ pub trait CacheKind:
     fn apis(client: Client, ns: &str) -> (Api<Self>, Api<Self::Node>);
 }
 
-impl CacheKind for GKMCache {
+impl CacheResource for GKMCache {
     type Node = GKMCacheNode;
     fn node_status(node: &GKMCacheNode) -> Option<&NodeStatus> {
         node.status.as_ref()
@@ -302,7 +302,7 @@ impl CacheKind for GKMCache {
     }
 }
 
-impl CacheKind for ClusterGKMCache {
+impl CacheResource for ClusterGKMCache {
     type Node = ClusterGKMCacheNode;
     fn node_status(node: &ClusterGKMCacheNode) -> Option<&NodeStatus> {
         node.status.as_ref()
@@ -314,18 +314,16 @@ impl CacheKind for ClusterGKMCache {
 
 /// Reconciles one cache of either kind: desired status from its annotation and the node
 /// objects, written only when it differs.
-pub async fn reconcile<K: CacheKind>(cache: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile<K: CacheResource>(
+    cache: Arc<K>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
     let ns = cache.namespace().unwrap_or_default();
     let name = cache.name_any();
-    let shown = format!(
-        "{} {}",
-        K::kind(&()),
-        if ns.is_empty() {
-            name.clone()
-        } else {
-            format!("{ns}/{name}")
-        }
-    );
+    let shown = match cache.cache_ref() {
+        Some(r) => format!("{} {r}", r.kind()),
+        None => format!("{} {name}", K::kind(&())),
+    };
     let (caches, nodes) = K::apis(ctx.client.clone(), &ns);
     let list = nodes
         .list(&ListParams::default())

@@ -26,7 +26,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use gkm::csi::CacheKey;
+use gkm::api::CacheRef;
 use gkm::kernel_cache::CacheKind;
 use gkm::trust::{PodPolicy, PodRules, RegistryPrefix};
 use gkm_controller::verify::{Denial, ImageVerifier, VerifiedImage};
@@ -105,9 +105,9 @@ impl ImageVerifier for FakeVerifier {
 pub struct FakeKinds;
 
 impl CacheKindSource for FakeKinds {
-    fn kind<'a>(&'a self, key: &'a CacheKey) -> BoxFuture<'a, Result<CacheKind, String>> {
+    fn kind<'a>(&'a self, key: &'a CacheRef) -> BoxFuture<'a, Result<CacheKind, String>> {
         let name = match key {
-            CacheKey::Namespaced { name, .. } | CacheKey::Cluster { name } => name,
+            CacheRef::Namespaced { name, .. } | CacheRef::Cluster { name } => name,
         };
         let kind = match name.as_bytes().first() {
             Some(b't') => Ok(CacheKind::Triton),

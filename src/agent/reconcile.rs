@@ -26,8 +26,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::config::PullPolicy;
 use super::status::{CacheView, Facts, Phase, Scope, desired_caches};
 use super::watch::WatchResolver;
+use crate::api::CacheRef;
 use crate::api::{ClusterGKMCacheNode, GKMCacheNode, GpuInfo, NodeStatus};
-use crate::csi::{CacheKey, CacheResolver, ResolvedCache, VolumeEvent};
+use crate::csi::{CacheResolver, ResolvedCache, VolumeEvent};
 use crate::gpu::Fitness;
 use crate::metrics::{Metrics, global as metrics};
 use crate::oci::{PinnedRef, Puller, parse_reference};
@@ -176,7 +177,7 @@ struct LoopState {
     /// The status last applied per scope (`None`: known not to exist).
     written: HashMap<Scope, Option<NodeStatus>>,
     /// The last Event reason per cache and digest, so each transition is told once.
-    told: HashMap<(CacheKey, String), &'static str>,
+    told: HashMap<(CacheRef, String), &'static str>,
 }
 
 impl Context {
@@ -494,7 +495,7 @@ impl Context {
     /// its pulls), and there they are not mixed with every other node's reports.
     async fn tell(
         &self,
-        key: &CacheKey,
+        key: &CacheRef,
         digest: &str,
         reason: &'static str,
         type_: EventType,
@@ -684,7 +685,7 @@ pub async fn reconcile(scope: &Scope, ctx: &Arc<Context>) -> Result<(), Error> {
     }
 
     let mut facts = Facts::default();
-    let digests_of = |key: &CacheKey| -> Vec<String> {
+    let digests_of = |key: &CacheRef| -> Vec<String> {
         let mut ds: Vec<String> = scope_volumes
             .iter()
             .filter(|v| v.cache_key().as_ref() == Some(key))

@@ -29,12 +29,12 @@ impl std::fmt::Display for Scope {
 }
 
 impl Scope {
-    pub fn of(key: &crate::csi::CacheKey) -> Scope {
+    pub fn of(key: &crate::api::CacheRef) -> Scope {
         match key {
-            crate::csi::CacheKey::Namespaced { namespace, .. } => {
+            crate::api::CacheRef::Namespaced { namespace, .. } => {
                 Scope::Namespace(namespace.clone())
             }
-            crate::csi::CacheKey::Cluster { .. } => Scope::Cluster,
+            crate::api::CacheRef::Cluster { .. } => Scope::Cluster,
         }
     }
 }

@@ -12,9 +12,10 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tracing::{info, warn};
 
 use super::status::Scope;
+use crate::api::CacheRef;
 use crate::api::{ClusterGKMCache, GKMCache};
 use crate::csi::resolver::ResolveError;
-use crate::csi::{CacheKey, CacheResolver, ResolvedCache};
+use crate::csi::{CacheResolver, ResolvedCache};
 
 /// Reflector stores of both cache kinds, fed by watches that retry with backoff.
 #[derive(Clone)]
@@ -161,15 +162,15 @@ impl WatchResolver {
     /// A reference to the cache object `key` names, for Events.
     pub fn object_ref(
         &self,
-        key: &CacheKey,
+        key: &CacheRef,
     ) -> Option<k8s_openapi::api::core::v1::ObjectReference> {
         use kube::Resource;
         match key {
-            CacheKey::Namespaced { namespace, name } => self
+            CacheRef::Namespaced { namespace, name } => self
                 .namespaced
                 .get(&ObjectRef::new(name).within(namespace))
                 .map(|c| c.object_ref(&())),
-            CacheKey::Cluster { name } => self
+            CacheRef::Cluster { name } => self
                 .cluster
                 .get(&ObjectRef::new(name))
                 .map(|c| c.object_ref(&())),
@@ -178,16 +179,16 @@ impl WatchResolver {
 }
 
 impl CacheResolver for WatchResolver {
-    async fn resolve(&self, key: &CacheKey) -> Result<Option<ResolvedCache>, ResolveError> {
+    async fn resolve(&self, key: &CacheRef) -> Result<Option<ResolvedCache>, ResolveError> {
         if !self.ready() {
             return Err(ResolveError("the cache watch has not synced yet".into()));
         }
         Ok(match key {
-            CacheKey::Namespaced { namespace, name } => self
+            CacheRef::Namespaced { namespace, name } => self
                 .namespaced
                 .get(&ObjectRef::new(name).within(namespace))
                 .and_then(|c| ResolvedCache::from_namespaced(&c)),
-            CacheKey::Cluster { name } => self
+            CacheRef::Cluster { name } => self
                 .cluster
                 .get(&ObjectRef::new(name))
                 .and_then(|c| ResolvedCache::from_cluster(&c)),

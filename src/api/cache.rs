@@ -246,6 +246,9 @@ mod tests {
 
 /// What GKM reads and writes of either cache kind, so code over both is written once.
 pub trait Cache {
+    /// Which cache this is; `None` for an object without a name (or a namespaced one
+    /// without a namespace), which the API server never returns.
+    fn cache_ref(&self) -> Option<super::CacheRef>;
     fn image(&self) -> &str;
     fn status(&self) -> Option<&CacheStatus>;
     fn status_mut(&mut self) -> &mut Option<CacheStatus>;
@@ -253,8 +256,12 @@ pub trait Cache {
 }
 
 macro_rules! impl_cache {
-    ($kind:ty) => {
+    ($kind:ty, |$c:ident| $cache_ref:expr) => {
         impl Cache for $kind {
+            fn cache_ref(&self) -> Option<super::CacheRef> {
+                let $c = self;
+                $cache_ref
+            }
             fn image(&self) -> &str {
                 &self.spec.image
             }
@@ -271,5 +278,10 @@ macro_rules! impl_cache {
     };
 }
 
-impl_cache!(GKMCache);
-impl_cache!(ClusterGKMCache);
+impl_cache!(GKMCache, |c| Some(super::CacheRef::Namespaced {
+    namespace: c.metadata.namespace.clone()?,
+    name: c.metadata.name.clone()?,
+}));
+impl_cache!(ClusterGKMCache, |c| Some(super::CacheRef::Cluster {
+    name: c.metadata.name.clone()?,
+}));

@@ -5,6 +5,7 @@
 //! committed; a test fails when the committed files differ from what the types generate.
 
 mod cache;
+mod cache_ref;
 mod node;
 mod schema;
 
@@ -12,6 +13,7 @@ pub use cache::{
     Cache, CacheCounts, CacheStatus, ClusterGKMCache, ClusterGKMCacheSpec, GKMCache, GKMCacheSpec,
     LegacyFields, Provenance, short_digest,
 };
+pub use cache_ref::CacheRef;
 pub use node::{
     CacheDigestStatus, CacheState, ClusterGKMCacheNode, ClusterGKMCacheNodeSpec, GKMCacheNode,
     GKMCacheNodeSpec, GpuBackend, GpuInfo, GpuSource, NodeStatus, PodRef,

@@ -31,9 +31,9 @@ pub use mount::{
     KernelMounter, MountOwner, MountSpec, MountState, Mounter, RecordingMounter, UpperDirs,
 };
 pub use pods::{PodMounts, PodRef, PodSource, StaticPods};
-pub use resolver::{ApiResolver, CacheKey, CacheResolver, ResolvedCache, StaticResolver};
+pub use resolver::{ApiResolver, CacheResolver, ResolvedCache, StaticResolver};
 
-use crate::api::GpuInfo;
+use crate::api::{CacheRef, GpuInfo};
 use crate::gpu::Fitness;
 use crate::kernel_cache::MountBase;
 use crate::kernel_cache::misses::{self, Compiled};
@@ -95,7 +95,7 @@ impl Default for PluginConfig {
 pub struct PublishRequest {
     pub volume_id: String,
     pub target_path: PathBuf,
-    pub cache: CacheKey,
+    pub cache: CacheRef,
     pub pod_namespace: String,
     pub pod_name: String,
     pub pod_uid: String,
@@ -364,11 +364,11 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
             let cache = self.lookup(&req.cache).await?;
             if !cache.allows_namespace(&req.pod_namespace) {
                 let reason = match &req.cache {
-                    CacheKey::Namespaced { namespace, .. } => format!(
+                    CacheRef::Namespaced { namespace, .. } => format!(
                         "the cache is in namespace {namespace}, the pod in {}",
                         req.pod_namespace
                     ),
-                    CacheKey::Cluster { .. } => format!(
+                    CacheRef::Cluster { .. } => format!(
                         "namespace {} is not in its workloadNamespaces {:?}",
                         req.pod_namespace, cache.workload_namespaces
                     ),
@@ -501,7 +501,7 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
     /// The path view of `extracted` for `base`, built off the async threads.
     async fn view(
         &self,
-        cache: &CacheKey,
+        cache: &CacheRef,
         extracted: &Extracted,
         base: &MountBase,
         volume_id: &str,
@@ -537,7 +537,7 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
     }
 
     /// The cache `key` names, or NOT_FOUND.
-    async fn lookup(&self, key: &CacheKey) -> Result<ResolvedCache, CsiError> {
+    async fn lookup(&self, key: &CacheRef) -> Result<ResolvedCache, CsiError> {
         self.resolver
             .resolve(key)
             .await
@@ -655,7 +655,7 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
         }
     }
 
-    fn check_gpus(&self, cache: &CacheKey, e: &Extracted) -> Result<(), CsiError> {
+    fn check_gpus(&self, cache: &CacheRef, e: &Extracted) -> Result<(), CsiError> {
         let gpus = self.gpus.read().unwrap_or_else(|e| e.into_inner());
         let fit = Fitness::of(&e.meta.image, &gpus, self.cfg.allow_unclaimed)
             .map_err(|err| CsiError::BadAttributes(format!("cache {cache}: {err}")))?;
@@ -910,7 +910,7 @@ pub fn validate_volume_id(id: &str) -> Result<(), CsiError> {
 /// ClusterGKMCache. The one reading of these attributes, for the plugin and admission.
 pub fn cache_key_of_attributes(
     ctx: &std::collections::HashMap<String, String>,
-) -> Result<CacheKey, CsiError> {
+) -> Result<CacheRef, CsiError> {
     let ns = ctx.get(ATTR_NAMESPACE).filter(|s| !s.is_empty());
     match (
         ctx.get(ATTR_CACHE).filter(|s| !s.is_empty()),
@@ -923,12 +923,12 @@ pub fn cache_key_of_attributes(
             "{ATTR_CACHE} or {ATTR_CLUSTER_CACHE} is required"
         ))),
         (Some(name), None) => Ok(match ns {
-            Some(ns) => CacheKey::Namespaced {
+            Some(ns) => CacheRef::Namespaced {
                 namespace: ns.clone(),
                 name: name.clone(),
             },
             // Without a namespace, GKMCache names the cluster-wide cache (earlier GKM's rule).
-            None => CacheKey::Cluster { name: name.clone() },
+            None => CacheRef::Cluster { name: name.clone() },
         }),
         (None, Some(name)) => {
             if ns.is_some() {
@@ -936,7 +936,7 @@ pub fn cache_key_of_attributes(
                     "{ATTR_NAMESPACE} does not apply to {ATTR_CLUSTER_CACHE}"
                 )));
             }
-            Ok(CacheKey::Cluster { name: name.clone() })
+            Ok(CacheRef::Cluster { name: name.clone() })
         }
     }
 }

@@ -9,50 +9,12 @@ use std::sync::Mutex;
 
 use kube::api::Api;
 
-use crate::api::{ClusterGKMCache, GKMCache, RESOLVED_DIGEST_ANNOTATION};
-
-/// Which cache a volume names.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum CacheKey {
-    Namespaced { namespace: String, name: String },
-    Cluster { name: String },
-}
-
-impl CacheKey {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            CacheKey::Namespaced { .. } => "GKMCache",
-            CacheKey::Cluster { .. } => "ClusterGKMCache",
-        }
-    }
-
-    pub fn namespace(&self) -> &str {
-        match self {
-            CacheKey::Namespaced { namespace, .. } => namespace,
-            CacheKey::Cluster { .. } => "",
-        }
-    }
-
-    pub fn name(&self) -> &str {
-        match self {
-            CacheKey::Namespaced { name, .. } | CacheKey::Cluster { name } => name,
-        }
-    }
-}
-
-impl std::fmt::Display for CacheKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CacheKey::Namespaced { namespace, name } => write!(f, "{namespace}/{name}"),
-            CacheKey::Cluster { name } => write!(f, "{name}"),
-        }
-    }
-}
+use crate::api::{Cache, CacheRef, ClusterGKMCache, GKMCache, RESOLVED_DIGEST_ANNOTATION};
 
 /// What the plugin needs of a cache.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResolvedCache {
-    pub key: CacheKey,
+    pub key: CacheRef,
     /// `spec.image`: the repository the digest is pulled from.
     pub image: String,
     /// The verified digest (annotation written by the webhook, else the promoted status).
@@ -63,39 +25,33 @@ pub struct ResolvedCache {
 
 impl ResolvedCache {
     pub fn from_namespaced(c: &GKMCache) -> Option<Self> {
-        Some(Self {
-            key: CacheKey::Namespaced {
-                namespace: c.metadata.namespace.clone()?,
-                name: c.metadata.name.clone()?,
-            },
-            image: c.spec.image.clone(),
-            digest: trusted_digest(
-                &c.metadata.annotations,
-                c.status.as_ref().and_then(|s| s.resolved_digest.as_ref()),
-            ),
-            workload_namespaces: Vec::new(),
-        })
+        Self::from_cache(c, Vec::new())
     }
 
     pub fn from_cluster(c: &ClusterGKMCache) -> Option<Self> {
+        Self::from_cache(c, c.spec.workload_namespaces.clone())
+    }
+
+    fn from_cache<C: Cache + kube::Resource>(
+        c: &C,
+        workload_namespaces: Vec<String>,
+    ) -> Option<Self> {
         Some(Self {
-            key: CacheKey::Cluster {
-                name: c.metadata.name.clone()?,
-            },
-            image: c.spec.image.clone(),
+            key: c.cache_ref()?,
+            image: c.image().to_string(),
             digest: trusted_digest(
-                &c.metadata.annotations,
-                c.status.as_ref().and_then(|s| s.resolved_digest.as_ref()),
+                &c.meta().annotations,
+                c.status().and_then(|s| s.resolved_digest.as_ref()),
             ),
-            workload_namespaces: c.spec.workload_namespaces.clone(),
+            workload_namespaces,
         })
     }
 
     /// Whether pods of `namespace` may mount this cache.
     pub fn allows_namespace(&self, namespace: &str) -> bool {
         match &self.key {
-            CacheKey::Namespaced { namespace: ns, .. } => ns == namespace,
-            CacheKey::Cluster { .. } => {
+            CacheRef::Namespaced { namespace: ns, .. } => ns == namespace,
+            CacheRef::Cluster { .. } => {
                 self.workload_namespaces.is_empty()
                     || self.workload_namespaces.iter().any(|n| n == namespace)
             }
@@ -126,7 +82,7 @@ pub trait CacheResolver: Send + Sync + 'static {
     /// The cache named by `key`, or None if it does not exist.
     fn resolve(
         &self,
-        key: &CacheKey,
+        key: &CacheRef,
     ) -> impl Future<Output = Result<Option<ResolvedCache>, ResolveError>> + Send;
     /// Whether lookups can be answered (the watch cache has synced).
     fn ready(&self) -> bool;
@@ -145,10 +101,10 @@ impl ApiResolver {
 }
 
 impl CacheResolver for ApiResolver {
-    async fn resolve(&self, key: &CacheKey) -> Result<Option<ResolvedCache>, ResolveError> {
+    async fn resolve(&self, key: &CacheRef) -> Result<Option<ResolvedCache>, ResolveError> {
         let err = |e: kube::Error| ResolveError(format!("reading {} {key}: {e}", key.kind()));
         match key {
-            CacheKey::Namespaced { namespace, name } => {
+            CacheRef::Namespaced { namespace, name } => {
                 let api: Api<GKMCache> = Api::namespaced(self.client.clone(), namespace);
                 Ok(api
                     .get_opt(name)
@@ -157,7 +113,7 @@ impl CacheResolver for ApiResolver {
                     .as_ref()
                     .and_then(ResolvedCache::from_namespaced))
             }
-            CacheKey::Cluster { name } => {
+            CacheRef::Cluster { name } => {
                 let api: Api<ClusterGKMCache> = Api::all(self.client.clone());
                 Ok(api
                     .get_opt(name)
@@ -177,7 +133,7 @@ impl CacheResolver for ApiResolver {
 /// A fixed table, for tests.
 #[derive(Default)]
 pub struct StaticResolver {
-    pub caches: Mutex<BTreeMap<CacheKey, ResolvedCache>>,
+    pub caches: Mutex<BTreeMap<CacheRef, ResolvedCache>>,
 }
 
 impl StaticResolver {
@@ -188,7 +144,7 @@ impl StaticResolver {
             .insert(c.key.clone(), c);
     }
 
-    pub fn remove(&self, key: &CacheKey) {
+    pub fn remove(&self, key: &CacheRef) {
         self.caches
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -197,7 +153,7 @@ impl StaticResolver {
 }
 
 impl CacheResolver for StaticResolver {
-    async fn resolve(&self, key: &CacheKey) -> Result<Option<ResolvedCache>, ResolveError> {
+    async fn resolve(&self, key: &CacheRef) -> Result<Option<ResolvedCache>, ResolveError> {
         Ok(self
             .caches
             .lock()

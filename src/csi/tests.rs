@@ -77,7 +77,7 @@ fn env_with(cfg: PluginConfig, gpus: Vec<GpuInfo>) -> Env {
     );
     plant(&root, UNCLAIMED, None);
     let resolver = Arc::new(StaticResolver::default());
-    let cache = |key: CacheKey, digest: Option<&str>, ns: &[&str]| ResolvedCache {
+    let cache = |key: CacheRef, digest: Option<&str>, ns: &[&str]| ResolvedCache {
         key,
         image: "r.example/k:v1".into(),
         digest: digest.map(str::to_string),
@@ -115,15 +115,15 @@ fn env() -> Env {
     )
 }
 
-fn ns_key(ns: &str, name: &str) -> CacheKey {
-    CacheKey::Namespaced {
+fn ns_key(ns: &str, name: &str) -> CacheRef {
+    CacheRef::Namespaced {
         namespace: ns.into(),
         name: name.into(),
     }
 }
 
-fn cluster_key(name: &str) -> CacheKey {
-    CacheKey::Cluster { name: name.into() }
+fn cluster_key(name: &str) -> CacheRef {
+    CacheRef::Cluster { name: name.into() }
 }
 
 impl Env {
@@ -133,7 +133,7 @@ impl Env {
         t
     }
 
-    fn req(&self, vol: &str, cache: CacheKey, pod_ns: &str) -> PublishRequest {
+    fn req(&self, vol: &str, cache: CacheRef, pod_ns: &str) -> PublishRequest {
         PublishRequest {
             volume_id: vol.into(),
             target_path: self.target(vol),

@@ -221,17 +221,8 @@ impl VolumeRecord {
     }
 
     /// The cache this volume mounts, or `None` for a record of an unknown kind.
-    pub fn cache_key(&self) -> Option<crate::csi::CacheKey> {
-        match self.cache_kind.as_str() {
-            "GKMCache" => Some(crate::csi::CacheKey::Namespaced {
-                namespace: self.cache_namespace.clone(),
-                name: self.cache_name.clone(),
-            }),
-            "ClusterGKMCache" => Some(crate::csi::CacheKey::Cluster {
-                name: self.cache_name.clone(),
-            }),
-            _ => None,
-        }
+    pub fn cache_key(&self) -> Option<crate::api::CacheRef> {
+        crate::api::CacheRef::from_parts(&self.cache_kind, &self.cache_namespace, &self.cache_name)
     }
 }
 

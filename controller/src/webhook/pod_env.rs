@@ -17,7 +17,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use gkm::csi::{CacheKey, DRIVER_NAME};
+use gkm::api::CacheRef;
+use gkm::csi::DRIVER_NAME;
 use gkm::kernel_cache::CacheKind;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, Operation};
@@ -29,7 +30,7 @@ use super::Decision;
 /// Where the webhook learns a cache's kind.
 pub trait CacheKindSource: Send + Sync + 'static {
     /// The kind of the cache `key` names, or why it cannot be known, in words naming it.
-    fn kind<'a>(&'a self, key: &'a CacheKey) -> BoxFuture<'a, Result<CacheKind, String>>;
+    fn kind<'a>(&'a self, key: &'a CacheRef) -> BoxFuture<'a, Result<CacheKind, String>>;
 }
 
 /// One `csi.gkm.io` volume of a pod.
@@ -37,7 +38,7 @@ pub trait CacheKindSource: Send + Sync + 'static {
 pub struct CacheVolume {
     pub name: String,
     /// The cache its attributes name, or why they name none.
-    pub cache: Result<CacheKey, String>,
+    pub cache: Result<CacheRef, String>,
     /// `csi.readOnly: true`.
     pub read_only: bool,
 }
@@ -202,7 +203,7 @@ pub async fn mutate(
                 "the GKM controller runs without API server access and cannot read caches".into(),
             ),
             // The plugin refuses another namespace's cache; say so now.
-            (Ok(CacheKey::Namespaced { namespace: ns, .. }), _) if *ns != namespace => {
+            (Ok(CacheRef::Namespaced { namespace: ns, .. }), _) if *ns != namespace => {
                 Err(format!(
                     "it names a GKMCache of namespace {ns}, and pods may only mount their own namespace's caches"
                 ))
@@ -242,19 +243,19 @@ impl ApiCacheKinds {
         }
     }
 
-    async fn lookup(&self, key: &CacheKey) -> Result<CacheKind, String> {
+    async fn lookup(&self, key: &CacheRef) -> Result<CacheKind, String> {
         use gkm::api::{ClusterGKMCache, GKMCache};
         use gkm::csi::ResolvedCache;
         let not_found = || format!("{} {key} not found", key.kind());
         let cache = match key {
-            CacheKey::Namespaced { namespace, name } => {
+            CacheRef::Namespaced { namespace, name } => {
                 kube::Api::<GKMCache>::namespaced(self.client.clone(), namespace)
                     .get_opt(name)
                     .await
                     .map_err(|e| format!("reading {} {key}: {e}", key.kind()))?
                     .and_then(|c| ResolvedCache::from_namespaced(&c))
             }
-            CacheKey::Cluster { name } => kube::Api::<ClusterGKMCache>::all(self.client.clone())
+            CacheRef::Cluster { name } => kube::Api::<ClusterGKMCache>::all(self.client.clone())
                 .get_opt(name)
                 .await
                 .map_err(|e| format!("reading {} {key}: {e}", key.kind()))?
@@ -293,7 +294,7 @@ impl ApiCacheKinds {
 }
 
 impl CacheKindSource for ApiCacheKinds {
-    fn kind<'a>(&'a self, key: &'a CacheKey) -> BoxFuture<'a, Result<CacheKind, String>> {
+    fn kind<'a>(&'a self, key: &'a CacheRef) -> BoxFuture<'a, Result<CacheKind, String>> {
         Box::pin(self.lookup(key))
     }
 }

@@ -23,10 +23,11 @@
 use std::collections::HashMap;
 use std::path::{Component, Path};
 
+use gkm::api::CacheRef;
 use gkm::csi::pods::{PodMounts, decide, volume_of_target};
 use gkm::csi::{
-    ATTR_CACHE, ATTR_CLUSTER_CACHE, ATTR_NAMESPACE, ATTR_WRITABLE, CTX_POD_NAMESPACE, CacheKey,
-    DRIVER_NAME, cache_key_of_attributes, pb, validate_publish, validate_target,
+    ATTR_CACHE, ATTR_CLUSTER_CACHE, ATTR_NAMESPACE, ATTR_WRITABLE, CTX_POD_NAMESPACE, DRIVER_NAME,
+    cache_key_of_attributes, pb, validate_publish, validate_target,
 };
 use prost::Message;
 
@@ -147,14 +148,14 @@ fn check_normal(p: &Path) {
 fn check_attributes(attrs: &HashMap<String, String>) {
     let set = |k: &str| attrs.get(k).is_some_and(|v| !v.is_empty());
     match cache_key_of_attributes(attrs) {
-        Ok(CacheKey::Namespaced { namespace, name }) => {
+        Ok(CacheRef::Namespaced { namespace, name }) => {
             assert!(set(ATTR_NAMESPACE) && set(ATTR_CACHE) && !set(ATTR_CLUSTER_CACHE));
             assert_eq!(
                 (&namespace, &name),
                 (&attrs[ATTR_NAMESPACE], &attrs[ATTR_CACHE])
             );
         }
-        Ok(CacheKey::Cluster { name }) => {
+        Ok(CacheRef::Cluster { name }) => {
             assert!(!set(ATTR_NAMESPACE));
             assert!(set(ATTR_CACHE) != set(ATTR_CLUSTER_CACHE), "{attrs:?}");
             assert!(!name.is_empty());
