@@ -403,7 +403,11 @@ impl Context {
     /// flight or done.
     fn phase(&self, digest: &str) -> Result<Option<Phase>, Error> {
         if let Some(e) = self.store.get(digest)? {
-            let fit = Fitness::of(&e.meta.image, &self.gpus, self.cfg.allow_unclaimed);
+            let fit = Fitness::of(
+                e.meta.image.summary_label(),
+                &self.gpus,
+                self.cfg.allow_unclaimed,
+            );
             return Ok(Some(match fit {
                 Ok(fit) => Phase::Extracted {
                     size_bytes: e.meta.size_bytes,
@@ -442,7 +446,7 @@ impl Context {
                 .resolve(&pinned)
                 .await
                 .map_err(|e| e.to_string())?;
-            let fit = Fitness::of(&info, &self.gpus, self.cfg.allow_unclaimed)
+            let fit = Fitness::of(info.summary_label(), &self.gpus, self.cfg.allow_unclaimed)
                 .map_err(|e| e.to_string())?;
             if fit.usable && self.cfg.policy == PullPolicy::Eager {
                 let e = self

@@ -657,8 +657,12 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
 
     fn check_gpus(&self, cache: &CacheRef, e: &Extracted) -> Result<(), CsiError> {
         let gpus = self.gpus.read().unwrap_or_else(|e| e.into_inner());
-        let fit = Fitness::of(&e.meta.image, &gpus, self.cfg.allow_unclaimed)
-            .map_err(|err| CsiError::BadAttributes(format!("cache {cache}: {err}")))?;
+        let fit = Fitness::of(
+            e.meta.image.summary_label(),
+            &gpus,
+            self.cfg.allow_unclaimed,
+        )
+        .map_err(|err| CsiError::BadAttributes(format!("cache {cache}: {err}")))?;
         match (fit.usable, fit.claimed) {
             (true, _) => Ok(()),
             (false, true) => Err(CsiError::Incompatible {

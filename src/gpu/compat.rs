@@ -117,10 +117,12 @@ pub struct Fitness {
 }
 
 impl Fitness {
-    /// Judges an image's labels against `gpus`. Without a summary label the image makes no
-    /// GPU claim, and `allow_unclaimed` decides. A summary that does not parse is an error.
+    /// Judges an image's summary label (`(kind, value)` of its `cache.<kind>.image/summary`
+    /// label, as `oci::ImageInfo::summary_label` finds it) against `gpus`. Without one the
+    /// image makes no GPU claim, and `allow_unclaimed` decides. A summary that does not
+    /// parse is an error.
     pub fn of(
-        info: &crate::oci::ImageInfo,
+        summary_label: Option<(&str, &str)>,
         gpus: &[GpuInfo],
         allow_unclaimed: bool,
     ) -> Result<Fitness, Error> {
@@ -137,7 +139,7 @@ impl Fitness {
             },
             ..Default::default()
         };
-        let Some((kind, label)) = info.summary_label() else {
+        let Some((kind, label)) = summary_label else {
             return Ok(unclaimed(None));
         };
         let summary = Summary::parse(label).map_err(|e| match e {
