@@ -8,34 +8,10 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use crate::api::GpuInfo;
+use crate::cmdline::RegistryArgs;
 use crate::gpu::{self, Inventory, Summary, Verdict};
-use crate::oci::{self, Credentials, ImageInfo, PinnedRef, PullConfig, Puller};
+use crate::oci::{self, ImageInfo, PinnedRef};
 use crate::store::{Store, StoreConfig};
-
-/// Registry access options shared by the commands that pull.
-#[derive(Clone, Debug, Default)]
-pub struct RegistryOptions {
-    /// Registries spoken to over plain HTTP.
-    pub insecure: Vec<String>,
-    /// A docker-config-style credentials file.
-    pub auth_file: Option<PathBuf>,
-}
-
-impl RegistryOptions {
-    pub fn puller(&self) -> Result<Puller> {
-        let creds = match &self.auth_file {
-            Some(f) => Credentials::from_file(f)?,
-            None => Credentials::anonymous(),
-        };
-        Ok(Puller::new(
-            PullConfig {
-                insecure_registries: self.insecure.clone(),
-                ..Default::default()
-            },
-            creds,
-        ))
-    }
-}
 
 /// `gkm gpus`: this node's GPUs as a table (or JSON).
 pub fn gpus(inventory: &Inventory, json: bool) -> Result<String> {
@@ -70,7 +46,7 @@ pub struct Inspection {
 /// tag is resolved to its digest first (this is a workstation command; nodes never do).
 pub async fn inspect(
     image: &str,
-    registry: &RegistryOptions,
+    registry: &RegistryArgs,
     inventory: &Inventory,
 ) -> Result<Inspection> {
     let reference = oci::parse_reference(image)?;
@@ -221,7 +197,7 @@ pub async fn pull(
     image: &str,
     store_dir: PathBuf,
     sync: bool,
-    registry: &RegistryOptions,
+    registry: &RegistryArgs,
 ) -> Result<String> {
     let pinned = PinnedRef::parse(image)?;
     let puller = registry.puller()?;
@@ -279,9 +255,8 @@ pub struct BuildRequest {
 /// image, pushes it (or writes an OCI layout) and signs it when asked. Progress goes to
 /// stderr; the returned line (`REPO@sha256:…`, or `PATH@sha256:…` for a layout) is what
 /// the command prints on stdout.
-pub async fn build(req: &BuildRequest, registry: &RegistryOptions) -> Result<String> {
+pub async fn build(req: &BuildRequest, registry: &RegistryArgs) -> Result<String> {
     use crate::build::{self as b, BuildOptions};
-    use crate::oci::Pusher;
     use crate::trust::sign::{SigningKey, password_from_env};
 
     let kind: b::CacheKind = req.kind.parse()?;
@@ -361,11 +336,7 @@ pub async fn build(req: &BuildRequest, registry: &RegistryOptions) -> Result<Str
         return Ok(format!("{shown}@{digest}"));
     };
 
-    let creds = match &registry.auth_file {
-        Some(f) => Credentials::from_file(f)?,
-        None => Credentials::anonymous(),
-    };
-    let pusher = Pusher::new(registry.insecure.clone(), creds);
+    let pusher = registry.pusher()?;
     eprintln!("Pushing to {}", reference.whole());
     let pinned = b::push(&pusher, &image, &reference).await?;
     if let Some(key) = key {
@@ -380,7 +351,7 @@ pub async fn build(req: &BuildRequest, registry: &RegistryOptions) -> Result<Str
 pub async fn verify(
     image: &str,
     policy: &std::path::Path,
-    registry: &RegistryOptions,
+    registry: &RegistryArgs,
 ) -> Result<String> {
     let policy = crate::trust::TrustPolicy::load(policy)
         .with_context(|| format!("--policy {}", policy.display()))?;
@@ -416,7 +387,7 @@ pub struct PromoteRequest {
 /// authentication: the caller's registry credentials are the authority here).
 pub async fn promote(
     req: &PromoteRequest,
-    registry: &RegistryOptions,
+    registry: &RegistryArgs,
 ) -> Result<crate::promote::Promoted> {
     let mut policy = crate::trust::TrustPolicy::load(&req.policy)
         .with_context(|| format!("--policy {}", req.policy.display()))?;
@@ -428,11 +399,7 @@ pub async fn promote(
         ),
         _ => {}
     }
-    let creds = match &registry.auth_file {
-        Some(f) => Credentials::from_file(f)?,
-        None => Credentials::anonymous(),
-    };
-    let pusher = oci::Pusher::new(registry.insecure.clone(), creds);
+    let pusher = registry.pusher()?;
     let trust = std::sync::Arc::new(crate::trust::Verifier::new(policy, pusher.puller().clone()));
     let promoter = crate::promote::Promoter::new(trust, pusher);
     Ok(promoter
@@ -447,7 +414,7 @@ pub async fn promote_via_server(
     image: &str,
     digest: Option<&str>,
     server: &crate::promote::client::ServerOptions,
-    registry: &RegistryOptions,
+    registry: &RegistryArgs,
 ) -> Result<crate::promote::Promoted> {
     let reference = oci::parse_reference(image).with_context(|| format!("image {image}"))?;
     let digest = match (digest, reference.digest()) {

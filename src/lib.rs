@@ -22,6 +22,7 @@ pub mod agent;
 pub mod api;
 pub mod build;
 pub mod cli;
+pub mod cmdline;
 pub mod csi;
 pub mod gpu;
 pub mod health;

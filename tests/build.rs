@@ -6,7 +6,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gkm::cli::{self, BuildRequest, RegistryOptions};
+use gkm::cli::{self, BuildRequest};
+use gkm::cmdline::RegistryArgs;
 use gkm::gpu::Inventory;
 use gkm::oci::{Credentials, PinnedRef, PullConfig, Puller, Reference};
 use gkm::store::{Store, StoreConfig};
@@ -14,10 +15,10 @@ use gkm::trust::{TrustPolicy, Verifier};
 use gkm_testenv::fixtures::triton_like_cache;
 use gkm_testenv::{Cosign, Registry, shared_registry, unique_name};
 
-fn registry_options(registry: &Registry) -> RegistryOptions {
-    RegistryOptions {
-        insecure: vec![registry.host().to_string()],
-        auth_file: None,
+fn registry_options(registry: &Registry) -> RegistryArgs {
+    RegistryArgs {
+        insecure_registries: vec![registry.host().to_string()],
+        registry_auth: None,
     }
 }
 
@@ -362,7 +363,7 @@ async fn oci_layout_output_is_a_valid_layout() {
     let layout = out.path().join("layout");
     let mut req = request(src.path(), "triton", Some("v1".into()));
     req.oci_layout = Some(layout.clone());
-    let line = cli::build(&req, &RegistryOptions::default()).await.unwrap();
+    let line = cli::build(&req, &RegistryArgs::default()).await.unwrap();
     let (path, digest) = line.rsplit_once('@').unwrap();
     assert_eq!(path, layout.display().to_string());
 
@@ -388,12 +389,8 @@ async fn oci_layout_output_is_a_valid_layout() {
     std::fs::write(src.path().join("extra.bin"), b"x").unwrap();
     let mut req2 = request(src.path(), "triton", Some("v2".into()));
     req2.oci_layout = Some(layout.clone());
-    cli::build(&req2, &RegistryOptions::default())
-        .await
-        .unwrap();
-    cli::build(&req2, &RegistryOptions::default())
-        .await
-        .unwrap();
+    cli::build(&req2, &RegistryArgs::default()).await.unwrap();
+    cli::build(&req2, &RegistryArgs::default()).await.unwrap();
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
     assert_eq!(index["manifests"].as_array().unwrap().len(), 2, "{index}");
@@ -434,7 +431,7 @@ async fn a_vllm_cache_without_targets_needs_target_flags() {
     let out = tempfile::tempdir().unwrap();
     let mut req = request(src.path(), "vllm", Some("v1".into()));
     req.oci_layout = Some(out.path().join("layout"));
-    let e = cli::build(&req, &RegistryOptions::default())
+    let e = cli::build(&req, &RegistryArgs::default())
         .await
         .unwrap_err()
         .to_string();
@@ -445,7 +442,7 @@ async fn a_vllm_cache_without_targets_needs_target_flags() {
     assert!(!out.path().join("layout").exists(), "nothing written");
 
     req.targets = vec!["cuda:90:32".into()];
-    cli::build(&req, &RegistryOptions::default()).await.unwrap();
+    cli::build(&req, &RegistryArgs::default()).await.unwrap();
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("layout/index.json")).unwrap())
             .unwrap();
@@ -456,7 +453,7 @@ async fn a_vllm_cache_without_targets_needs_target_flags() {
 async fn bad_options_are_refused_before_building() {
     let src = tempfile::tempdir().unwrap();
     triton_cache(src.path(), 19);
-    let opts = RegistryOptions::default();
+    let opts = RegistryArgs::default();
     let mut req = request(src.path(), "triton", None);
     let e = cli::build(&req, &opts).await.unwrap_err().to_string();
     assert!(e.contains("-t REF"), "{e}");

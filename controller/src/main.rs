@@ -7,19 +7,14 @@ use gkm_controller::run::{Args, run};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     gkm::install_crypto();
-    let args = Args::parse();
-    let (log, json) = (args.log.clone(), args.log_json);
-    let cfg = match args.check() {
+    let cfg = match Args::parse().check() {
         Ok(c) => c,
-        Err(errs) => {
-            eprintln!(
-                "gkm-controller: invalid configuration:\n  - {}",
-                errs.join("\n  - ")
-            );
+        Err(e) => {
+            eprintln!("gkm-controller: {e}");
             std::process::exit(2);
         }
     };
-    gkm::init_logging(&log, json)?;
+    cfg.log.init()?;
     run(cfg, async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("a SIGTERM handler");

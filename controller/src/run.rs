@@ -42,19 +42,10 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub trusted_users: Vec<String>,
-    /// Registries (host[:port]) spoken to over plain HTTP. Repeatable.
-    #[arg(
-        long = "insecure-registry",
-        env = "GKM_INSECURE_REGISTRIES",
-        value_delimiter = ','
-    )]
-    pub insecure_registries: Vec<String>,
-    /// Registry credentials: a docker config file.
-    #[arg(long, env = "GKM_REGISTRY_AUTH")]
-    pub registry_auth: Option<PathBuf>,
-    /// Kubeconfig (default: in-cluster, then $KUBECONFIG).
-    #[arg(long, env = "KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub registry: gkm::cmdline::RegistryArgs,
+    #[command(flatten)]
+    pub kube: gkm::cmdline::KubeArgs,
     /// Mint the serving certificate at start (no cert-manager needed) and write its CA into
     /// the webhook configurations named by --webhook-config. --tls-cert/--tls-key are
     /// then where the minted pair is written.
@@ -79,24 +70,42 @@ pub struct Args {
     /// Serve admission only (no status controller).
     #[arg(long, default_value_t = false)]
     pub webhook_only: bool,
-    #[arg(long, env = "GKM_LOG", default_value = "info")]
-    pub log: String,
-    #[arg(long, env = "GKM_LOG_JSON", default_value_t = false)]
-    pub log_json: bool,
+    #[command(flatten)]
+    pub log: gkm::cmdline::LogArgs,
 }
 
-/// A checked configuration.
+/// A checked configuration: every value parsed and checked, nothing raw.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     pub metrics: SocketAddr,
-    pub args: Args,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    /// Where the policy was read from (re-read when it changes).
+    pub policy_path: PathBuf,
     pub policy: gkm::trust::TrustPolicy,
+    pub trusted_users: Vec<String>,
+    pub registry: gkm::cmdline::RegistryArgs,
+    pub kube: gkm::cmdline::KubeArgs,
+    /// Mint the serving certificate for these names and write its CA into the webhook
+    /// configurations named `webhook_config`; `None`: use `tls_cert` and `tls_key`.
+    pub self_signed: Option<SelfSigned>,
+    pub webhook_only: bool,
+    pub log: gkm::cmdline::LogArgs,
+}
+
+/// What a self-signed serving certificate is minted for.
+#[derive(Debug, Clone)]
+pub struct SelfSigned {
+    pub service: String,
+    pub namespace: String,
+    pub cert_hosts: Vec<String>,
+    pub webhook_config: String,
 }
 
 impl Args {
     /// Checks everything at once; the error lists every problem.
-    pub fn check(self) -> Result<Config, Vec<String>> {
+    pub fn check(self) -> Result<Config, gkm::cmdline::ConfigErrors> {
         let mut errs = Vec::new();
         let listen = self
             .listen
@@ -125,14 +134,33 @@ impl Args {
                 errs.push("--trusted-user: empty name".into());
             }
         }
+        if self.self_signed_certs && self.webhook_config.trim().is_empty() {
+            errs.push("--webhook-config: empty name".into());
+        }
+        self.registry.check(&mut errs);
+        self.kube.check(&mut errs);
+        self.log.check(&mut errs);
         match (listen, metrics, policy) {
             (Some(listen), Some(metrics), Some(policy)) if errs.is_empty() => Ok(Config {
                 listen,
                 metrics,
-                args: self,
+                tls_cert: self.tls_cert,
+                tls_key: self.tls_key,
+                policy_path: self.policy,
                 policy,
+                trusted_users: self.trusted_users,
+                registry: self.registry,
+                kube: self.kube,
+                self_signed: self.self_signed_certs.then_some(SelfSigned {
+                    service: self.service,
+                    namespace: self.namespace,
+                    cert_hosts: self.cert_hosts,
+                    webhook_config: self.webhook_config,
+                }),
+                webhook_only: self.webhook_only,
+                log: self.log,
             }),
-            _ => Err(errs),
+            _ => Err(gkm::cmdline::ConfigErrors(errs)),
         }
     }
 }
@@ -144,27 +172,19 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<()> {
     gkm::install_crypto();
-    let creds = match &cfg.args.registry_auth {
-        Some(f) => gkm::oci::Credentials::from_file(f)?,
-        None => gkm::oci::Credentials::anonymous(),
-    };
-    let pull = gkm::oci::PullConfig {
-        insecure_registries: cfg.args.insecure_registries.clone(),
-        ..Default::default()
-    };
-    let puller = gkm::oci::Puller::new(pull, creds.clone());
+    let puller = cfg.registry.puller()?;
     let trust = Arc::new(gkm::trust::Verifier::new(
         cfg.policy.clone(),
         puller.clone(),
     ));
-    let client = if cfg.args.self_signed_certs || !cfg.args.webhook_only {
-        Some(kube_client(cfg.args.kubeconfig.as_ref()).await?)
+    let client = if cfg.self_signed.is_some() || !cfg.webhook_only {
+        Some(cfg.kube.client().await?)
     } else {
         None
     };
     let mut admission = Admission::new(
         TrustVerifier::new(trust.clone(), puller.clone()),
-        cfg.args.trusted_users.clone(),
+        cfg.trusted_users.clone(),
     );
     // The cache variables of pods need the caches' objects: only with API access.
     if let Some(client) = &client {
@@ -176,45 +196,40 @@ pub async fn run(
             )));
     }
     // Promotion checks callers with the API server, so it needs a client.
+    let pusher = cfg.registry.pusher()?;
     let promote = client.clone().map(|client| crate::promote::PromoteApi {
         gate: crate::promote::KubeGatekeeper { client },
-        promoter: gkm::promote::Promoter::new(
-            trust.clone(),
-            gkm::oci::Pusher::new(cfg.args.insecure_registries.clone(), creds.clone()),
-        ),
+        promoter: gkm::promote::Promoter::new(trust.clone(), pusher),
         trust: trust.clone(),
     });
     let routes = Arc::new(crate::webhook::server::Routes { admission, promote });
-    if let (true, Some(client)) = (cfg.args.self_signed_certs, &client) {
-        let mut hosts = crate::certs::service_names(&cfg.args.service, &cfg.args.namespace);
-        hosts.extend(cfg.args.cert_hosts.iter().cloned());
-        let dir = cfg
-            .args
-            .tls_cert
-            .parent()
-            .unwrap_or(std::path::Path::new("."));
+    if let (Some(minting), Some(client)) = (&cfg.self_signed, &client) {
+        let mut hosts = crate::certs::service_names(&minting.service, &minting.namespace);
+        hosts.extend(minting.cert_hosts.iter().cloned());
+        let dir = cfg.tls_cert.parent().unwrap_or(std::path::Path::new("."));
         let minted = crate::certs::mint(dir, &hosts)?;
-        if minted.cert != cfg.args.tls_cert || minted.key != cfg.args.tls_key {
-            std::fs::rename(&minted.cert, &cfg.args.tls_cert)?;
-            std::fs::rename(&minted.key, &cfg.args.tls_key)?;
+        if minted.cert != cfg.tls_cert || minted.key != cfg.tls_key {
+            std::fs::rename(&minted.cert, &cfg.tls_cert)?;
+            std::fs::rename(&minted.key, &cfg.tls_key)?;
         }
-        crate::certs::inject_ca_bundle(client.clone(), &cfg.args.webhook_config, &minted.ca_pem)
+        crate::certs::inject_ca_bundle(client.clone(), &minting.webhook_config, &minted.ca_pem)
             .await?;
-        info!(webhook_config = %cfg.args.webhook_config, hosts = ?hosts, "minted serving certificate; caBundle written");
+        info!(webhook_config = %minting.webhook_config, hosts = ?hosts, "minted serving certificate; caBundle written");
     }
+
     let health = gkm::health::bind(cfg.metrics, Arc::new(|| Ok(())), || {
         crate::metrics::global().encode()
     })
     .await
     .with_context(|| format!("--metrics-addr {}", cfg.metrics))?;
     tokio::spawn(health);
-    let tls = crate::webhook::server::tls_config(&cfg.args.tls_cert, &cfg.args.tls_key)?;
+    let tls = crate::webhook::server::tls_config(&cfg.tls_cert, &cfg.tls_key)?;
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
 
-    tokio::spawn(reload_policy(cfg.args.policy.clone(), trust.clone()));
+    tokio::spawn(reload_policy(cfg.policy_path.clone(), trust.clone()));
     let server = crate::webhook::server::serve(routes, cfg.listen, tls, shutdown.clone());
     info!(listen = %cfg.listen, "serving admission");
-    let Some(client) = client.filter(|_| !cfg.args.webhook_only) else {
+    let Some(client) = client.filter(|_| !cfg.webhook_only) else {
         server.await?;
         return Ok(());
     };
@@ -250,14 +265,38 @@ async fn reload_policy(path: PathBuf, trust: Arc<gkm::trust::Verifier>) {
     }
 }
 
-async fn kube_client(path: Option<&PathBuf>) -> Result<kube::Client> {
-    let config = match path {
-        Some(p) => {
-            let kc = kube::config::Kubeconfig::read_from(p)
-                .with_context(|| format!("reading {}", p.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_bad_value_is_reported_at_once() {
+        let args = Args::try_parse_from([
+            "gkm-controller",
+            "--listen=nowhere",
+            "--metrics-addr=1.2.3.4",
+            "--tls-cert=/no/cert.pem",
+            "--tls-key=/no/key.pem",
+            "--policy=/no/policy.yaml",
+            "--trusted-user= ",
+            "--insecure-registry=http://r.io",
+            "--kubeconfig=/no/kubeconfig",
+            "--log=gkm=loud",
+        ])
+        .unwrap();
+        let all = args.check().unwrap_err().to_string();
+        for words in [
+            "--listen \"nowhere\"",
+            "--metrics-addr \"1.2.3.4\"",
+            "--tls-cert /no/cert.pem: no such file",
+            "--tls-key /no/key.pem: no such file",
+            "--policy /no/policy.yaml",
+            "--trusted-user: empty name",
+            "--insecure-registry \"http://r.io\": must be host[:port]",
+            "--kubeconfig /no/kubeconfig: no such file",
+            "--log \"gkm=loud\": not a log filter",
+        ] {
+            assert!(all.contains(words), "{words} missing from:\n{all}");
         }
-        None => kube::Config::infer().await.context("finding the cluster")?,
-    };
-    Ok(kube::Client::try_from(config)?)
+    }
 }

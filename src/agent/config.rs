@@ -34,20 +34,10 @@ pub struct AgentArgs {
     /// libnvidia-ml to load (default: the loader's libnvidia-ml.so.1).
     #[arg(long, env = "GKM_NVML_LIBRARY")]
     pub nvml_library: Option<PathBuf>,
-    /// Registries (host[:port]) spoken to over plain HTTP. Repeatable; comma-separated in
-    /// the environment.
-    #[arg(
-        long = "insecure-registry",
-        env = "GKM_INSECURE_REGISTRIES",
-        value_delimiter = ','
-    )]
-    pub insecure_registries: Vec<String>,
-    /// Registry credentials: a docker config file (a dockerconfigjson Secret, mounted).
-    #[arg(long, env = "GKM_REGISTRY_AUTH")]
-    pub registry_auth: Option<PathBuf>,
-    /// Kubeconfig (default: in-cluster, then $KUBECONFIG, then ~/.kube/config).
-    #[arg(long, env = "KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub registry: crate::cmdline::RegistryArgs,
+    #[command(flatten)]
+    pub kube: crate::cmdline::KubeArgs,
     /// Seconds a publish waits for an extraction before asking kubelet to retry.
     #[arg(long, env = "GKM_PUBLISH_TIMEOUT_SECONDS", default_value_t = 90)]
     pub publish_timeout_seconds: u64,
@@ -77,12 +67,8 @@ pub struct AgentArgs {
     /// Refuse caches whose image carries no GPU targets.
     #[arg(long, env = "GKM_REQUIRE_GPU_CLAIMS", default_value_t = false)]
     pub require_gpu_claims: bool,
-    /// Log as JSON lines.
-    #[arg(long, env = "GKM_LOG_JSON", default_value_t = false)]
-    pub log_json: bool,
-    /// Log filter, e.g. `info` or `gkm=debug`.
-    #[arg(long, env = "GKM_LOG", default_value = "info")]
-    pub log: String,
+    #[command(flatten)]
+    pub log: crate::cmdline::LogArgs,
 }
 
 /// Where the agent serves /healthz, /readyz and /metrics unless told otherwise.
@@ -107,9 +93,8 @@ pub struct AgentConfig {
     pub gpus_file: Option<PathBuf>,
     pub sysfs_root: PathBuf,
     pub nvml_library: Option<PathBuf>,
-    pub insecure_registries: Vec<String>,
-    pub registry_auth: Option<PathBuf>,
-    pub kubeconfig: Option<PathBuf>,
+    pub registry: crate::cmdline::RegistryArgs,
+    pub kube: crate::cmdline::KubeArgs,
     pub publish_timeout: Duration,
     pub gc_grace: Duration,
     pub require_gpu_claims: bool,
@@ -118,14 +103,10 @@ pub struct AgentConfig {
     pub gc_interval: Duration,
     pub miss_scan_interval: Duration,
     pub pod_wait: Duration,
-    pub log_json: bool,
-    pub log: String,
+    pub log: crate::cmdline::LogArgs,
 }
 
-/// Every problem with a configuration, one per line.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
-pub struct ConfigErrors(pub Vec<String>);
+use crate::cmdline::ConfigErrors;
 
 impl AgentArgs {
     pub fn check(self) -> Result<AgentConfig, ConfigErrors> {
@@ -156,27 +137,19 @@ impl AgentArgs {
         if let Some(why) = crate::csi::mount::unusable_layer_path(&self.store_root) {
             errs.push(format!("--store-root {}: {why}", self.store_root.display()));
         }
-        for (flag, file) in [
-            ("--gpus-file", &self.gpus_file),
-            ("--registry-auth", &self.registry_auth),
-            ("--kubeconfig", &self.kubeconfig),
-        ] {
-            if let Some(f) = file
-                && !f.is_file()
-            {
-                errs.push(format!("{flag} {}: no such file", f.display()));
-            }
+        if let Some(f) = &self.gpus_file
+            && !f.is_file()
+        {
+            errs.push(format!("--gpus-file {}: no such file", f.display()));
         }
+        self.registry.check(&mut errs);
+        self.kube.check(&mut errs);
+        self.log.check(&mut errs);
         if self.publish_timeout_seconds == 0 || self.publish_timeout_seconds >= 120 {
             errs.push(format!(
                 "--publish-timeout-seconds {}: must be between 1 and 119 (kubelet gives up on a call after 120)",
                 self.publish_timeout_seconds
             ));
-        }
-        for r in &self.insecure_registries {
-            if r.is_empty() || r.contains('/') {
-                errs.push(format!("--insecure-registry {r:?}: must be host[:port]"));
-            }
         }
         let health_addr = self.health_addr.parse().unwrap_or_else(|_| {
             errs.push(format!(
@@ -197,9 +170,6 @@ impl AgentArgs {
         if self.miss_scan_interval_seconds == 0 {
             errs.push("--miss-scan-interval-seconds 0: must be at least 1".to_string());
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log).is_err() {
-            errs.push(format!("--log {:?}: not a log filter", self.log));
-        }
         if !errs.is_empty() {
             return Err(ConfigErrors(errs));
         }
@@ -210,9 +180,8 @@ impl AgentArgs {
             gpus_file: self.gpus_file,
             sysfs_root: self.sysfs_root,
             nvml_library: self.nvml_library,
-            insecure_registries: self.insecure_registries,
-            registry_auth: self.registry_auth,
-            kubeconfig: self.kubeconfig,
+            registry: self.registry,
+            kube: self.kube,
             publish_timeout: Duration::from_secs(self.publish_timeout_seconds),
             gc_grace: Duration::from_secs(self.gc_grace_seconds),
             require_gpu_claims: self.require_gpu_claims,
@@ -221,7 +190,6 @@ impl AgentArgs {
             gc_interval: Duration::from_secs(self.gc_interval_seconds),
             miss_scan_interval: Duration::from_secs(self.miss_scan_interval_seconds),
             pod_wait: Duration::from_millis(self.pod_wait_millis),
-            log_json: self.log_json,
             log: self.log,
         })
     }

@@ -16,11 +16,10 @@ use anyhow::{Context, Result};
 use crate::health;
 use tracing::info;
 
-pub use config::{AgentArgs, AgentConfig, ConfigErrors, PullPolicy};
+pub use config::{AgentArgs, AgentConfig, PullPolicy};
 
 use crate::csi::{self, CacheResolver, KernelMounter, Plugin, PluginConfig};
 use crate::gpu::Inventory;
-use crate::oci::{Credentials, PullConfig, Puller};
 use crate::store::{Store, StoreConfig};
 
 /// Runs the agent until `shutdown` completes.
@@ -45,18 +44,8 @@ pub async fn run(
         .await?
         .context("discovering GPUs")?;
     info!(node = %cfg.node_name, gpus = gpus.len(), "GPU inventory");
-    let creds = match &cfg.registry_auth {
-        Some(f) => Credentials::from_file(f)?,
-        None => Credentials::anonymous(),
-    };
-    let puller = Puller::new(
-        PullConfig {
-            insecure_registries: cfg.insecure_registries.clone(),
-            ..Default::default()
-        },
-        creds,
-    );
-    let client = kube_client(&cfg).await?;
+    let puller = cfg.registry.puller()?;
+    let client = cfg.kube.client().await?;
     let (queue, rx) = reconcile::WorkQueue::new();
     let caches = Arc::new(watch::WatchResolver::start_notifying(client.clone(), {
         let q = queue.clone();
@@ -160,18 +149,4 @@ pub async fn run(
     served?;
     info!("stopped");
     Ok(())
-}
-
-async fn kube_client(cfg: &AgentConfig) -> Result<kube::Client> {
-    let config = match &cfg.kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("finding the cluster (in-cluster or kubeconfig)")?,
-    };
-    Ok(kube::Client::try_from(config)?)
 }

@@ -17,7 +17,7 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    gkm::init_logging(&cfg.log, cfg.log_json)?;
+    cfg.log.init()?;
     agent::run(cfg, shutdown_signal()).await
 }
 

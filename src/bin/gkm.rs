@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use gkm::cli::{self, RegistryOptions};
+use gkm::cli;
+use gkm::cmdline::RegistryArgs;
 use gkm::gpu::Inventory;
 
 #[derive(Parser)]
@@ -15,16 +16,6 @@ struct Cli {
     log: String,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Args, Clone)]
-struct RegistryArgs {
-    /// A registry (`host[:port]`) to talk to over plain HTTP. Repeatable.
-    #[arg(long = "insecure-registry", value_name = "HOST")]
-    insecure: Vec<String>,
-    /// Registry credentials: a docker config file (`{"auths": {...}}`).
-    #[arg(long = "registry-auth", value_name = "FILE")]
-    auth_file: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -170,15 +161,6 @@ enum Command {
     },
 }
 
-impl From<RegistryArgs> for RegistryOptions {
-    fn from(a: RegistryArgs) -> Self {
-        RegistryOptions {
-            insecure: a.insecure,
-            auth_file: a.auth_file,
-        }
-    }
-}
-
 impl From<GpuArgs> for Inventory {
     fn from(a: GpuArgs) -> Self {
         Inventory {
@@ -224,7 +206,7 @@ async fn run() -> Result<()> {
             gpu,
             json,
         } => {
-            let report = cli::inspect(&image, &registry.into(), &gpu.into()).await?;
+            let report = cli::inspect(&image, &registry, &gpu.into()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -237,10 +219,7 @@ async fn run() -> Result<()> {
             no_sync,
             registry,
         } => {
-            print!(
-                "{}",
-                cli::pull(&image, store, !no_sync, &registry.into()).await?
-            )
+            print!("{}", cli::pull(&image, store, !no_sync, &registry).await?)
         }
         Command::Build {
             dir,
@@ -259,13 +238,13 @@ async fn run() -> Result<()> {
                 sign_key,
                 oci_layout,
             };
-            println!("{}", cli::build(&req, &registry.into()).await?);
+            println!("{}", cli::build(&req, &registry).await?);
         }
         Command::Verify {
             image,
             policy,
             registry,
-        } => print!("{}", cli::verify(&image, &policy, &registry.into()).await?),
+        } => print!("{}", cli::verify(&image, &policy, &registry).await?),
         Command::Promote {
             image,
             digest,
@@ -285,8 +264,7 @@ async fn run() -> Result<()> {
                         ca_file,
                         timeout: std::time::Duration::from_secs(timeout),
                     };
-                    cli::promote_via_server(&image, digest.as_deref(), &opts, &registry.into())
-                        .await?
+                    cli::promote_via_server(&image, digest.as_deref(), &opts, &registry).await?
                 }
                 (None, Some(policy)) => {
                     let req = cli::PromoteRequest {
@@ -295,7 +273,7 @@ async fn run() -> Result<()> {
                         policy,
                         sign_key,
                     };
-                    cli::promote(&req, &registry.into()).await?
+                    cli::promote(&req, &registry).await?
                 }
                 (None, None) => unreachable!("clap requires --policy without --server"),
             };
