@@ -175,6 +175,7 @@ const OTHER_TOOLS_FLAGS: &[&str] = &[
     "--overwrite",
     "--bin",
     "--lib",
+    "--nocapture",
     "--type",
     "--new-bundle-format",
     "--tlog-upload",

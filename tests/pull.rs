@@ -668,3 +668,121 @@ async fn a_pull_counts_written_bytes_and_takes_the_last_layers_directory_mode() 
     );
     assert_eq!(e.meta.files, 2);
 }
+
+/// A size-limited tmpfs mounted for one test, unmounted (lazily) when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "gkm-small-disk",
+            ])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mounting a tmpfs needs root (the test suite runs as root)"
+        );
+        SmallDisk { dir }
+    }
+
+    fn resize(&self, size: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Bytes in use on it.
+    fn used(&self) -> u64 {
+        let s = rustix::fs::statvfs(self.dir.path()).unwrap();
+        (s.f_blocks - s.f_bfree) * s.f_frsize
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Disk full during extraction: the pull fails naming the cause, nothing partial becomes
+/// visible, every byte written is given back, and the same pull succeeds once there is
+/// room (issue #16's fault list).
+#[tokio::test]
+async fn a_full_disk_fails_the_pull_cleanly_and_it_succeeds_once_there_is_room() {
+    // 12 MiB that gzip cannot shrink (a xorshift stream), in a 4 MiB store.
+    let src = tempfile::tempdir().unwrap();
+    let d = src.path().join("c0ffee");
+    std::fs::create_dir_all(&d).unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let noise: Vec<u8> = (0..12 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(d.join("kernel.cubin"), &noise).unwrap();
+    std::fs::write(d.join("kernel.json"), br#"{"name":"k"}"#).unwrap();
+    let image = ImageBuilder::mcv(
+        CacheKind::Triton,
+        src.path(),
+        &[Target::new("cuda", "90", 32)],
+        Compression::Gzip,
+    )
+    .unwrap();
+    let registry = shared_registry();
+    let pushed = image
+        .push(registry, &unique_name("pull/diskfull"), None)
+        .await
+        .unwrap();
+    let pinned = PinnedRef::parse(&pushed.by_digest()).unwrap();
+
+    let disk = SmallDisk::mount("4m");
+    let store = store(disk.dir.path());
+    let before = disk.used();
+    let err = store.ensure(&pinned, &puller(registry)).await.unwrap_err();
+    let words = format!("{err:#}");
+    assert!(
+        words.contains("No space left on device") || words.contains("os error 28"),
+        "the cause is named: {words}"
+    );
+    assert!(
+        store.digests().unwrap().is_empty(),
+        "nothing partial is visible"
+    );
+    assert_eq!(
+        std::fs::read_dir(disk.dir.path().join("store/tmp"))
+            .unwrap()
+            .count(),
+        0,
+        "no temporary left"
+    );
+    let after = disk.used();
+    assert!(
+        after <= before + 64 * 1024,
+        "space given back: {before} bytes used before, {after} after"
+    );
+    println!("disk full: {before} B used before, {after} B after the failed pull: {words}");
+
+    // Room again: the same pull completes.
+    disk.resize("64m");
+    let done = store.ensure(&pinned, &puller(registry)).await.unwrap();
+    assert_eq!(store.digests().unwrap(), vec![done.digest.clone()]);
+}
