@@ -437,7 +437,11 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
                 .record_volume(&rec)
                 .map_err(|e| CsiError::Records(Box::new(e)))?;
             if let Err(e) = self.mount(&rec, &extracted) {
-                let _ = self.store.remove_volume(&req.volume_id);
+                // kubelet sees the mount's error and retries; a record left behind names
+                // no mount and is reconciled away at the next start, but say so.
+                if let Err(undo) = self.store.remove_volume(&req.volume_id) {
+                    warn!(error = %e, rollback_error = %undo, "publish failed and its record could not be removed; the next start reconciles it");
+                }
                 return Err(e);
             }
             self.store.count_served(&rec);
