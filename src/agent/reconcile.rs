@@ -641,56 +641,84 @@ fn truncate(mut s: String, max: usize) -> String {
     s
 }
 
-/// Brings one node object in line with the caches of its scope and this node's state.
-pub async fn reconcile(scope: &Scope, ctx: &Arc<Context>) -> Result<(), Error> {
+/// What a reconcile of one scope sees, gathered by [`observe`], with no decision in it.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// The caches of the scope, from the watch cache.
+    pub caches: Vec<ResolvedCache>,
+    /// The published volumes of the scope's caches.
+    pub volumes: Vec<VolumeRecord>,
+    /// What this node knows of each digest the caches and volumes name; a digest absent
+    /// here has had no work yet.
+    pub phases: HashMap<String, Phase>,
+    pub facts: Facts,
+    /// The node object's status as last written (or read at start).
+    pub previous: Option<NodeStatus>,
+    /// The owner reference to this node's Node, when the object still lacks it and the
+    /// Node is known.
+    pub owner: Option<OwnerReference>,
+}
+
+/// An Event a reconcile posts on a cache (and, for warnings, on the node object).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedEvent {
+    pub cache: CacheRef,
+    /// Empty when the Event is about the cache, not one of its digests.
+    pub digest: String,
+    pub reason: &'static str,
+    pub warning: bool,
+    pub note: String,
+}
+
+/// What happens to the node object.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Write {
+    /// Nothing changed.
+    Keep,
+    /// No cache or volume is left in a namespace: the object goes.
+    Delete,
+    /// Server-side apply of `status`, with the object's labels and owner when `metadata`.
+    Apply { status: NodeStatus, metadata: bool },
+}
+
+/// What a reconcile does: work to start, Events to post, the write. [`plan`] makes it from
+/// an [`Observed`] alone, so it is unit-tested without a cluster (as kube-rs's
+/// controller-rs separates its reconciler's decisions from their effects).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// Digests that need their work started (inspect, or pull under the eager policy),
+    /// with the cache that names them.
+    pub start: Vec<(CacheRef, String)>,
+    pub events: Vec<PlannedEvent>,
+    pub write: Write,
+}
+
+/// Gathers what a reconcile of `scope` needs: the caches, the volumes, what the node knows
+/// of each digest, pod usage and labels, the last status, the owner reference.
+pub async fn observe(scope: &Scope, ctx: &Arc<Context>) -> Result<Observed, Error> {
     let caches = ctx.caches.caches_in(scope);
-    let volumes = ctx.store.volumes();
-    let scope_volumes: Vec<&VolumeRecord> = volumes
-        .iter()
+    let volumes: Vec<VolumeRecord> = ctx
+        .store
+        .volumes()
+        .into_iter()
         .filter(|v| v.cache_key().map(|k| Scope::of(&k)).as_ref() == Some(scope))
         .collect();
-
-    let mut views = Vec::with_capacity(caches.len());
     let mut phases = HashMap::new();
-    for c in &caches {
-        views.push(CacheView {
-            name: c.key.name().to_string(),
-            digest: c.digest.clone(),
-        });
-        let Some(digest) = &c.digest else {
-            ctx.tell(
-                &c.key,
-                "",
-                "NotVerified",
-                EventType::Warning,
-                format!(
-                    "node {}: the cache has no gkm.io/resolvedDigest annotation (the GKM webhook has not verified {}), so this node ignores it",
-                    ctx.cfg.node, c.image
-                ),
-            )
-            .await;
-            continue;
-        };
-        let phase = match ctx.phase(digest)? {
-            Some(p) => p,
-            None => {
-                ctx.start_work(c, digest);
-                Phase::Pulling
-            }
-        };
-        phases.insert(digest.clone(), phase);
-    }
-    for v in &scope_volumes {
-        if !phases.contains_key(&v.digest)
-            && let Some(p) = ctx.phase(&v.digest)?
+    let digests = caches
+        .iter()
+        .filter_map(|c| c.digest.as_ref())
+        .chain(volumes.iter().map(|v| &v.digest));
+    for d in digests {
+        if !phases.contains_key(d)
+            && let Some(p) = ctx.phase(d)?
         {
-            phases.insert(v.digest.clone(), p);
+            phases.insert(d.clone(), p);
         }
     }
 
     let mut facts = Facts::default();
     let digests_of = |key: &CacheRef| -> Vec<String> {
-        let mut ds: Vec<String> = scope_volumes
+        let mut ds: Vec<String> = volumes
             .iter()
             .filter(|v| v.cache_key().as_ref() == Some(key))
             .map(|v| v.digest.clone())
@@ -719,65 +747,167 @@ pub async fn reconcile(scope: &Scope, ctx: &Arc<Context>) -> Result<(), Error> {
             }
         }
     }
-
     let previous = ctx.previous(scope).await?;
-    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let owner = if ctx.unowned(scope) {
+        ctx.owner().await
+    } else {
+        None
+    };
+    Ok(Observed {
+        caches,
+        volumes,
+        phases,
+        facts,
+        previous,
+        owner,
+    })
+}
+
+/// Decides what a reconcile of `scope` on `node` (with `gpus`) does about what it saw.
+pub fn plan(scope: &Scope, node: &str, gpus: &[GpuInfo], seen: &Observed, now: &Time) -> Plan {
+    let mut start = Vec::new();
+    let mut events = Vec::new();
+    let mut phases = seen.phases.clone();
+    let mut views = Vec::with_capacity(seen.caches.len());
+    for c in &seen.caches {
+        views.push(CacheView {
+            name: c.key.name().to_string(),
+            digest: c.digest.clone(),
+        });
+        let Some(digest) = &c.digest else {
+            events.push(PlannedEvent {
+                cache: c.key.clone(),
+                digest: String::new(),
+                reason: "NotVerified",
+                warning: true,
+                note: format!(
+                    "node {node}: the cache has no gkm.io/resolvedDigest annotation (the GKM webhook has not verified {}), so this node ignores it",
+                    c.image
+                ),
+            });
+            continue;
+        };
+        if !phases.contains_key(digest) {
+            start.push((c.key.clone(), digest.clone()));
+            phases.insert(digest.clone(), Phase::Pulling);
+        }
+    }
+    let volumes: Vec<&VolumeRecord> = seen.volumes.iter().collect();
     let status = NodeStatus {
-        node_name: ctx.cfg.node.clone(),
-        gpus: ctx.gpus.clone(),
+        node_name: node.to_string(),
+        gpus: gpus.to_vec(),
         caches: desired_caches(
             &views,
             &phases,
-            &scope_volumes,
-            &facts,
-            &previous
+            &volumes,
+            &seen.facts,
+            &seen
+                .previous
                 .as_ref()
                 .map(|p| p.caches.clone())
                 .unwrap_or_default(),
-            &now,
+            now,
         ),
     };
-
-    for c in &caches {
+    for c in &seen.caches {
         let Some(digest) = &c.digest else { continue };
         let Some(e) = status.caches.get(c.key.name()).and_then(|m| m.get(digest)) else {
             continue;
         };
         use crate::api::CacheState::*;
-        let (reason, type_, note) = match e.state {
+        let (reason, warning, note) = match e.state {
             Extracted => (
                 "Extracted",
-                EventType::Normal,
+                false,
                 format!(
-                    "node {}: {digest} extracted ({} bytes); compatible GPUs: {:?}",
-                    ctx.cfg.node,
+                    "node {node}: {digest} extracted ({} bytes); compatible GPUs: {:?}",
                     e.size_bytes.unwrap_or(0),
                     e.compatible_gpus
                 ),
             ),
             Incompatible => (
                 "Incompatible",
-                EventType::Warning,
+                true,
                 format!(
-                    "node {}: no GPU can use {digest}: {}",
-                    ctx.cfg.node,
+                    "node {node}: no GPU can use {digest}: {}",
                     e.reasons.join("; ")
                 ),
             ),
             Error => (
                 "PullFailed",
-                EventType::Warning,
-                format!("node {}: {digest}: {}", ctx.cfg.node, e.reasons.join("; ")),
+                true,
+                format!("node {node}: {digest}: {}", e.reasons.join("; ")),
             ),
             _ => continue,
         };
-        ctx.tell(&c.key, digest, reason, type_, note).await;
+        events.push(PlannedEvent {
+            cache: c.key.clone(),
+            digest: digest.clone(),
+            reason,
+            warning,
+            note,
+        });
     }
+    let wanted = !seen.caches.is_empty() || !seen.volumes.is_empty() || *scope == Scope::Cluster;
+    let write = if !wanted {
+        if seen.previous.is_some() {
+            Write::Delete
+        } else {
+            Write::Keep
+        }
+    } else {
+        // The object's metadata is applied when it is created, and once more when the
+        // Node becomes known (adopting an object created before).
+        let metadata = seen.previous.is_none() || seen.owner.is_some();
+        if seen.previous.as_ref() == Some(&status) && !metadata {
+            Write::Keep
+        } else {
+            Write::Apply { status, metadata }
+        }
+    };
+    Plan {
+        start,
+        events,
+        write,
+    }
+}
 
+/// Brings one node object in line with the caches of its scope and this node's state:
+/// [`observe`], [`plan`], then carry the plan out.
+pub async fn reconcile(scope: &Scope, ctx: &Arc<Context>) -> Result<(), Error> {
+    let seen = observe(scope, ctx).await?;
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let plan = plan(scope, &ctx.cfg.node, &ctx.gpus, &seen, &now);
+    apply(scope, ctx, &seen, plan).await
+}
+
+/// Carries out `plan`: starts the work, posts the Events, writes the node object.
+async fn apply(
+    scope: &Scope,
+    ctx: &Arc<Context>,
+    seen: &Observed,
+    plan: Plan,
+) -> Result<(), Error> {
+    for (key, digest) in &plan.start {
+        if let Some(c) = seen.caches.iter().find(|c| c.key == *key) {
+            ctx.start_work(c, digest);
+        }
+    }
+    for e in plan.events {
+        let type_ = if e.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        ctx.tell(&e.cache, &e.digest, e.reason, type_, e.note).await;
+    }
     let node = &ctx.cfg.node;
-    let wanted = !caches.is_empty() || !scope_volumes.is_empty() || *scope == Scope::Cluster;
-    if !wanted {
-        if previous.is_some() {
+    let (status, metadata) = match plan.write {
+        Write::Keep => {
+            debug!(%scope, "node status unchanged");
+            return Ok(());
+        }
+        Write::Delete => {
             info!(%node, %scope, "no caches left in scope: deleting the node object");
             let dp = DeleteParams::default();
             let r = match scope {
@@ -785,7 +915,7 @@ pub async fn reconcile(scope: &Scope, ctx: &Arc<Context>) -> Result<(), Error> {
                     .delete(node, &dp)
                     .await
                     .map(|_| ()),
-                Scope::Cluster => unreachable!("the cluster object is always wanted"),
+                Scope::Cluster => unreachable!("plan never deletes the cluster object"),
             };
             match r {
                 Ok(()) => {}
@@ -793,22 +923,11 @@ pub async fn reconcile(scope: &Scope, ctx: &Arc<Context>) -> Result<(), Error> {
                 Err(e) => return Err(Error::kube(format!("deleting {scope} {node}"))(e)),
             }
             ctx.state().written.insert(scope.clone(), None);
+            return Ok(());
         }
-        return Ok(());
-    }
-    let owner = if ctx.unowned(scope) {
-        ctx.owner().await
-    } else {
-        None
+        Write::Apply { status, metadata } => (status, metadata),
     };
-    // The object's metadata is applied when it is created, and once more when the Node
-    // becomes known (adopting an object created before).
-    let metadata = previous.is_none() || owner.is_some();
-    if previous.as_ref() == Some(&status) && !metadata {
-        debug!(%scope, "node status unchanged");
-        return Ok(());
-    }
-    let meta = metadata.then_some(owner.as_ref());
+    let meta = metadata.then_some(seen.owner.as_ref());
     match scope {
         Scope::Cluster => {
             apply_status(
@@ -832,7 +951,7 @@ pub async fn reconcile(scope: &Scope, ctx: &Arc<Context>) -> Result<(), Error> {
     .map_err(Error::kube(format!(
         "applying the status of {scope} {node}"
     )))?;
-    if owner.is_some() {
+    if seen.owner.is_some() {
         ctx.owner
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -1004,6 +1123,154 @@ pub async fn queue_startup_work(ctx: &Context) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+    fn cache(ns: &str, name: &str, digest: Option<&str>) -> ResolvedCache {
+        ResolvedCache {
+            key: CacheRef::Namespaced {
+                namespace: ns.into(),
+                name: name.into(),
+            },
+            image: format!("r.io/kernels/{name}:v1"),
+            digest: digest.map(str::to_string),
+            workload_namespaces: Vec::new(),
+        }
+    }
+
+    fn at(secs: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap())
+    }
+
+    fn ns() -> Scope {
+        Scope::Namespace("ml".into())
+    }
+
+    #[test]
+    fn a_cache_without_a_digest_is_told_and_gets_no_work() {
+        let seen = Observed {
+            caches: vec![cache("ml", "llama", None)],
+            ..Default::default()
+        };
+        let p = plan(&ns(), "n1", &[], &seen, &at(1));
+        assert!(p.start.is_empty());
+        assert_eq!(p.events.len(), 1);
+        let e = &p.events[0];
+        assert_eq!((e.reason, e.warning), ("NotVerified", true));
+        assert!(e.note.contains("r.io/kernels/llama:v1"), "{}", e.note);
+        // The object is still written: the cache is in scope.
+        assert!(matches!(p.write, Write::Apply { metadata: true, .. }));
+    }
+
+    #[test]
+    fn a_new_digest_starts_its_work_once_and_shows_as_pulling() {
+        let seen = Observed {
+            caches: vec![cache("ml", "a", Some(D1)), cache("ml", "b", Some(D1))],
+            ..Default::default()
+        };
+        let p = plan(&ns(), "n1", &[], &seen, &at(1));
+        assert_eq!(
+            p.start.len(),
+            1,
+            "one digest, one piece of work: {:?}",
+            p.start
+        );
+        let Write::Apply { status, .. } = &p.write else {
+            panic!("{:?}", p.write)
+        };
+        for name in ["a", "b"] {
+            assert_eq!(
+                status.caches[name][D1].state,
+                crate::api::CacheState::Pulling
+            );
+        }
+        // Known already: nothing to start.
+        let seen = Observed {
+            phases: [(D1.to_string(), Phase::Pulling)].into(),
+            ..seen
+        };
+        assert!(plan(&ns(), "n1", &[], &seen, &at(1)).start.is_empty());
+    }
+
+    #[test]
+    fn an_unchanged_status_is_kept_and_a_new_owner_rewrites_the_metadata() {
+        let mut seen = Observed {
+            caches: vec![cache("ml", "a", Some(D1))],
+            phases: [(D1.to_string(), Phase::Pulling)].into(),
+            ..Default::default()
+        };
+        let Write::Apply { status, metadata } = plan(&ns(), "n1", &[], &seen, &at(1)).write else {
+            panic!()
+        };
+        assert!(metadata, "a new object gets its metadata");
+        seen.previous = Some(status);
+        assert_eq!(plan(&ns(), "n1", &[], &seen, &at(9)).write, Write::Keep);
+        seen.owner = Some(OwnerReference {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            name: "n1".into(),
+            uid: "u".into(),
+            ..Default::default()
+        });
+        assert!(matches!(
+            plan(&ns(), "n1", &[], &seen, &at(9)).write,
+            Write::Apply { metadata: true, .. }
+        ));
+    }
+
+    #[test]
+    fn an_empty_namespace_object_is_deleted_and_the_cluster_one_never() {
+        let previous = NodeStatus {
+            node_name: "n1".into(),
+            ..Default::default()
+        };
+        let seen = Observed {
+            previous: Some(previous),
+            ..Default::default()
+        };
+        assert_eq!(plan(&ns(), "n1", &[], &seen, &at(1)).write, Write::Delete);
+        assert_eq!(
+            plan(&ns(), "n1", &[], &Observed::default(), &at(1)).write,
+            Write::Keep,
+            "nothing to delete"
+        );
+        // The cluster object stays (it carries the node's GPUs), unchanged here.
+        assert_eq!(
+            plan(&Scope::Cluster, "n1", &[], &seen, &at(1)).write,
+            Write::Keep
+        );
+    }
+
+    #[test]
+    fn outcomes_are_told_normal_or_warning() {
+        let seen = Observed {
+            caches: vec![cache("ml", "ok", Some(D1)), cache("ml", "bad", Some(D2))],
+            phases: [
+                (
+                    D1.to_string(),
+                    Phase::Extracted {
+                        size_bytes: 42,
+                        fit: Fitness {
+                            usable: true,
+                            ..Default::default()
+                        },
+                    },
+                ),
+                (D2.to_string(), Phase::Failed("registry said 404".into())),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let p = plan(&ns(), "n1", &[], &seen, &at(1));
+        let told: Vec<(&str, bool)> = p.events.iter().map(|e| (e.reason, e.warning)).collect();
+        assert_eq!(told, vec![("Extracted", false), ("PullFailed", true)]);
+        assert!(
+            p.events[1].note.contains("registry said 404"),
+            "{:?}",
+            p.events[1]
+        );
+    }
 
     #[test]
     fn backoff_doubles_up_to_five_minutes() {
