@@ -542,16 +542,14 @@ async fn a_real_node_runs_pods_with_gkm_caches() {
         0,
         "no private layer left"
     );
-    let status = Api::<GKMCacheNode>::namespaced(admin.clone(), &ns)
-        .get(node.name())
-        .await
-        .unwrap()
-        .status
-        .unwrap();
-    assert!(
-        status.caches["llama"][&digest].pods.is_empty(),
-        "{status:?}"
-    );
+    // The agent writes the node status after it removes the records: wait for it.
+    let node_objects = Api::<GKMCacheNode>::namespaced(admin.clone(), &ns);
+    wait("node status lists no pod", 30, &node, async || {
+        let status = node_objects.get(node.name()).await.ok()?.status?;
+        let entry = status.caches.get("llama")?.get(&digest)?;
+        entry.pods.is_empty().then_some(())
+    })
+    .await;
     caches
         .delete("llama", &DeleteParams::default())
         .await
