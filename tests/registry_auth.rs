@@ -33,15 +33,7 @@ fn ok(what: &str, (out, _): (Output, Duration)) -> String {
 
 /// A small Triton-like cache to build.
 fn cache_dir(dir: &Path) -> PathBuf {
-    let k = dir.join("cache/KEY1");
-    std::fs::create_dir_all(&k).unwrap();
-    std::fs::write(
-        k.join("k.json"),
-        br#"{"name":"k","target":{"backend":"cuda","arch":90,"warp_size":32}}"#,
-    )
-    .unwrap();
-    std::fs::write(k.join("k.cubin"), b"\x7fELF cubin").unwrap();
-    dir.join("cache")
+    gkm_testenv::fixtures::one_kernel_triton_cache(dir).unwrap()
 }
 
 fn path(p: &Path) -> &str {

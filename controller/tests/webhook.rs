@@ -1548,14 +1548,7 @@ async fn a_developer_promotes_through_the_server_and_policies_require_its_attest
     assert_eq!(ours, 1, "{layers:?}");
 
     // The documented developer workflow, unchanged: build, push, sign, promote, print.
-    let cache_dir = work.path().join("triton-cache/KEY1");
-    std::fs::create_dir_all(&cache_dir).unwrap();
-    std::fs::write(
-        cache_dir.join("k.json"),
-        br#"{"name":"k","target":{"backend":"cuda","arch":90,"warp_size":32}}"#,
-    )
-    .unwrap();
-    std::fs::write(cache_dir.join("k.cubin"), b"\x7fELF cubin").unwrap();
+    let cache_dir = gkm_testenv::fixtures::one_kernel_triton_cache(work.path()).unwrap();
     let path = format!(
         "{}:{}:/usr/bin:/bin",
         gkm_bin().parent().unwrap().display(),
@@ -1568,7 +1561,7 @@ async fn a_developer_promotes_through_the_server_and_policies_require_its_attest
     .env("PATH", path)
     .env("HOME", work.path())
     .env("KUBECONFIG", "/nonexistent/kubeconfig")
-    .env("CACHE_DIR", work.path().join("triton-cache"))
+    .env("CACHE_DIR", &cache_dir)
     .env("IMAGE", format!("{incoming_host}/dev/{name}-ci:v3"))
     .env("COSIGN_KEY", env.cosign.key_path())
     .env("COSIGN_PASSWORD", env.cosign.password())

@@ -53,6 +53,21 @@ const WORDS: &[&str] = &[
     "\n",
 ];
 
+/// The smallest Triton cache `gkm build --kind triton` accepts: `<dir>/cache/KEY1/` with
+/// one kernel's metadata (cuda sm_90, warp 32) and a stand-in cubin. Returns the cache dir.
+pub fn one_kernel_triton_cache(dir: &Path) -> Result<std::path::PathBuf, Error> {
+    let k = dir.join("cache/KEY1");
+    std::fs::create_dir_all(&k).map_err(|e| Error::io("creating the cache folder", e))?;
+    std::fs::write(
+        k.join("k.json"),
+        br#"{"name":"k","target":{"backend":"cuda","arch":90,"warp_size":32}}"#,
+    )
+    .map_err(|e| Error::io("writing k.json", e))?;
+    std::fs::write(k.join("k.cubin"), b"\x7fELF cubin")
+        .map_err(|e| Error::io("writing k.cubin", e))?;
+    Ok(dir.join("cache"))
+}
+
 /// Writes about `total_bytes` in about `files` files below `dir` (which must exist).
 pub fn triton_like_cache(
     dir: &Path,
