@@ -1,4 +1,4 @@
-//! proto/csi.proto must be wire-identical to the CSI specification: every message, field
+//! crates/node/proto/csi.proto must be wire-identical to the CSI specification: every message, field
 //! (name, number, type, label, oneof), enum value and rpc it declares is compared with the
 //! upstream csi.proto, fetched through the Go module proxy. A changed field number would
 //! break kubelet silently.
@@ -206,7 +206,7 @@ fn index(
 }
 
 fn our_proto_dir() -> PathBuf {
-    gkm_testenv::workspace_root().join("proto")
+    gkm_testenv::workspace_root().join("crates/node/proto")
 }
 
 #[test]

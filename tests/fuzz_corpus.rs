@@ -131,7 +131,7 @@ fn fuzz_view_child_without_a_file_name_is_not_moved() {
 
 /// csi: `volume_of_target` drops `..` components (it keeps only normal ones), so
 /// `.../kernels/mount/../` named the volume `kernels`. Only a target path that
-/// `validate_target` accepted reaches it, and that refuses `..`; `src/csi/pods.rs` is left
+/// `validate_target` accepted reaches it, and that refuses `..`; `crates/node/src/csi/pods.rs` is left
 /// as it is (docs/fuzzing.md, Findings).
 #[test]
 fn fuzz_csi_target_with_dot_dot_never_reaches_volume_of_target() {

@@ -1,8 +1,12 @@
-//! The module layering holds: no import cycle between the top-level modules of `gkm`
-//! (`src/`) or of `gkm-controller` (`controller/src/`). A cycle means a type sits in the
-//! wrong module (the store once imported the CSI plugin for its cache key; admission's
-//! verifier returned a webhook type); this test names the modules and the files that
-//! close it.
+//! The layering holds, at two levels:
+//! - crates: `gkm-api` <- `gkm-image` <- `gkm-node` <- `gkm`, and `gkm-controller` on
+//!   `gkm-image` only. Cargo itself refuses a cycle between crates; these tests check that
+//!   the controller links none of the node side (NVML, CSI gRPC, mounts) and that the API
+//!   crate stays plain types.
+//! - modules: no import cycle between the top-level modules of each crate. A cycle means a
+//!   type sits in the wrong module (the store once imported the CSI plugin for its cache
+//!   key; admission's verifier returned a webhook type); the test names the modules and the
+//!   files that close it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -108,10 +112,10 @@ fn cycle_through(g: &Graph, start: &str) -> Option<Vec<String>> {
     walk(g, start, start, &mut path, &mut BTreeSet::new()).then_some(path)
 }
 
-fn assert_acyclic(root: &Path) {
+fn assert_acyclic(root: &Path, min_modules: usize) {
     let g = graph(root);
     assert!(
-        g.len() >= 3,
+        g.len() >= min_modules,
         "{}: only {} modules found",
         root.display(),
         g.len()
@@ -129,13 +133,78 @@ fn assert_acyclic(root: &Path) {
 }
 
 #[test]
-fn the_library_modules_form_no_import_cycle() {
-    assert_acyclic(&workspace_root().join("src"));
+fn the_modules_of_each_crate_form_no_import_cycle() {
+    // The minimum guards against a path that silently stopped matching any file.
+    for (dir, min) in [
+        ("crates/image/src", 5),
+        ("crates/node/src", 2),
+        ("controller/src", 3),
+        ("src", 1),
+    ] {
+        assert_acyclic(&workspace_root().join(dir), min);
+    }
+}
+
+/// The packages in `package`'s normal (non-dev) dependency tree, as `cargo tree` lists them,
+/// down to `depth` (None: all the way).
+fn dependencies(package: &str, depth: Option<u32>) -> BTreeSet<String> {
+    let mut cmd = std::process::Command::new(env!("CARGO"));
+    cmd.current_dir(workspace_root()).args([
+        "tree", "--locked", "-e", "normal", "--prefix", "none", "-p", package,
+    ]);
+    if let Some(d) = depth {
+        cmd.args(["--depth", &d.to_string()]);
+    }
+    let out = cmd.output().expect("running cargo tree");
+    assert!(
+        out.status.success(),
+        "cargo tree -p {package}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != package)
+        .map(str::to_string)
+        .collect()
 }
 
 #[test]
-fn the_controller_modules_form_no_import_cycle() {
-    assert_acyclic(&workspace_root().join("controller/src"));
+fn the_controller_links_nothing_of_the_node_side() {
+    let deps = dependencies("gkm-controller", None);
+    assert!(deps.contains("gkm-image"), "{deps:?}");
+    for node_only in [
+        "gkm-node",
+        "gkm",
+        "nvml-wrapper",
+        "tonic",
+        "prost",
+        "protoc-bin-vendored",
+    ] {
+        assert!(
+            !deps.contains(node_only),
+            "gkm-controller depends on {node_only}: {deps:?}"
+        );
+    }
+}
+
+#[test]
+fn the_api_crate_is_plain_types() {
+    let direct = dependencies("gkm-api", Some(1));
+    let allowed = [
+        "k8s-openapi",
+        "kube",
+        "schemars",
+        "serde",
+        "serde_json",
+        "serde_norway",
+        "thiserror",
+    ];
+    let extra: Vec<&String> = direct
+        .iter()
+        .filter(|d| !allowed.contains(&d.as_str()))
+        .collect();
+    assert!(extra.is_empty(), "gkm-api gained dependencies {extra:?}");
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use gkm::api::{GKMCache, RESOLVED_DIGEST_ANNOTATION};
+use gkm_api::{GKMCache, RESOLVED_DIGEST_ANNOTATION};
 use gkm_testenv::image::{CacheKind, Compression, ImageBuilder, PushedImage, Target};
 use gkm_testenv::pki::Ca;
 use gkm_testenv::process::ServerProcess;
@@ -173,7 +173,7 @@ async fn wait_for_webhooks(alice: &Api<GKMCache>, img: &PushedImage) {
 }
 
 fn main() {
-    gkm::install_crypto();
+    gkm_image::install_crypto();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

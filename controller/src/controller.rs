@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use gkm::api::{
+use gkm_api::{
     CacheCounts, CacheState, CacheStatus, ClusterGKMCache, ClusterGKMCacheNode, GKMCache,
     GKMCacheNode, NodeStatus, Provenance, RESOLVED_DIGEST_ANNOTATION, short_digest,
 };
@@ -57,18 +57,19 @@ pub trait Vouch: Send + Sync + 'static {
         &'a self,
         image: &'a str,
         digest: &'a str,
-    ) -> futures::future::BoxFuture<'a, Result<gkm::trust::Verified, String>>;
+    ) -> futures::future::BoxFuture<'a, Result<gkm_image::trust::Verified, String>>;
 }
 
-impl Vouch for gkm::trust::Verifier {
+impl Vouch for gkm_image::trust::Verifier {
     fn vouch<'a>(
         &'a self,
         image: &'a str,
         digest: &'a str,
-    ) -> futures::future::BoxFuture<'a, Result<gkm::trust::Verified, String>> {
+    ) -> futures::future::BoxFuture<'a, Result<gkm_image::trust::Verified, String>> {
         Box::pin(async move {
-            let reference = gkm::oci::parse_reference(image).map_err(|e| e.to_string())?;
-            let pinned = gkm::oci::PinnedRef::new(&reference, digest).map_err(|e| e.to_string())?;
+            let reference = gkm_image::oci::parse_reference(image).map_err(|e| e.to_string())?;
+            let pinned =
+                gkm_image::oci::PinnedRef::new(&reference, digest).map_err(|e| e.to_string())?;
             self.verify(&pinned).await.map_err(|e| e.to_string())
         })
     }
@@ -80,7 +81,7 @@ impl Vouch for gkm::trust::Verifier {
 /// it was written, and `verifiedAt` says when.
 pub fn provenance(
     digest: Option<&str>,
-    verified: Option<&gkm::trust::Verified>,
+    verified: Option<&gkm_image::trust::Verified>,
     old: Option<&Provenance>,
 ) -> Option<Provenance> {
     let digest = digest?;
@@ -88,8 +89,8 @@ pub fn provenance(
         return old.filter(|o| o.digest == digest).cloned();
     };
     let (key_fingerprint, issuer, subject) = match &v.signer {
-        gkm::trust::Signer::Key { fingerprint } => (Some(fingerprint.clone()), None, None),
-        gkm::trust::Signer::Keyless { issuer, subject } => {
+        gkm_image::trust::Signer::Key { fingerprint } => (Some(fingerprint.clone()), None, None),
+        gkm_image::trust::Signer::Keyless { issuer, subject } => {
             (None, Some(issuer.clone()), Some(subject.clone()))
         }
     };
@@ -135,7 +136,7 @@ pub fn desired_status<'a>(
     meta: &ObjectMeta,
     old: Option<&CacheStatus>,
     nodes: impl Iterator<Item = &'a NodeStatus>,
-    vouched: Option<&gkm::trust::Verified>,
+    vouched: Option<&gkm_image::trust::Verified>,
     now: Time,
 ) -> CacheStatus {
     let name = meta.name.clone().unwrap_or_default();
@@ -143,7 +144,7 @@ pub fn desired_status<'a>(
         .annotations
         .as_ref()
         .and_then(|a| a.get(RESOLVED_DIGEST_ANNOTATION))
-        .filter(|d| gkm::oci::sha256_hex(d).is_some())
+        .filter(|d| gkm_image::oci::sha256_hex(d).is_some())
         .cloned();
     let mut counts = CacheCounts::default();
     let mut total_nodes = 0;
@@ -274,7 +275,7 @@ where
 
 /// What the reconciler needs to know of a cache resource (either kind) and its node objects.
 pub trait CacheResource:
-    gkm::api::Cache
+    gkm_api::Cache
     + Resource<DynamicType = ()>
     + Clone
     + serde::de::DeserializeOwned
@@ -335,7 +336,7 @@ pub async fn reconcile<K: CacheResource>(
     let digest = cache
         .annotations()
         .get(RESOLVED_DIGEST_ANNOTATION)
-        .filter(|d| gkm::oci::sha256_hex(d).is_some());
+        .filter(|d| gkm_image::oci::sha256_hex(d).is_some());
     let mut retry = Duration::from_secs(300);
     let verified = match (&ctx.vouch, digest) {
         (Some(v), Some(d)) => match v.vouch(cache.image(), d).await {
@@ -365,7 +366,7 @@ pub async fn reconcile<K: CacheResource>(
             })?;
         info!(cache = %shown, digest = want.resolved_digest.as_deref().unwrap_or("-"), "status updated");
     }
-    gkm::metrics::Metrics::result(&crate::metrics::global().reconciles, "ok");
+    gkm_image::metrics::Metrics::result(&crate::metrics::global().reconciles, "ok");
     Ok(Action::requeue(retry))
 }
 
@@ -375,7 +376,7 @@ fn same_status(old: Option<&CacheStatus>, new: &CacheStatus) -> bool {
 }
 
 fn error_policy<K>(_: Arc<K>, e: &Error, _: Arc<Context>) -> Action {
-    gkm::metrics::Metrics::result(&crate::metrics::global().reconciles, e.label());
+    gkm_image::metrics::Metrics::result(&crate::metrics::global().reconciles, e.label());
     warn!(error = %e, label = e.label(), "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
@@ -435,7 +436,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gkm::api::CacheDigestStatus;
+    use gkm_api::CacheDigestStatus;
     use std::collections::BTreeMap;
 
     const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
@@ -563,15 +564,15 @@ mod tests {
         );
     }
 
-    fn verified(digest: &str, authority: &str, at: i64) -> gkm::trust::Verified {
-        gkm::trust::Verified {
+    fn verified(digest: &str, authority: &str, at: i64) -> gkm_image::trust::Verified {
+        gkm_image::trust::Verified {
             digest: digest.into(),
             authority: authority.into(),
-            signer: gkm::trust::Signer::Key {
+            signer: gkm_image::trust::Signer::Key {
                 fingerprint: "sha256:abcd".into(),
             },
-            format: gkm::trust::SignatureFormat::Tag,
-            evidence: gkm::trust::Evidence::Referrer {
+            format: gkm_image::trust::SignatureFormat::Tag,
+            evidence: gkm_image::trust::Evidence::Referrer {
                 digest: String::new(),
             },
             verified_at: std::time::UNIX_EPOCH + std::time::Duration::from_secs(at as u64),

@@ -6,7 +6,7 @@ use gkm_controller::run::{Args, run};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    gkm::install_crypto();
+    gkm_image::install_crypto();
     let cfg = match Args::parse().check() {
         Ok(c) => c,
         Err(e) => {

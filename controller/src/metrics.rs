@@ -4,7 +4,7 @@
 
 use std::sync::LazyLock;
 
-use gkm::metrics::ResultLabels;
+use gkm_image::metrics::ResultLabels;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -77,7 +77,7 @@ impl Metrics {
 
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
-        gkm::metrics::encode(&self.registry)
+        gkm_image::metrics::encode(&self.registry)
     }
 
     pub fn admission(&self, endpoint: &str, decision: &str, seconds: f64) {
@@ -109,7 +109,7 @@ mod tests {
     fn names_carry_the_controller_prefix() {
         let m = Metrics::new();
         m.admission("validate-pods", "denied", 0.01);
-        gkm::metrics::Metrics::result(&m.verifications, "no_signatures");
+        gkm_image::metrics::Metrics::result(&m.verifications, "no_signatures");
         let text = m.encode();
         for line in [
             r#"gkm_controller_admissions_total{endpoint="validate-pods",decision="denied"} 1"#,

@@ -1,5 +1,5 @@
 //! `POST /api/images/verify-and-promote`: who may promote, and the one mapping from
-//! promotion outcomes to HTTP answers. The work itself is `gkm::promote`.
+//! promotion outcomes to HTTP answers. The work itself is `gkm_image::promote`.
 //!
 //! The caller sends `Authorization: Bearer <token>` (a service account token, say, from a
 //! CI job). The token is checked with a TokenReview, and the caller's right with a
@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use gkm::promote::{PromoteError, Promoted, Promoter};
+use gkm_image::promote::{PromoteError, Promoted, Promoter};
 use hyper::StatusCode;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInfo};
 use k8s_openapi::api::authorization::v1::{
@@ -20,7 +20,7 @@ use serde::Deserialize;
 use tracing::{Instrument, info, info_span, warn};
 
 /// The path of the API (one definition, shared with the `gkm promote --server` client).
-pub const PATH: &str = gkm::promote::client::PROMOTE_PATH;
+pub const PATH: &str = gkm_image::promote::client::PROMOTE_PATH;
 /// What RBAC must grant a caller: `create` on this resource of this group.
 pub const RESOURCE: (&str, &str) = ("gkm.io", "promotions");
 
@@ -165,7 +165,7 @@ impl Gatekeeper for KubeGatekeeper {
 /// The answer to a refused call, counted in the promotions metric under its label: every
 /// refusal, the server's own (not served, an unreadable body) included, goes through here.
 pub fn refuse(e: ApiError) -> (StatusCode, serde_json::Value) {
-    gkm::metrics::Metrics::result(&crate::metrics::global().promotions, e.label());
+    gkm_image::metrics::Metrics::result(&crate::metrics::global().promotions, e.label());
     warn!(reason = e.label(), error = %e, "promotion refused");
     (e.status(), e.body())
 }
@@ -174,7 +174,7 @@ pub fn refuse(e: ApiError) -> (StatusCode, serde_json::Value) {
 pub struct PromoteApi<G: Gatekeeper> {
     pub gate: G,
     pub promoter: Promoter,
-    pub trust: Arc<gkm::trust::Verifier>,
+    pub trust: Arc<gkm_image::trust::Verifier>,
 }
 
 impl<G: Gatekeeper> PromoteApi<G> {
@@ -186,7 +186,10 @@ impl<G: Gatekeeper> PromoteApi<G> {
     ) -> (StatusCode, serde_json::Value) {
         match self.try_call(authorization, body).await {
             Ok(done) => {
-                gkm::metrics::Metrics::result(&crate::metrics::global().promotions, "promoted");
+                gkm_image::metrics::Metrics::result(
+                    &crate::metrics::global().promotions,
+                    "promoted",
+                );
                 (
                     StatusCode::OK,
                     serde_json::to_value(done).expect("JSON into memory"),
@@ -245,7 +248,7 @@ impl<G: Gatekeeper> PromoteApi<G> {
         let span =
             info_span!("verify_and_promote", user = %who, image = %req.image, digest = %req.digest);
         async {
-            let vouched = gkm::trust::attest::Caller {
+            let vouched = gkm_image::trust::attest::Caller {
                 username: who.clone(),
                 uid: caller.user.uid.clone(),
                 groups: caller.user.groups.clone().unwrap_or_default(),
@@ -295,9 +298,13 @@ mod tests {
     }
 
     fn api(policy: &str) -> PromoteApi<FakeGate> {
-        let policy = gkm::trust::TrustPolicy::from_yaml(policy, std::path::Path::new(".")).unwrap();
-        let pusher = gkm::oci::Pusher::new(vec![], gkm::oci::Credentials::anonymous());
-        let trust = Arc::new(gkm::trust::Verifier::new(policy, pusher.puller().clone()));
+        let policy =
+            gkm_image::trust::TrustPolicy::from_yaml(policy, std::path::Path::new(".")).unwrap();
+        let pusher = gkm_image::oci::Pusher::new(vec![], gkm_image::oci::Credentials::anonymous());
+        let trust = Arc::new(gkm_image::trust::Verifier::new(
+            policy,
+            pusher.puller().clone(),
+        ));
         PromoteApi {
             gate: FakeGate {
                 may: vec!["ci-bot"],

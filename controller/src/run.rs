@@ -43,9 +43,9 @@ pub struct Args {
     )]
     pub trusted_users: Vec<String>,
     #[command(flatten)]
-    pub registry: gkm::cmdline::RegistryArgs,
+    pub registry: gkm_image::cmdline::RegistryArgs,
     #[command(flatten)]
-    pub kube: gkm::cmdline::KubeArgs,
+    pub kube: gkm_image::cmdline::KubeArgs,
     /// Mint the serving certificate at start (no cert-manager needed) and write its CA into
     /// the webhook configurations named by --webhook-config. --tls-cert/--tls-key are
     /// then where the minted pair is written.
@@ -71,7 +71,7 @@ pub struct Args {
     #[arg(long, default_value_t = false)]
     pub webhook_only: bool,
     #[command(flatten)]
-    pub log: gkm::cmdline::LogArgs,
+    pub log: gkm_image::cmdline::LogArgs,
 }
 
 /// A checked configuration: every value parsed and checked, nothing raw.
@@ -83,15 +83,15 @@ pub struct Config {
     pub tls_key: PathBuf,
     /// Where the policy was read from (re-read when it changes).
     pub policy_path: PathBuf,
-    pub policy: gkm::trust::TrustPolicy,
+    pub policy: gkm_image::trust::TrustPolicy,
     pub trusted_users: Vec<String>,
-    pub registry: gkm::cmdline::RegistryArgs,
-    pub kube: gkm::cmdline::KubeArgs,
+    pub registry: gkm_image::cmdline::RegistryArgs,
+    pub kube: gkm_image::cmdline::KubeArgs,
     /// Mint the serving certificate for these names and write its CA into the webhook
     /// configurations named `webhook_config`; `None`: use `tls_cert` and `tls_key`.
     pub self_signed: Option<SelfSigned>,
     pub webhook_only: bool,
-    pub log: gkm::cmdline::LogArgs,
+    pub log: gkm_image::cmdline::LogArgs,
 }
 
 /// What a self-signed serving certificate is minted for.
@@ -105,7 +105,7 @@ pub struct SelfSigned {
 
 impl Args {
     /// Checks everything at once; the error lists every problem.
-    pub fn check(self) -> Result<Config, gkm::cmdline::ConfigErrors> {
+    pub fn check(self) -> Result<Config, gkm_image::cmdline::ConfigErrors> {
         let mut errs = Vec::new();
         let listen = self
             .listen
@@ -122,7 +122,7 @@ impl Args {
                 errs.push(format!("{flag} {}: no such file", f.display()));
             }
         }
-        let policy = match gkm::trust::TrustPolicy::load(&self.policy) {
+        let policy = match gkm_image::trust::TrustPolicy::load(&self.policy) {
             Ok(p) => Some(p),
             Err(e) => {
                 errs.push(format!("--policy {}: {e}", self.policy.display()));
@@ -160,7 +160,7 @@ impl Args {
                 webhook_only: self.webhook_only,
                 log: self.log,
             }),
-            _ => Err(gkm::cmdline::ConfigErrors(errs)),
+            _ => Err(gkm_image::cmdline::ConfigErrors(errs)),
         }
     }
 }
@@ -171,9 +171,9 @@ pub async fn run(
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<()> {
-    gkm::install_crypto();
+    gkm_image::install_crypto();
     let puller = cfg.registry.puller()?;
-    let trust = Arc::new(gkm::trust::Verifier::new(
+    let trust = Arc::new(gkm_image::trust::Verifier::new(
         cfg.policy.clone(),
         puller.clone(),
     ));
@@ -199,7 +199,7 @@ pub async fn run(
     let pusher = cfg.registry.pusher()?;
     let promote = client.clone().map(|client| crate::promote::PromoteApi {
         gate: crate::promote::KubeGatekeeper { client },
-        promoter: gkm::promote::Promoter::new(trust.clone(), pusher),
+        promoter: gkm_image::promote::Promoter::new(trust.clone(), pusher),
         trust: trust.clone(),
     });
     let routes = Arc::new(crate::webhook::server::Routes { admission, promote });
@@ -217,7 +217,7 @@ pub async fn run(
         info!(webhook_config = %minting.webhook_config, hosts = ?hosts, "minted serving certificate; caBundle written");
     }
 
-    let health = gkm::health::bind(cfg.metrics, Arc::new(|| Ok(())), || {
+    let health = gkm_image::health::bind(cfg.metrics, Arc::new(|| Ok(())), || {
         crate::metrics::global().encode()
     })
     .await
@@ -244,7 +244,7 @@ pub async fn run(
 
 /// Re-reads the policy file every few seconds (a ConfigMap update replaces it) and puts a
 /// changed, valid policy in force; an invalid one is logged and the old one kept.
-async fn reload_policy(path: PathBuf, trust: Arc<gkm::trust::Verifier>) {
+async fn reload_policy(path: PathBuf, trust: Arc<gkm_image::trust::Verifier>) {
     let mut last = std::fs::read(&path).ok();
     loop {
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -252,7 +252,7 @@ async fn reload_policy(path: PathBuf, trust: Arc<gkm::trust::Verifier>) {
         if now == last {
             continue;
         }
-        match gkm::trust::TrustPolicy::load(&path) {
+        match gkm_image::trust::TrustPolicy::load(&path) {
             Ok(p) => {
                 trust.set_policy(p);
                 info!(path = %path.display(), "trust policy reloaded");

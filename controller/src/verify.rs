@@ -1,6 +1,6 @@
 //! What admission asks of image verification: resolve `spec.image` to a digest once and
 //! check that digest's signature against the trust policy. [`ImageVerifier`] is that
-//! question; [`TrustVerifier`] answers it with `gkm::trust` and the registry.
+//! question; [`TrustVerifier`] answers it with `gkm_image::trust` and the registry.
 
 use std::future::Future;
 
@@ -14,7 +14,7 @@ pub struct VerifiedImage {
     pub authority: String,
 }
 
-pub use gkm::trust::Scope;
+pub use gkm_image::trust::Scope;
 
 /// Why an image may not be used: words that name the image, and a short, stable label for
 /// metrics (`untrusted_registry`, `resolve_failed`, `timeout`, or a [`VerifyError`]'s).
@@ -34,20 +34,20 @@ impl Denial {
     }
 }
 
-impl From<gkm::trust::VerifyError> for Denial {
-    fn from(e: gkm::trust::VerifyError) -> Self {
+impl From<gkm_image::trust::VerifyError> for Denial {
+    fn from(e: gkm_image::trust::VerifyError) -> Self {
         Denial::new(e.label(), e.to_string())
     }
 }
 
-impl From<gkm::trust::UntrustedRegistry> for Denial {
-    fn from(e: gkm::trust::UntrustedRegistry) -> Self {
+impl From<gkm_image::trust::UntrustedRegistry> for Denial {
+    fn from(e: gkm_image::trust::UntrustedRegistry) -> Self {
         Denial::new("untrusted_registry", e.to_string())
     }
 }
 
-impl From<gkm::oci::RefError> for Denial {
-    fn from(e: gkm::oci::RefError) -> Self {
+impl From<gkm_image::oci::RefError> for Denial {
+    fn from(e: gkm_image::oci::RefError) -> Self {
         Denial::new("bad_reference", e.to_string())
     }
 }
@@ -72,22 +72,25 @@ pub trait ImageVerifier: Send + Sync + 'static {
         self.verify(image, scope)
     }
     /// The Pod rule of the policy in force (it changes when the policy is reloaded).
-    fn pod_rules(&self) -> gkm::trust::PodRules;
+    fn pod_rules(&self) -> gkm_image::trust::PodRules;
 }
 
 /// Admission's verifier: the trust policy's registry check (before any network call, so
 /// a user cannot make the webhook contact arbitrary hosts), one tag resolution per image
 /// (remembered briefly, so the validating call after the mutating one does not resolve
-/// again), and `gkm::trust` for the signatures, all under the policy's timeout.
+/// again), and `gkm_image::trust` for the signatures, all under the policy's timeout.
 pub struct TrustVerifier {
-    trust: std::sync::Arc<gkm::trust::Verifier>,
-    puller: gkm::oci::Puller,
+    trust: std::sync::Arc<gkm_image::trust::Verifier>,
+    puller: gkm_image::oci::Puller,
     tags: std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
     tag_ttl: std::time::Duration,
 }
 
 impl TrustVerifier {
-    pub fn new(trust: std::sync::Arc<gkm::trust::Verifier>, puller: gkm::oci::Puller) -> Self {
+    pub fn new(
+        trust: std::sync::Arc<gkm_image::trust::Verifier>,
+        puller: gkm_image::oci::Puller,
+    ) -> Self {
         Self {
             trust,
             puller,
@@ -101,11 +104,11 @@ impl TrustVerifier {
     async fn pin(
         &self,
         image: &str,
-        reference: &gkm::oci::Reference,
+        reference: &gkm_image::oci::Reference,
         fresh: bool,
-    ) -> Result<gkm::oci::PinnedRef, Denial> {
+    ) -> Result<gkm_image::oci::PinnedRef, Denial> {
         if let Some(d) = reference.digest() {
-            return Ok(gkm::oci::PinnedRef::new(reference, d)?);
+            return Ok(gkm_image::oci::PinnedRef::new(reference, d)?);
         }
         let cached = if fresh {
             None
@@ -116,7 +119,7 @@ impl TrustVerifier {
                 .map(|(d, _)| d.clone())
         };
         if let Some(d) = cached {
-            return Ok(gkm::oci::PinnedRef::new(reference, &d)?);
+            return Ok(gkm_image::oci::PinnedRef::new(reference, &d)?);
         }
         let pinned =
             self.puller.resolve_tag(reference).await.map_err(|e| {
@@ -131,7 +134,7 @@ impl TrustVerifier {
 }
 
 impl ImageVerifier for TrustVerifier {
-    fn pod_rules(&self) -> gkm::trust::PodRules {
+    fn pod_rules(&self) -> gkm_image::trust::PodRules {
         self.trust.policy().pod_rules()
     }
 
@@ -154,7 +157,7 @@ impl TrustVerifier {
     ) -> Result<VerifiedImage, Denial> {
         let result = self.verify_uncounted(image, scope, fresh).await;
         let label = result.as_ref().map_or_else(|d| d.label, |_| "verified");
-        gkm::metrics::Metrics::result(&crate::metrics::global().verifications, label);
+        gkm_image::metrics::Metrics::result(&crate::metrics::global().verifications, label);
         result
     }
 
@@ -164,7 +167,7 @@ impl TrustVerifier {
         scope: Scope,
         fresh: bool,
     ) -> Result<VerifiedImage, Denial> {
-        let reference = gkm::oci::parse_reference(image)?;
+        let reference = gkm_image::oci::parse_reference(image)?;
         let policy = self.trust.policy();
         policy.check_registry(image, &reference)?;
         let timeout = policy.verification.timeout;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use gkm::api::{GKMCache, RESOLVED_DIGEST_ANNOTATION};
+use gkm_api::{GKMCache, RESOLVED_DIGEST_ANNOTATION};
 use gkm_testenv::image::{PushedImage, Target};
 use gkm_testenv::pki::Ca;
 use gkm_testenv::process::ServerProcess;
@@ -991,7 +991,7 @@ async fn promote_call(
     image: &str,
     digest: &str,
 ) -> (u16, serde_json::Value) {
-    gkm::install_crypto();
+    gkm_image::install_crypto();
     let client = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(env().ca.cert_pem.as_bytes()).unwrap())
         .build()
@@ -1011,7 +1011,7 @@ async fn promote_call(
 
 /// Whether the shared (trusted) registry has the manifest `repo@digest`.
 async fn in_trusted(repo: &str, digest: &str) -> bool {
-    let r = gkm::oci::parse_reference(&format!("{repo}@{digest}")).unwrap();
+    let r = gkm_image::oci::parse_reference(&format!("{repo}@{digest}")).unwrap();
     puller()
         .fetch_manifest_bytes(&r, 1 << 20)
         .await
@@ -1019,16 +1019,16 @@ async fn in_trusted(repo: &str, digest: &str) -> bool {
         .is_some()
 }
 
-fn puller() -> gkm::oci::Puller {
-    gkm::oci::Puller::new(
-        gkm::oci::PullConfig {
+fn puller() -> gkm_image::oci::Puller {
+    gkm_image::oci::Puller::new(
+        gkm_image::oci::PullConfig {
             insecure_registries: vec![
                 shared_registry().host().to_string(),
                 env().incoming.host().to_string(),
             ],
             ..Default::default()
         },
-        gkm::oci::Credentials::anonymous(),
+        gkm_image::oci::Credentials::anonymous(),
     )
 }
 
@@ -1091,7 +1091,7 @@ async fn verify_and_promote_copies_only_verified_images_for_allowed_callers() {
     assert_eq!(body["signed"], true);
     env().cosign.verify(&promoted).await.unwrap();
     env().promoter.verify(&promoted).await.unwrap();
-    let tagged = gkm::oci::parse_reference(&format!("{}:v1", target(""))).unwrap();
+    let tagged = gkm_image::oci::parse_reference(&format!("{}:v1", target(""))).unwrap();
     let (_, digest) = puller()
         .fetch_manifest_bytes(&tagged, 1 << 20)
         .await
@@ -1108,7 +1108,7 @@ async fn verify_and_promote_copies_only_verified_images_for_allowed_callers() {
     // has no referrers API, so it is listed under the referrers tag, where GKM finds it.
     let (code, body) = promote_call(port, Some(&bot), &bundled.by_tag(), &bundled.digest).await;
     assert_eq!(code, 200, "{body}");
-    let original_only = gkm::trust::TrustPolicy::from_yaml(
+    let original_only = gkm_image::trust::TrustPolicy::from_yaml(
         &format!(
             "authorities:\n  - name: original\n    key: |\n{}trustedRegistries: [{}]\n",
             env()
@@ -1123,7 +1123,7 @@ async fn verify_and_promote_copies_only_verified_images_for_allowed_callers() {
         std::path::Path::new("."),
     )
     .unwrap();
-    let verifier = gkm::trust::Verifier::new(original_only, puller());
+    let verifier = gkm_image::trust::Verifier::new(original_only, puller());
     let v = verifier
         .verify_reference(&format!("{}@{}", target("-b"), bundled.digest))
         .await
@@ -1198,7 +1198,7 @@ async fn the_promotion_api_refuses_tags_reserved_for_artifacts() {
 #[tokio::test]
 async fn an_admission_body_past_the_limit_is_413() {
     let port = main_webhook();
-    gkm::install_crypto();
+    gkm_image::install_crypto();
     let client = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(env().ca.cert_pem.as_bytes()).unwrap())
         .build()
@@ -1269,7 +1269,7 @@ async fn attestation_layers(
 /// one attestation.
 #[tokio::test]
 async fn a_developer_promotes_through_the_server_and_policies_require_its_attestation() {
-    use gkm::trust::attest::VERIFICATION_PREDICATE_TYPE as VERIFICATION;
+    use gkm_image::trust::attest::VERIFICATION_PREDICATE_TYPE as VERIFICATION;
     use gkm_testenv::auth_registry::{AuthMode, AuthRegistry};
     let env = env();
     let cluster = shared_cluster();

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use gkm::api::RESOLVED_DIGEST_ANNOTATION;
+use gkm_api::RESOLVED_DIGEST_ANNOTATION;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
 use tracing::{info, warn};
@@ -364,7 +364,7 @@ mod tests {
                 )),
             }
         }
-        fn pod_rules(&self) -> gkm::trust::PodRules {
+        fn pod_rules(&self) -> gkm_image::trust::PodRules {
             unreachable!("the cache rules never ask for the pod rules")
         }
     }

@@ -17,9 +17,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use gkm::api::CacheRef;
-use gkm::csi::DRIVER_NAME;
-use gkm::kernel_cache::CacheKind;
+use gkm_api::CacheRef;
+use gkm_api::volume::DRIVER_NAME;
+use gkm_image::kernel_cache::CacheKind;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, Operation};
 use serde_json::Value;
@@ -63,7 +63,7 @@ pub fn cache_volumes(pod: &Value) -> Vec<CacheVolume> {
                 .collect();
             Some(CacheVolume {
                 name: v.get("name").and_then(Value::as_str)?.to_string(),
-                cache: gkm::csi::cache_key_of_attributes(&attrs).map_err(|e| e.to_string()),
+                cache: gkm_api::volume::cache_ref_of_attributes(&attrs).map_err(|e| e.to_string()),
                 read_only: csi.get("readOnly").and_then(Value::as_bool) == Some(true),
             })
         })
@@ -227,14 +227,14 @@ pub async fn mutate(
 /// digest's config labels, remembered per digest: a digest's labels never change).
 pub struct ApiCacheKinds {
     pub client: kube::Client,
-    pub puller: gkm::oci::Puller,
+    pub puller: gkm_image::oci::Puller,
     /// Longest one registry read may take (the webhook's own timeout is longer).
     pub timeout: Duration,
     by_digest: Mutex<HashMap<String, CacheKind>>,
 }
 
 impl ApiCacheKinds {
-    pub fn new(client: kube::Client, puller: gkm::oci::Puller, timeout: Duration) -> Self {
+    pub fn new(client: kube::Client, puller: gkm_image::oci::Puller, timeout: Duration) -> Self {
         Self {
             client,
             puller,
@@ -244,8 +244,8 @@ impl ApiCacheKinds {
     }
 
     async fn lookup(&self, key: &CacheRef) -> Result<CacheKind, String> {
-        use gkm::api::{ClusterGKMCache, GKMCache};
-        use gkm::csi::ResolvedCache;
+        use gkm_api::volume::ResolvedCache;
+        use gkm_api::{ClusterGKMCache, GKMCache};
         let not_found = || format!("{} {key} not found", key.kind());
         let cache = match key {
             CacheRef::Namespaced { namespace, name } => {
@@ -273,8 +273,9 @@ impl ApiCacheKinds {
         {
             return Ok(*k);
         }
-        let reference = gkm::oci::parse_reference(&cache.image).map_err(|e| e.to_string())?;
-        let pinned = gkm::oci::PinnedRef::new(&reference, &digest).map_err(|e| e.to_string())?;
+        let reference = gkm_image::oci::parse_reference(&cache.image).map_err(|e| e.to_string())?;
+        let pinned =
+            gkm_image::oci::PinnedRef::new(&reference, &digest).map_err(|e| e.to_string())?;
         let info = tokio::time::timeout(self.timeout, self.puller.resolve(&pinned))
             .await
             .map_err(|_| format!("reading {pinned} timed out after {:?}", self.timeout))?

@@ -13,7 +13,7 @@
 //! covered its namespace can still be labelled or have ephemeral containers added under
 //! the rule. Every violation of a request is reported at once, each naming its container.
 
-use gkm::trust::PodRules;
+use gkm_image::trust::PodRules;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, Operation};
 use serde_json::Value;
@@ -131,7 +131,7 @@ fn deny(
 /// Why a pinned image may not run under `verifySignatures`: not pinned by digest, or its
 /// digest does not verify. `None` when it may.
 async fn unverified<V: ImageVerifier>(verifier: &V, image: &str) -> Option<String> {
-    let digest = gkm::oci::parse_reference(image)
+    let digest = gkm_image::oci::parse_reference(image)
         .ok()
         .and_then(|r| r.digest().map(str::to_string));
     let Some(digest) = digest else {
@@ -201,7 +201,7 @@ pub async fn pin<V: ImageVerifier>(
             violations.push(format!("{}: {p}", c.container));
             continue;
         }
-        if gkm::oci::parse_reference(&c.image).is_ok_and(|r| r.digest().is_some()) {
+        if gkm_image::oci::parse_reference(&c.image).is_ok_and(|r| r.digest().is_some()) {
             continue;
         }
         match verifier
@@ -237,7 +237,7 @@ pub async fn pin<V: ImageVerifier>(
 mod tests {
     use super::*;
     use crate::verify::{Denial, VerifiedImage};
-    use gkm::trust::{PodPolicy, RegistryPrefix};
+    use gkm_image::trust::{PodPolicy, RegistryPrefix};
 
     const D: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
 

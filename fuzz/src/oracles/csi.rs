@@ -5,7 +5,7 @@
 //! - 1: a target path and a pod uid, one per line (`validate_target`, `volume_of_target`);
 //! - 2: a volume name line (empty: none), then a Pod's JSON (`PodMounts::from_pod`,
 //!   `decide`);
-//! - 3: volume attributes as a JSON object (`cache_key_of_attributes`).
+//! - 3: volume attributes as a JSON object (`cache_ref_of_attributes`).
 //!
 //! Checks:
 //! - an accepted target path is absolute, not `/`, and has only normal components (no
@@ -27,7 +27,7 @@ use gkm::api::CacheRef;
 use gkm::csi::pods::{PodMounts, decide, volume_of_target};
 use gkm::csi::{
     ATTR_CACHE, ATTR_CLUSTER_CACHE, ATTR_NAMESPACE, ATTR_WRITABLE, CTX_POD_NAMESPACE, DRIVER_NAME,
-    cache_key_of_attributes, pb, validate_publish, validate_target,
+    cache_ref_of_attributes, pb, validate_publish, validate_target,
 };
 use prost::Message;
 
@@ -86,7 +86,7 @@ fn check_publish(req: &pb::NodePublishVolumeRequest) {
     check_normal(&p.target_path);
     assert_eq!(
         Ok(&p.cache),
-        cache_key_of_attributes(&req.volume_context)
+        cache_ref_of_attributes(&req.volume_context)
             .as_ref()
             .map_err(|_| ())
     );
@@ -147,7 +147,7 @@ fn check_normal(p: &Path) {
 
 fn check_attributes(attrs: &HashMap<String, String>) {
     let set = |k: &str| attrs.get(k).is_some_and(|v| !v.is_empty());
-    match cache_key_of_attributes(attrs) {
+    match cache_ref_of_attributes(attrs) {
         Ok(CacheRef::Namespaced { namespace, name }) => {
             assert!(set(ATTR_NAMESPACE) && set(ATTR_CACHE) && !set(ATTR_CLUSTER_CACHE));
             assert_eq!(

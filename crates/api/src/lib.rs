@@ -1,5 +1,6 @@
 //! The GKM API (`gkm.io/v1alpha1`): the custom resources as Rust types, the names other
-//! programs depend on, and the CRD manifests generated from the types.
+//! programs depend on, the CSI volume contract ([`volume`]), and the CRD manifests
+//! generated from the types. Plain types and pure functions: this crate does no IO.
 //!
 //! The CRD YAML under `deploy/crds/` is generated from these types (`gkm crds --write`) and
 //! committed; a test fails when the committed files differ from what the types generate.
@@ -8,6 +9,7 @@ mod cache;
 mod cache_ref;
 mod node;
 mod schema;
+pub mod volume;
 
 pub use cache::{
     Cache, CacheCounts, CacheStatus, ClusterGKMCache, ClusterGKMCacheSpec, GKMCache, GKMCacheSpec,
@@ -29,6 +31,17 @@ pub const VERSION: &str = "v1alpha1";
 
 /// The verified digest of `spec.image`; written only by GKM's mutating webhook.
 pub const RESOLVED_DIGEST_ANNOTATION: &str = "gkm.io/resolvedDigest";
+/// Checks that `digest` is `sha256:` and 64 lowercase hex digits; returns the hex part.
+/// The one digest check: the annotation, statuses, the store and pulls all use it.
+pub fn sha256_hex(digest: &str) -> Option<&str> {
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then_some(hex)
+}
+
 /// Label of earlier GKM manifests naming the cosign format; accepted, GKM detects it itself.
 pub const SIGNATURE_FORMAT_LABEL: &str = "gkm.io/signature-format";
 
@@ -49,7 +62,7 @@ pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
 pub fn crd_yaml(crd: &CustomResourceDefinition) -> String {
     let body = serde_norway::to_string(crd).expect("a CRD always serialises to YAML");
     format!(
-        "# Generated from the Rust types in src/api by `gkm crds --write`. Do not edit.\n{body}"
+        "# Generated from the Rust types in crates/api by `gkm crds --write`. Do not edit.\n{body}"
     )
 }
 

@@ -13,7 +13,7 @@ use std::fmt;
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 
-use super::{Error, backend_name};
+use super::{SummaryError, backend_name};
 use crate::api::{GpuBackend, GpuInfo};
 
 /// One target a cache was compiled for.
@@ -60,10 +60,10 @@ pub struct Summary {
 
 impl Summary {
     /// Parses the label's value (a JSON string).
-    pub fn parse(label: &str) -> Result<Summary, Error> {
+    pub fn parse(label: &str) -> Result<Summary, SummaryError> {
         // serde's message quotes the offending value whole (a megabyte-long backend, say):
         // cut it as the label is cut.
-        serde_json::from_str(label).map_err(|e| Error::Summary {
+        serde_json::from_str(label).map_err(|e| SummaryError {
             reason: format!("{} (in {})", cut(&e.to_string()), abbreviate(label)),
         })
     }
@@ -125,7 +125,7 @@ impl Fitness {
         summary_label: Option<(&str, &str)>,
         gpus: &[GpuInfo],
         allow_unclaimed: bool,
-    ) -> Result<Fitness, Error> {
+    ) -> Result<Fitness, SummaryError> {
         let unclaimed = |kind: Option<&str>| Fitness {
             usable: allow_unclaimed,
             claimed: false,
@@ -142,11 +142,8 @@ impl Fitness {
         let Some((kind, label)) = summary_label else {
             return Ok(unclaimed(None));
         };
-        let summary = Summary::parse(label).map_err(|e| match e {
-            Error::Summary { reason } => Error::Summary {
-                reason: format!("label cache.{kind}.image/summary: {reason}"),
-            },
-            other => other,
+        let summary = Summary::parse(label).map_err(|e| SummaryError {
+            reason: format!("label cache.{kind}.image/summary: {}", e.reason),
         })?;
         Ok(match summary.check(gpus) {
             Verdict::NoGpuClaim => unclaimed(Some(kind)),
@@ -277,7 +274,7 @@ fn cut(s: &str) -> String {
 }
 
 /// `arch` is a string in GKM's own labels and a number in some MCV versions; take both.
-pub(crate) fn de_arch<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+pub fn de_arch<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     struct ArchVisitor;
     impl Visitor<'_> for ArchVisitor {
         type Value = String;
@@ -303,7 +300,7 @@ pub(crate) fn de_arch<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Erro
 }
 
 /// Backend names compare case-insensitively (`CUDA` is `cuda`).
-pub(crate) fn de_backend<'de, D: Deserializer<'de>>(d: D) -> Result<GpuBackend, D::Error> {
+pub fn de_backend<'de, D: Deserializer<'de>>(d: D) -> Result<GpuBackend, D::Error> {
     let s = String::deserialize(d)?;
     match s.to_ascii_lowercase().as_str() {
         "cuda" => Ok(GpuBackend::Cuda),

@@ -9,69 +9,8 @@ use std::sync::Mutex;
 
 use kube::api::Api;
 
-use crate::api::{Cache, CacheRef, ClusterGKMCache, GKMCache, RESOLVED_DIGEST_ANNOTATION};
-
-/// What the plugin needs of a cache.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ResolvedCache {
-    pub key: CacheRef,
-    /// `spec.image`: the repository the digest is pulled from.
-    pub image: String,
-    /// The verified digest (annotation written by the webhook, else the promoted status).
-    pub digest: Option<String>,
-    /// ClusterGKMCache only: namespaces whose pods may mount it; empty means all.
-    pub workload_namespaces: Vec<String>,
-}
-
-impl ResolvedCache {
-    pub fn from_namespaced(c: &GKMCache) -> Option<Self> {
-        Self::from_cache(c, Vec::new())
-    }
-
-    pub fn from_cluster(c: &ClusterGKMCache) -> Option<Self> {
-        Self::from_cache(c, c.spec.workload_namespaces.clone())
-    }
-
-    fn from_cache<C: Cache + kube::Resource>(
-        c: &C,
-        workload_namespaces: Vec<String>,
-    ) -> Option<Self> {
-        Some(Self {
-            key: c.cache_ref()?,
-            image: c.image().to_string(),
-            digest: trusted_digest(
-                &c.meta().annotations,
-                c.status().and_then(|s| s.resolved_digest.as_ref()),
-            ),
-            workload_namespaces,
-        })
-    }
-
-    /// Whether pods of `namespace` may mount this cache.
-    pub fn allows_namespace(&self, namespace: &str) -> bool {
-        match &self.key {
-            CacheRef::Namespaced { namespace: ns, .. } => ns == namespace,
-            CacheRef::Cluster { .. } => {
-                self.workload_namespaces.is_empty()
-                    || self.workload_namespaces.iter().any(|n| n == namespace)
-            }
-        }
-    }
-}
-
-/// The annotation is the newest verified digest (the webhook writes it on every image
-/// change); the status is the controller's promoted copy, used when the annotation is gone.
-fn trusted_digest(
-    annotations: &Option<BTreeMap<String, String>>,
-    status: Option<&String>,
-) -> Option<String> {
-    annotations
-        .as_ref()
-        .and_then(|a| a.get(RESOLVED_DIGEST_ANNOTATION))
-        .or(status)
-        .filter(|d| crate::oci::sha256_hex(d).is_some())
-        .cloned()
-}
+pub use crate::api::volume::ResolvedCache;
+use crate::api::{CacheRef, ClusterGKMCache, GKMCache};
 
 /// Why a lookup could not be answered (as opposed to "no such cache").
 #[derive(Debug, thiserror::Error)]

@@ -19,7 +19,7 @@ use super::bundle::{BUNDLE_MEDIA_TYPE_PREFIX, Bundle, COSIGN_PREDICATE_TYPE, Mat
 use super::keyless::{self, LogEntry, Signed};
 use super::policy::{AuthorityKind, Scope, TrustPolicy};
 use super::tag::{self, BUNDLE_ANNOTATION, CERTIFICATE_ANNOTATION, SIGNATURE_ANNOTATION};
-use crate::oci::{Credentials, PinnedRef, PullConfig, PullError, Puller, RefError};
+use crate::oci::{Credentials, ImageSource, PinnedRef, PullConfig, PullError, Puller, RefError};
 
 /// Largest manifest read (a `.sig` manifest grows by one layer per signature).
 pub const MAX_MANIFEST_BYTES: usize = 2 << 20;
@@ -245,7 +245,7 @@ struct CacheEntry {
 /// policy ([`Verifier::set_policy`]) starts a new generation, so nothing verified under an
 /// older policy is served from the cache.
 pub struct Verifier {
-    puller: Puller,
+    source: Arc<dyn ImageSource>,
     loaded: RwLock<Arc<Loaded>>,
     cache: Mutex<HashMap<String, CacheEntry>>,
 }
@@ -253,8 +253,14 @@ pub struct Verifier {
 impl Verifier {
     /// A verifier that reaches registries through `puller`.
     pub fn new(policy: TrustPolicy, puller: Puller) -> Self {
+        Self::with_source(policy, Arc::new(puller))
+    }
+
+    /// A verifier that reads signatures from `source` (a [`Puller`], or an
+    /// [`crate::oci::InMemoryRegistry`] in unit tests).
+    pub fn with_source(policy: TrustPolicy, source: Arc<dyn ImageSource>) -> Self {
         Self {
-            puller,
+            source,
             loaded: RwLock::new(Arc::new(Loaded {
                 policy: Arc::new(policy),
                 generation: 1,
@@ -455,7 +461,7 @@ impl Verifier {
             .iter()
             .filter(|r| r.applies(scope))
         {
-            match super::attest::find(&self.puller, image, required).await {
+            match super::attest::find(self.source.as_ref(), image, required).await {
                 Ok(a) => {
                     debug!(predicate_type = %a.predicate_type, authority = %a.authority, "attestation found");
                     found.push(a);
@@ -518,7 +524,7 @@ impl Verifier {
             tag_name.clone(),
         );
         let manifest = match self
-            .puller
+            .source
             .fetch_manifest_bytes(&reference, MAX_MANIFEST_BYTES)
             .await
         {
@@ -623,7 +629,7 @@ impl Verifier {
     /// within one [`Budget`].
     async fn bundle_signatures(&self, policy: &TrustPolicy, image: &PinnedRef) -> Found {
         let mut found = Found::default();
-        let index = match self.puller.list_referrers(image).await {
+        let index = match self.source.list_referrers(image).await {
             Ok(i) => i,
             Err(e) => {
                 found.problems.push(format!("referrers: {e}"));
@@ -702,7 +708,7 @@ impl Verifier {
             digest.to_string(),
         );
         let bytes = match self
-            .puller
+            .source
             .fetch_manifest_bytes(&reference, MAX_MANIFEST_BYTES)
             .await
         {
@@ -810,7 +816,7 @@ impl Verifier {
         if crate::oci::sha256_hex(digest).is_none() {
             return Err(format!("blob digest {digest:?} is not sha256"));
         }
-        self.puller
+        self.source
             .fetch_blob_bytes(image, digest, size, MAX_BLOB_BYTES)
             .await
             .map_err(|e: PullError| e.to_string())
@@ -1089,4 +1095,172 @@ fn rejection(
         ));
     }
     out
+}
+
+/// The verifier's decisions over an in-memory registry: what is admitted, what is refused
+/// and why, and which registry calls it takes to decide. Real cosign output against a real
+/// registry is tested in tests/trust.rs and controller/tests/webhook.rs.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::{Fault, InMemoryRegistry};
+    use crate::trust::sign::{SigningKey, tag_signature};
+    use std::path::Path;
+
+    const REPO: &str = "reg.io/team/cache";
+
+    fn digest(n: u8) -> String {
+        format!("sha256:{}", hex::encode([n; 32]))
+    }
+
+    fn image(n: u8) -> PinnedRef {
+        PinnedRef::parse(&format!("{REPO}@{}", digest(n))).unwrap()
+    }
+
+    /// A policy trusting `reg.io/team` and the key of `seed`.
+    fn policy(seed: u8) -> TrustPolicy {
+        let pem: String = SigningKey::for_tests(seed)
+            .public_key_pem()
+            .lines()
+            .map(|l| format!("      {l}\n"))
+            .collect();
+        let yaml = format!(
+            "authorities:\n  - name: k\n    key: |\n{pem}trustedRegistries: [reg.io/team]\n"
+        );
+        TrustPolicy::from_yaml(&yaml, Path::new("/")).unwrap()
+    }
+
+    /// Pushes a `.sig` tag for `image` whose one layer is `key`'s signature of `claimed`.
+    fn sign(registry: &InMemoryRegistry, image: &PinnedRef, key: &SigningKey, claimed: &str) {
+        let sig = tag_signature(key, REPO, claimed, None).unwrap();
+        registry.put_blob(REPO, &sig.payload);
+        registry.put_blob(REPO, &sig.config);
+        registry.put_manifest(
+            REPO,
+            Some(&tag::signature_tag(image.digest())),
+            &sig.manifest,
+        );
+    }
+
+    fn verifier(seed: u8) -> (Verifier, Arc<InMemoryRegistry>) {
+        let registry = Arc::new(InMemoryRegistry::new());
+        (
+            Verifier::with_source(policy(seed), registry.clone()),
+            registry,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_signature_under_the_policys_key_is_admitted_and_then_served_from_the_cache() {
+        let (v, registry) = verifier(1);
+        sign(&registry, &image(9), &SigningKey::for_tests(1), &digest(9));
+        let ok = v.verify(&image(9)).await.unwrap();
+        assert_eq!(
+            (ok.authority.as_str(), ok.format, ok.digest.as_str()),
+            ("k", SignatureFormat::Tag, digest(9).as_str())
+        );
+        let calls = registry.calls().len();
+        assert!(calls >= 2, "{:?}", registry.calls());
+        v.verify(&image(9)).await.unwrap();
+        assert_eq!(registry.calls().len(), calls, "the second answer is cached");
+        // A new policy forgets what the old one admitted.
+        v.set_policy(policy(1));
+        v.verify(&image(9)).await.unwrap();
+        assert!(registry.calls().len() > calls);
+    }
+
+    #[tokio::test]
+    async fn another_keys_signature_is_refused_and_the_denial_says_so() {
+        let (v, registry) = verifier(1);
+        sign(&registry, &image(9), &SigningKey::for_tests(2), &digest(9));
+        let e = v.verify(&image(9)).await.unwrap_err();
+        assert!(matches!(e, VerifyError::NotVerified { .. }), "{e}");
+        assert_eq!(e.label(), "not_verified");
+        let msg = e.to_string();
+        assert!(msg.contains(REPO) && msg.contains("\"k\""), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn a_valid_signature_copied_from_another_digest_is_refused() {
+        let (v, registry) = verifier(1);
+        // The policy's key really signed digest 8; the layer is put under digest 9's tag.
+        sign(&registry, &image(9), &SigningKey::for_tests(1), &digest(8));
+        let e = v.verify(&image(9)).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, VerifyError::NotVerified { .. }), "{msg}");
+        assert!(
+            msg.contains(&digest(8)) || msg.contains("another claim"),
+            "{msg}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unsigned_image_has_no_signatures() {
+        let (v, registry) = verifier(1);
+        let e = v.verify(&image(9)).await.unwrap_err();
+        assert!(matches!(e, VerifyError::NoSignatures { .. }), "{e}");
+        // Both formats were looked for: the .sig tag and the referrers.
+        let calls = registry.calls();
+        assert!(
+            calls
+                .iter()
+                .any(|c| c.starts_with("manifest ") && c.ends_with(".sig"))
+        );
+        assert!(calls.iter().any(|c| c.starts_with("referrers ")));
+    }
+
+    #[tokio::test]
+    async fn an_untrusted_repository_is_refused_before_any_registry_call() {
+        let (v, registry) = verifier(1);
+        let elsewhere = PinnedRef::parse(&format!("other.io/team/cache@{}", digest(9))).unwrap();
+        let e = v.verify(&elsewhere).await.unwrap_err();
+        assert!(matches!(e, VerifyError::UntrustedRegistry(_)), "{e}");
+        assert!(registry.calls().is_empty(), "{:?}", registry.calls());
+    }
+
+    #[tokio::test]
+    async fn a_registry_that_refuses_fails_closed_naming_the_status() {
+        let (v, registry) = verifier(1);
+        sign(&registry, &image(9), &SigningKey::for_tests(1), &digest(9));
+        registry.set_fault(Some(Fault::Unauthorized));
+        let e = v.verify(&image(9)).await.unwrap_err();
+        assert!(matches!(e, VerifyError::Registry { .. }), "{e}");
+        assert!(e.to_string().contains("401 Unauthorized"), "{e}");
+        // Once the registry answers again, the same image is admitted.
+        registry.set_fault(None);
+        v.verify(&image(9)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn many_bad_signatures_cost_a_bounded_number_of_fetches() {
+        let (v, registry) = verifier(1);
+        // 400 layers, each another key's signature over its own payload.
+        let wrong = SigningKey::for_tests(2);
+        let mut manifest: Option<Vec<u8>> = None;
+        for i in 0..400u32 {
+            let sig = tag_signature(
+                &wrong,
+                &format!("{REPO}/n{i}"),
+                &digest(9),
+                manifest.as_deref(),
+            )
+            .unwrap();
+            registry.put_blob(REPO, &sig.payload);
+            manifest = Some(sig.manifest);
+        }
+        registry.put_manifest(
+            REPO,
+            Some(&tag::signature_tag(&digest(9))),
+            manifest.as_deref().unwrap(),
+        );
+        let e = v.verify(&image(9)).await.unwrap_err();
+        let blobs = registry
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("blob "))
+            .count();
+        assert!(blobs <= MAX_SIGNATURE_FETCHES, "{blobs} blob fetches");
+        assert!(blobs > 0);
+        assert!(e.to_string().contains(NOT_EXAMINED), "{e}");
+    }
 }

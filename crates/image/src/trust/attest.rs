@@ -34,7 +34,7 @@ use super::policy::RequiredAttestation;
 use super::sign::{SigDescriptor, SigningKey, sha256_digest};
 use super::tag::SIGNATURE_ANNOTATION;
 use super::verifier::{Layer, MAX_BLOB_BYTES, MAX_MANIFEST_BYTES, MAX_SIGNATURE_FETCHES};
-use crate::oci::{PinnedRef, Puller, PushError, Pusher};
+use crate::oci::{ImageSource, PinnedRef, PushError, Pusher};
 
 /// The predicate type of GKM's verification attestation.
 pub const VERIFICATION_PREDICATE_TYPE: &str = "https://gkm.io/attestations/verification/v1";
@@ -274,7 +274,7 @@ struct AttManifest {
 /// Finds an attestation of `image` that meets `required`: Ok with it, or the reasons,
 /// envelope by envelope, why none does (each naming its layer).
 pub async fn find(
-    puller: &Puller,
+    source: &dyn ImageSource,
     image: &PinnedRef,
     required: &RequiredAttestation,
 ) -> Result<FoundAttestation, Vec<String>> {
@@ -284,7 +284,7 @@ pub async fn find(
         image.repository().to_string(),
         tag.clone(),
     );
-    let bytes = match puller
+    let bytes = match source
         .fetch_manifest_bytes(&reference, MAX_MANIFEST_BYTES)
         .await
     {
@@ -325,7 +325,7 @@ pub async fn find(
                 continue;
             }
             fetches += 1;
-            let got = puller
+            let got = source
                 .fetch_blob_bytes(image, &layer.digest, layer.size, MAX_BLOB_BYTES)
                 .await
                 .map_err(|e| e.to_string());

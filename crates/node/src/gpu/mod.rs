@@ -7,8 +7,8 @@
 //! - [`amd`]: AMD devices from the kernel's KFD topology in sysfs (`gfx_target_version`),
 //!   with a configurable sysfs root so fixture trees can stand in for a real node.
 //! - [`simulated`]: a file naming the GPUs, for clusters and tests without any.
-//! - [`compat`]: the cache image's summary label (`{"targets":[...]}`) checked against
-//!   the GPUs: same backend, same arch, same warp size.
+//! - [`compat`] (from `gkm_image::gpu`, re-exported): the cache image's summary label
+//!   (`{"targets":[...]}`) checked against the GPUs: same backend, same arch, same warp size.
 //!
 //! [`Inventory`] ties the sources together for the agent and the CLI; [`render_table`]
 //! formats the result for `gkm gpus`. Every record is an [`api::GpuInfo`], the type
@@ -19,20 +19,21 @@
 //! [`api::GpuInfo`]: crate::api::GpuInfo
 
 pub mod amd;
-pub mod compat;
 pub mod nvml;
 pub mod simulated;
 
 use std::path::{Path, PathBuf};
 
-use crate::api::{GpuBackend, GpuInfo, GpuSource};
+use crate::api::{GpuInfo, GpuSource};
 
-pub use compat::{CacheTarget, Compatibility, Fitness, Summary, Verdict};
+pub use gkm_image::gpu::{
+    CacheTarget, Compatibility, Fitness, Summary, SummaryError, Verdict, backend_name, compat,
+};
 
 /// Default root of sysfs, where the KFD topology lives.
 pub const DEFAULT_SYSFS_ROOT: &str = "/sys";
 
-/// Everything that can go wrong while finding GPUs or reading a cache's GPU claim.
+/// Everything that can go wrong while finding this node's GPUs.
 ///
 /// Each message names the file, device or label concerned and says why; the underlying
 /// error's text is part of the message (not a separate `source`), so a caller that prints
@@ -69,10 +70,6 @@ pub enum Error {
         field: String,
         reason: String,
     },
-
-    /// A cache's summary label is not the JSON GKM expects.
-    #[error("cache summary label: {reason}")]
-    Summary { reason: String },
 }
 
 fn device_suffix(device: Option<u32>) -> String {
@@ -183,14 +180,6 @@ pub fn render_table(gpus: &[GpuInfo]) -> String {
     out
 }
 
-/// The wire name of a backend (`cuda`, `hip`).
-pub fn backend_name(backend: GpuBackend) -> &'static str {
-    match backend {
-        GpuBackend::Cuda => "cuda",
-        GpuBackend::Hip => "hip",
-    }
-}
-
 fn source_name(source: GpuSource) -> &'static str {
     match source {
         GpuSource::Nvml => "nvml",
@@ -202,6 +191,7 @@ fn source_name(source: GpuSource) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::GpuBackend;
 
     fn gpu(index: u32, uuid: &str, driver: Option<&str>) -> GpuInfo {
         GpuInfo {

@@ -11,12 +11,14 @@ pub mod image;
 pub mod pull;
 pub mod push;
 pub mod reference;
+pub mod source;
 
 pub use auth::Credentials;
 pub use extract::{Compression, ExtractError, Limits, Totals, Unsafe};
 pub use image::{CacheLayout, ImageInfo};
 pub use pull::{PullConfig, PullError, Puller};
 pub use push::{PushError, Pusher};
+pub use source::{Fault, ImageSource, InMemoryRegistry};
 
 use std::fmt;
 
@@ -44,15 +46,9 @@ pub fn parse_reference(s: &str) -> Result<Reference, RefError> {
     })
 }
 
-/// Checks that `digest` is `sha256:` and 64 lowercase hex digits; returns the hex part.
-pub fn sha256_hex(digest: &str) -> Option<&str> {
-    let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-    .then_some(hex)
-}
+/// The digest check GKM applies everywhere (defined in the API crate, which needs it for
+/// the annotation).
+pub use crate::api::sha256_hex;
 
 /// A reference pinned to a sha256 digest: `registry/repo@sha256:…` (any tag is dropped).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -46,17 +46,12 @@ pub mod pb {
     tonic::include_proto!("csi.v1");
 }
 
-pub const DRIVER_NAME: &str = "csi.gkm.io";
+pub use crate::api::volume::{
+    ATTR_CACHE, ATTR_CLUSTER_CACHE, ATTR_NAMESPACE, ATTR_WRITABLE, DRIVER_NAME,
+    cache_ref_of_attributes,
+};
 pub const DEFAULT_SOCKET: &str = "/var/lib/kubelet/plugins/csi.gkm.io/csi.sock";
 
-/// Volume attributes (`volumeAttributes` of the pod's inline CSI volume).
-pub const ATTR_CACHE: &str = "csi.gkm.io/GKMCache";
-pub const ATTR_NAMESPACE: &str = "csi.gkm.io/namespace";
-pub const ATTR_CLUSTER_CACHE: &str = "csi.gkm.io/ClusterGKMCache";
-/// `"false"` asks for a strictly read-only volume (no private writable layer: a kernel the
-/// cache lacks then fails to compile with EROFS). The default is `"true"`. The volume's
-/// `readOnly: true` (CSI's `readonly`) asks for the same.
-pub const ATTR_WRITABLE: &str = "csi.gkm.io/writable";
 /// Pod information kubelet adds because the CSIDriver sets `podInfoOnMount`.
 pub const CTX_POD_NAME: &str = "csi.storage.k8s.io/pod.name";
 pub const CTX_POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
@@ -863,7 +858,7 @@ pub fn validate_publish(r: &pb::NodePublishVolumeRequest) -> Result<PublishReque
         return Err(CsiError::Missing("volume_capability.access_mode"));
     }
     let ctx = &r.volume_context;
-    let cache = cache_key_of_attributes(ctx)?;
+    let cache = cache_ref_of_attributes(ctx).map_err(|e| CsiError::BadAttributes(e.0))?;
     let pod_namespace = ctx
         .get(CTX_POD_NAMESPACE)
         .filter(|s| !s.is_empty())
@@ -911,42 +906,6 @@ pub fn validate_volume_id(id: &str) -> Result<(), CsiError> {
         });
     }
     Ok(())
-}
-
-/// Which cache the volume attributes (`volumeAttributes`) name: `csi.gkm.io/GKMCache` with
-/// `csi.gkm.io/namespace` a GKMCache, without it (or `csi.gkm.io/ClusterGKMCache`) a
-/// ClusterGKMCache. The one reading of these attributes, for the plugin and admission.
-pub fn cache_key_of_attributes(
-    ctx: &std::collections::HashMap<String, String>,
-) -> Result<CacheRef, CsiError> {
-    let ns = ctx.get(ATTR_NAMESPACE).filter(|s| !s.is_empty());
-    match (
-        ctx.get(ATTR_CACHE).filter(|s| !s.is_empty()),
-        ctx.get(ATTR_CLUSTER_CACHE).filter(|s| !s.is_empty()),
-    ) {
-        (Some(_), Some(_)) => Err(CsiError::BadAttributes(format!(
-            "set either {ATTR_CACHE} or {ATTR_CLUSTER_CACHE}, not both"
-        ))),
-        (None, None) => Err(CsiError::BadAttributes(format!(
-            "{ATTR_CACHE} or {ATTR_CLUSTER_CACHE} is required"
-        ))),
-        (Some(name), None) => Ok(match ns {
-            Some(ns) => CacheRef::Namespaced {
-                namespace: ns.clone(),
-                name: name.clone(),
-            },
-            // Without a namespace, GKMCache names the cluster-wide cache (earlier GKM's rule).
-            None => CacheRef::Cluster { name: name.clone() },
-        }),
-        (None, Some(name)) => {
-            if ns.is_some() {
-                return Err(CsiError::BadAttributes(format!(
-                    "{ATTR_NAMESPACE} does not apply to {ATTR_CLUSTER_CACHE}"
-                )));
-            }
-            Ok(CacheRef::Cluster { name: name.clone() })
-        }
-    }
 }
 
 /// An absolute, normalised path: no empty, `.` or `..` components, no trailing slash.

@@ -79,7 +79,7 @@ impl CacheLabels {
     }
 
     /// The parsed summary: `None` without one, `Err` when it does not parse.
-    pub fn summary(&self) -> Option<Result<Summary, crate::gpu::Error>> {
+    pub fn summary(&self) -> Option<Result<Summary, crate::gpu::SummaryError>> {
         self.summary_raw.as_deref().map(Summary::parse)
     }
 
