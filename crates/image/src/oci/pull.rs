@@ -770,3 +770,132 @@ impl Puller {
         }
     }
 }
+
+/// The pull's decisions that need no registry: which manifest of an index a node takes,
+/// and which failures are retried, how often and with what backoff.
+#[cfg(test)]
+mod tests {
+    use super::image::Platform;
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn puller(attempts: u32) -> Puller {
+        Puller::new(
+            PullConfig {
+                attempts,
+                backoff: Duration::from_millis(1),
+                os: "linux".into(),
+                architecture: "amd64".into(),
+                ..Default::default()
+            },
+            Credentials::anonymous(),
+        )
+    }
+
+    fn image() -> PinnedRef {
+        PinnedRef::parse(&format!("reg.io/team/cache@sha256:{}", "a".repeat(64))).unwrap()
+    }
+
+    fn entry(n: u8, os: &str, arch: &str) -> Descriptor {
+        Descriptor {
+            media_type: image::OCI_MANIFEST.into(),
+            digest: format!("sha256:{}", hex::encode([n; 32])),
+            size: 100,
+            platform: Some(Platform {
+                os: os.into(),
+                architecture: arch.into(),
+                variant: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_node_takes_its_own_platform_from_an_index_or_says_what_there_is() {
+        let p = puller(3);
+        let list = [entry(1, "linux", "arm64"), entry(2, "linux", "amd64")];
+        assert_eq!(
+            p.pick_platform(&image(), &list).unwrap().digest,
+            list[1].digest
+        );
+        let e = p
+            .pick_platform(
+                &image(),
+                &[entry(1, "linux", "arm64"), entry(3, "windows", "amd64")],
+            )
+            .unwrap_err();
+        assert!(matches!(e, PullError::NoPlatform { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("linux/amd64") && msg.contains("linux/arm64, windows/amd64"),
+            "{msg}"
+        );
+    }
+
+    fn timeout() -> PullError {
+        PullError::Timeout {
+            image: image().to_string(),
+            what: "fetching a manifest".into(),
+            after: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_transient_failure_is_retried_and_the_pull_recovers() {
+        let p = puller(3);
+        let calls = AtomicU32::new(0);
+        let got = p
+            .retry("manifest", &image(), || async {
+                match calls.fetch_add(1, Ordering::SeqCst) {
+                    0 | 1 => Err(timeout()),
+                    _ => Ok("manifest"),
+                }
+            })
+            .await;
+        assert_eq!(got.unwrap(), "manifest");
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn retries_are_bounded_by_the_attempts() {
+        let p = puller(4);
+        let calls = AtomicU32::new(0);
+        let got: Result<(), _> = p
+            .retry("manifest", &image(), || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(timeout())
+            })
+            .await;
+        assert!(matches!(got, Err(PullError::Timeout { .. })));
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_will_not_change_is_not_retried() {
+        let p = puller(5);
+        for e in [
+            PullError::Denied {
+                registry: "reg.io".into(),
+                image: image().to_string(),
+                status: "401 Unauthorized",
+                hint: "no credentials",
+            },
+            PullError::BadManifest {
+                image: image().to_string(),
+                reason: "no layers".into(),
+            },
+        ] {
+            assert!(!e.is_retryable(), "{e}");
+            let calls = AtomicU32::new(0);
+            let once = std::sync::Mutex::new(Some(e));
+            let got: Result<(), _> = p
+                .retry("manifest", &image(), || {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    let e = once.lock().unwrap().take();
+                    async move { Err(e.expect("called once")) }
+                })
+                .await;
+            assert!(got.is_err());
+            assert_eq!(calls.load(Ordering::SeqCst), 1);
+        }
+    }
+}

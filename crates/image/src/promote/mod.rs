@@ -700,3 +700,143 @@ fn with_tag(repo: &PinnedRef, tag: &str) -> Reference {
         tag.to_string(),
     )
 }
+
+/// The promoter's decisions before anything is written, over an in-memory incoming
+/// registry: every refusal names its reason, and nothing reaches the trusted registry
+/// (here an address where nothing listens, so a write would fail differently). Copies
+/// between real registries are tested in tests/promote.rs.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::{Credentials, InMemoryRegistry};
+    use crate::trust::TrustPolicy;
+    use crate::trust::sign::tag_signature;
+    use std::path::Path;
+
+    // Nothing listens on either address: the verifier reads the incoming registry through
+    // the in-memory one, and any other call fails at once.
+    const INCOMING: &str = "127.0.0.1:2/dev/cache";
+
+    fn digest(n: u8) -> String {
+        format!("sha256:{}", hex::encode([n; 32]))
+    }
+
+    fn policy(promotion: bool) -> TrustPolicy {
+        let pem: String = SigningKey::for_tests(1)
+            .public_key_pem()
+            .lines()
+            .map(|l| format!("      {l}\n"))
+            .collect();
+        let promotion = if promotion {
+            "promotion: {incoming: 127.0.0.1:2/dev, trusted: 127.0.0.1:1/team}\n"
+        } else {
+            ""
+        };
+        let yaml = format!(
+            "authorities:\n  - name: k\n    key: |\n{pem}trustedRegistries: [127.0.0.1:1/team]\n{promotion}"
+        );
+        TrustPolicy::from_yaml(&yaml, Path::new("/")).unwrap()
+    }
+
+    fn promoter(promotion: bool) -> (Promoter, Arc<InMemoryRegistry>) {
+        let incoming = Arc::new(InMemoryRegistry::new());
+        let trust = Arc::new(Verifier::with_source(policy(promotion), incoming.clone()));
+        let pusher = Pusher::new(
+            vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
+            Credentials::anonymous(),
+        );
+        (Promoter::new(trust, pusher), incoming)
+    }
+
+    async fn refusal(p: &Promoter, image: &str, digest: Option<&str>) -> PromoteError {
+        p.promote(image, digest, None).await.unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn without_a_promotion_section_nothing_is_promoted() {
+        let (p, incoming) = promoter(false);
+        let e = refusal(&p, &format!("{INCOMING}@{}", digest(9)), None).await;
+        assert!(matches!(e, PromoteError::NotConfigured), "{e}");
+        assert!(incoming.calls().is_empty());
+    }
+
+    #[tokio::test]
+    async fn bad_requests_are_refused_before_any_registry_call() {
+        let (p, incoming) = promoter(true);
+        let d = digest(9);
+        for (image, asked, expect) in [
+            (
+                format!("other.io/dev/cache@{d}"),
+                None,
+                "promotion.incoming",
+            ),
+            (
+                format!("{INCOMING}@{d}"),
+                Some(digest(8)),
+                "but the request asks for",
+            ),
+            (
+                format!("{INCOMING}:v1"),
+                Some("sha256:short".to_string()),
+                "is not sha256",
+            ),
+            ("not a reference".to_string(), None, ""),
+        ] {
+            let e = refusal(&p, &image, asked.as_deref()).await;
+            assert!(matches!(e, PromoteError::BadRequest(_)), "{image}: {e}");
+            assert!(e.to_string().contains(expect), "{image}: {e}");
+            assert!(e.is_caller_error());
+        }
+        let e = refusal(
+            &p,
+            &format!("{INCOMING}:sha256-{}.sig", "a".repeat(64)),
+            Some(&d),
+        )
+        .await;
+        assert!(matches!(e, PromoteError::ReservedTag { .. }), "{e}");
+        assert!(incoming.calls().is_empty(), "{:?}", incoming.calls());
+    }
+
+    #[tokio::test]
+    async fn an_unverified_image_is_refused_and_nothing_is_written() {
+        let (p, incoming) = promoter(true);
+        // Signed, but by a key the policy does not name.
+        let sig = tag_signature(&SigningKey::for_tests(2), INCOMING, &digest(9), None).unwrap();
+        incoming.put_blob(INCOMING, &sig.payload);
+        incoming.put_manifest(
+            INCOMING,
+            Some(&crate::trust::tag::signature_tag(&digest(9))),
+            &sig.manifest,
+        );
+        let e = refusal(&p, &format!("{INCOMING}@{}", digest(9)), None).await;
+        assert!(matches!(e, PromoteError::NotVerified { .. }), "{e}");
+        assert_eq!(e.label(), "not_verified");
+        assert!(e.to_string().contains("was not promoted"), "{e}");
+        // Only reads of the incoming image's signatures happened.
+        assert!(
+            incoming.calls().iter().all(|c| c.contains(INCOMING)),
+            "{:?}",
+            incoming.calls()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_verified_image_goes_on_to_the_copy() {
+        let (p, incoming) = promoter(true);
+        let sig = tag_signature(&SigningKey::for_tests(1), INCOMING, &digest(9), None).unwrap();
+        incoming.put_blob(INCOMING, &sig.payload);
+        incoming.put_manifest(
+            INCOMING,
+            Some(&crate::trust::tag::signature_tag(&digest(9))),
+            &sig.manifest,
+        );
+        // Verification passes; the copy is the first write, and the trusted registry here
+        // does not answer: the error is a registry one, not a refusal of the request.
+        let e = refusal(&p, &format!("{INCOMING}@{}", digest(9)), None).await;
+        assert!(!e.is_caller_error(), "{e}");
+        assert!(
+            matches!(e, PromoteError::Read { .. } | PromoteError::Write(_)),
+            "{e}"
+        );
+    }
+}
