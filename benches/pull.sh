@@ -2,7 +2,8 @@
 # Benchmark (not a test): `gkm pull` of a ~1 GiB Triton-like kernel cache (tens of thousands
 # of files, one gzip layer) from a local registry, beside
 #   - the floor: `tar -xzf` of the same layer from local disk, and
-#   - `skopeo copy` + `umoci unpack` of the same image.
+#   - `skopeo copy` + `umoci unpack` of the same image;
+# then `gkm fsck` of the pulled tree beside `sha256sum` of its files (the floor).
 # Prints wall seconds and peak RSS of each (median of REPS runs) and the ratios the targets
 # are stated in. Usage: benches/pull.sh   (MIB=1024 FILES=30000 REPS=3 by default)
 set -Eeuo pipefail
@@ -73,6 +74,10 @@ for rep in $(seq "$REPS"); do
   run gkm-nosync "$GKM" pull "$IMAGE" --store "$WORK/store" --insecure-registry "$REG" --no-sync
   rm -rf "$WORK/store"
   run gkm "$GKM" pull "$IMAGE" --store "$WORK/store" --insecure-registry "$REG"
+  # The verification pass over the tree just pulled, beside hashing the same files with
+  # sha256sum (its floor); both read from the page cache.
+  run fsck "$GKM" fsck --store "$WORK/store"
+  run sha256sum sh -c "find '$WORK/store/store/sha256' -path '*/rootfs/*' -type f -print0 | xargs -0 sha256sum"
   rm -rf "$WORK/store" "$WORK/oci" "$WORK/bundle"
   run skopeo skopeo copy --quiet --src-tls-verify=false "docker://$REG/bench/triton:v1" "oci:$WORK/oci:v1"
   run umoci umoci unpack --image "$WORK/oci:v1" "$WORK/bundle"
@@ -102,5 +107,10 @@ awk -v g="$T_GKM" -v t="$T_TAR" -v s="$T_SU" -v gs="$T_GKMS" 'BEGIN {
   printf "gkm / tar floor:           %.2fx (target <= 1.3x)\n", g / t
   printf "gkm (synced) / tar floor:  %.2fx\n", gs / t
   printf "skopeo+umoci / gkm:        %.2fx faster (target >= 1.5x)\n", s / g
+}'
+T_FSCK=$(col fsck 1)
+T_SUM=$(col sha256sum 1)
+awk -v f="$T_FSCK" -v h="$T_SUM" -v mib="$MIB" 'BEGIN {
+  printf "gkm fsck:                  %.2f s per GiB; sha256sum floor %.2f s per GiB (%.2fx)\n", f * 1024 / mib, h * 1024 / mib, f / h
 }'
 awk -v m="$M_GKMS" -v n="$M_GKM" 'BEGIN { x = (m > n ? m : n) / 1024; printf "gkm peak RSS:              %.1f MiB (target < 64 MiB)\n", x }'

@@ -11,7 +11,7 @@ use crate::api::GpuInfo;
 use crate::cmdline::RegistryArgs;
 use crate::gpu::{self, Inventory, Summary, Verdict};
 use crate::oci::{self, ImageInfo, PinnedRef};
-use crate::store::{Store, StoreConfig};
+use crate::store::{Store, StoreConfig, TreeCheck, check_tree};
 
 /// `gkm gpus`: this node's GPUs as a table (or JSON).
 pub fn gpus(inventory: &Inventory, json: bool) -> Result<String> {
@@ -220,6 +220,89 @@ pub async fn pull(
     );
     let _ = writeln!(s, "seconds:      {secs:.3}");
     Ok(s)
+}
+
+/// What `gkm fsck` found: one line per tree, and the counts.
+#[derive(Debug)]
+pub struct FsckReport {
+    pub text: String,
+    pub checked: usize,
+    pub damaged: usize,
+}
+
+/// `gkm fsck --store DIR [--repair] [DIGEST...]`: checks trees against their records
+/// (`tree.json`). Without `repair` it only reads (no lock: it runs beside the agent); with
+/// it, it opens the store (its lock) and removes each damaged tree that no volume uses.
+pub async fn fsck(store_dir: PathBuf, digests: Vec<String>, repair: bool) -> Result<FsckReport> {
+    let store = if repair {
+        Some(Store::open(StoreConfig {
+            root: store_dir.clone(),
+            ..Default::default()
+        })?)
+    } else {
+        None
+    };
+    let digests = if digests.is_empty() {
+        let dir = store_dir.join("store/sha256");
+        let mut all: Vec<String> = std::fs::read_dir(&dir)
+            .with_context(|| format!("listing {}", dir.display()))?
+            .flatten()
+            .map(|e| format!("sha256:{}", e.file_name().to_string_lossy()))
+            .collect();
+        all.sort();
+        all
+    } else {
+        digests
+    };
+    let mut report = FsckReport {
+        text: String::new(),
+        checked: 0,
+        damaged: 0,
+    };
+    for digest in digests {
+        let started = Instant::now();
+        let (root, d) = (store_dir.clone(), digest.clone());
+        let check = tokio::task::spawn_blocking(move || check_tree(&root, &d)).await??;
+        let secs = started.elapsed().as_secs_f64();
+        report.checked += 1;
+        match check {
+            TreeCheck::Intact { files, bytes } => {
+                let _ = writeln!(
+                    report.text,
+                    "{digest} intact: {files} files, {bytes} bytes, {secs:.3} s"
+                );
+            }
+            TreeCheck::Unrecorded => {
+                let _ = writeln!(
+                    report.text,
+                    "{digest} not checked: no tree.json (extracted before GKM recorded trees)"
+                );
+            }
+            TreeCheck::Damaged { differences } => {
+                report.damaged += 1;
+                let _ = writeln!(
+                    report.text,
+                    "{digest} DAMAGED: {} differences, {secs:.3} s",
+                    differences.len()
+                );
+                for d in differences.iter().take(20) {
+                    let _ = writeln!(report.text, "  {d}");
+                }
+                if differences.len() > 20 {
+                    let _ = writeln!(report.text, "  ... and {} more", differences.len() - 20);
+                }
+                if let Some(store) = &store {
+                    let line = if store.repair(&digest).await? {
+                        "  removed: it is extracted again at its next use"
+                    } else {
+                        "  in use by a volume: left for its pods; repaired once idle"
+                    };
+                    let _ = writeln!(report.text, "{line}");
+                }
+            }
+        }
+    }
+    Ok(report)
 }
 
 /// `gkm gc --store DIR`: collect every digest no volume uses (no grace period: an operator

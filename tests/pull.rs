@@ -786,3 +786,115 @@ async fn a_full_disk_fails_the_pull_cleanly_and_it_succeeds_once_there_is_room()
     let done = store.ensure(&pinned, &puller(registry)).await.unwrap();
     assert_eq!(store.digests().unwrap(), vec![done.digest.clone()]);
 }
+
+/// A file of a shared tree changed behind GKM's back: found by the check the agent runs
+/// at start (and `gkm fsck`), which names the file; an idle tree is removed and the next
+/// use extracts it again, intact; a tree a volume uses is left alone.
+#[tokio::test]
+async fn a_tree_changed_behind_gkms_back_is_found_and_extracted_again() {
+    use gkm::store::{TreeCheck, check_tree};
+    let registry = shared_registry();
+    let src = tempfile::tempdir().unwrap();
+    cache_tree(src.path(), 3);
+    let image = ImageBuilder::mcv(
+        CacheKind::Triton,
+        src.path(),
+        &[Target::new("cuda", "90", 32)],
+        Compression::Gzip,
+    )
+    .unwrap();
+    let pushed = image
+        .push(registry, &unique_name("pull/fsck"), None)
+        .await
+        .unwrap();
+    let pinned = PinnedRef::parse(&pushed.by_digest()).unwrap();
+    let digest = pinned.digest().to_string();
+    let root = tempfile::tempdir().unwrap();
+
+    let store_a = store(root.path());
+    let extracted = store_a.ensure(&pinned, &puller(registry)).await.unwrap();
+    let TreeCheck::Intact { files, .. } = check_tree(root.path(), &digest).unwrap() else {
+        panic!("a fresh extraction is intact");
+    };
+    assert_eq!(files, extracted.meta.files);
+    drop(store_a);
+
+    // Behind GKM's back (the agent is down): one kernel rewritten, same size.
+    let kernel = std::fs::read_dir(extracted.mount_source())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("kernel.cubin"))
+        .find(|p| p.is_file())
+        .unwrap();
+    let mut bytes = std::fs::read(&kernel).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&kernel, &bytes).unwrap();
+    let rel = kernel
+        .strip_prefix(extracted.rootfs())
+        .unwrap()
+        .display()
+        .to_string();
+
+    // `gkm fsck` (read-only) names the file and exits 1.
+    let fsck = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gkm"))
+            .arg("fsck")
+            .arg("--store")
+            .arg(root.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = fsck(&[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("DAMAGED") && stdout.contains(&format!("{rel}: content changed")),
+        "{stdout}"
+    );
+
+    // The agent's start-up check: in use, the tree is left for its pods...
+    let store_b = store(root.path());
+    let mut rec: gkm::store::VolumeRecord = serde_json::from_value(serde_json::json!({
+        "volumeId": "v1", "targetPath": "/t", "digest": digest, "cacheKind": "GKMCache",
+        "cacheNamespace": "ns", "cacheName": "c", "podNamespace": "ns", "podName": "p",
+        "podUid": "u"
+    }))
+    .unwrap();
+    store_b.record_volume(&rec).unwrap();
+    assert!(store_b.verify_idle().await.unwrap().is_empty());
+    assert!(!store_b.repair(&digest).await.unwrap());
+    assert!(extracted.rootfs().exists());
+    // ...idle, it is removed, and the next use extracts it again, intact.
+    rec = store_b.remove_volume(&rec.volume_id).unwrap().unwrap();
+    assert_eq!(rec.volume_id, "v1");
+    let checked = store_b.verify_idle().await.unwrap();
+    assert!(
+        matches!(&checked[..], [(d, TreeCheck::Damaged { differences })]
+            if *d == digest && differences.len() == 1),
+        "{checked:?}"
+    );
+    assert!(!extracted.rootfs().exists());
+    assert!(store_b.get(&digest).unwrap().is_none());
+    store_b.ensure(&pinned, &puller(registry)).await.unwrap();
+    assert_eq!(std::fs::read(&kernel).unwrap()[0], bytes[0] ^ 0xff);
+    drop(store_b);
+    let out = fsck(&[&digest]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("intact"));
+
+    // `gkm fsck --repair` removes a damaged idle tree itself.
+    std::fs::write(extracted.mount_source().join("added.bin"), b"x").unwrap();
+    let out = fsck(&["--repair"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("added.bin: not in the image") && stdout.contains("removed"),
+        "{stdout}"
+    );
+    assert!(!extracted.rootfs().exists());
+}

@@ -153,6 +153,20 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = "/var/lib/gkm")]
         store: PathBuf,
     },
+    /// Check extracted images against what was extracted: every file's content, size and
+    /// mode, every symlink, nothing added or removed. Reads every byte. Exits 1 when a tree
+    /// differs; with --repair such a tree is removed, to be extracted again at its next use.
+    Fsck {
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/gkm")]
+        store: PathBuf,
+        /// Remove each damaged tree that no volume uses (takes the store's lock: stop the
+        /// agent first, or let it repair idle trees itself when it starts).
+        #[arg(long)]
+        repair: bool,
+        /// Digests to check (sha256:<hex>); all of the store's by default.
+        #[arg(value_name = "DIGEST")]
+        digests: Vec<String>,
+    },
     /// Print GKM's CustomResourceDefinitions as YAML, or write them into a folder.
     Crds {
         /// Write one file per CRD into this folder instead of printing.
@@ -282,6 +296,26 @@ async fn run() -> Result<()> {
         Command::Gc { store } => {
             for d in cli::gc(store).await? {
                 println!("removed {d}");
+            }
+        }
+        Command::Fsck {
+            store,
+            repair,
+            digests,
+        } => {
+            let report = cli::fsck(store, digests, repair).await?;
+            print!("{}", report.text);
+            if report.damaged > 0 {
+                anyhow::bail!(
+                    "{} of {} trees differ from what was extracted{}",
+                    report.damaged,
+                    report.checked,
+                    if repair {
+                        ""
+                    } else {
+                        "; `gkm fsck --repair` (agent stopped) removes them, to be extracted again"
+                    }
+                );
             }
         }
         Command::Crds { write } => crds(write)?,

@@ -22,6 +22,38 @@ use crate::csi::{self, CacheResolver, KernelMounter, Plugin, PluginConfig};
 use crate::gpu::Inventory;
 use crate::store::{Store, StoreConfig};
 
+/// At start, checks every tree no volume uses against the record written when it was
+/// extracted: one changed while the agent was down is removed, and extracted again when a
+/// cache or pod next wants it. Logs one summary line.
+async fn verify_store(store: Arc<Store>) {
+    let started = std::time::Instant::now();
+    match store.verify_idle().await {
+        Ok(results) => {
+            let mut bytes = 0;
+            let (mut intact, mut damaged, mut unrecorded) = (0, 0, 0);
+            for (_, check) in &results {
+                match check {
+                    crate::store::TreeCheck::Intact { bytes: b, .. } => {
+                        intact += 1;
+                        bytes += b;
+                    }
+                    crate::store::TreeCheck::Damaged { .. } => damaged += 1,
+                    crate::store::TreeCheck::Unrecorded => unrecorded += 1,
+                }
+            }
+            info!(
+                intact,
+                damaged,
+                unrecorded,
+                bytes,
+                seconds = started.elapsed().as_secs_f64(),
+                "idle trees verified against their records"
+            );
+        }
+        Err(e) => tracing::warn!(error = %e, "verifying the store's idle trees failed"),
+    }
+}
+
 /// Runs the agent until `shutdown` completes.
 pub async fn run(
     cfg: AgentConfig,
@@ -74,7 +106,7 @@ pub async fn run(
             miss_scan_interval: cfg.miss_scan_interval,
         },
         client.clone(),
-        store,
+        store.clone(),
         puller,
         caches.clone(),
         gpus,
@@ -130,6 +162,7 @@ pub async fn run(
             let ctx = ctx.clone();
             async move { reconcile::queue_startup_work(&ctx).await }
         }),
+        tokio::spawn(verify_store(store.clone())),
     ];
     info!(
         socket = %cfg.socket.display(),

@@ -3,7 +3,9 @@
 //!
 //! Layout under the root (default `/var/lib/gkm`):
 //! - `store/sha256/<hex>/rootfs/`: the extracted image, shared by every cache, namespace and
-//!   pod that uses that digest; `store/sha256/<hex>/meta.json`: what was extracted.
+//!   pod that uses that digest; `store/sha256/<hex>/meta.json`: what was extracted;
+//!   `store/sha256/<hex>/tree.json`: every entry of `rootfs/` with its hash ([`tree`]), so
+//!   a tree changed behind GKM's back is found ([`check_tree`], [`Store::verify_idle`]).
 //! - `store/tmp/`: extractions in progress and trees being deleted. A tree becomes visible
 //!   only complete, by one rename from here; whatever is left here at start is removed.
 //! - `volumes/<key>.json`: one record per published volume ([`volume_key`] of its id),
@@ -35,6 +37,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::oci::{CacheLayout, ImageInfo, Limits, PinnedRef, PullError, Puller, Totals};
+
+pub mod tree;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -496,6 +500,22 @@ impl Store {
             &meta_path,
             &serde_json::to_vec_pretty(&meta).expect("meta serialises"),
         )?;
+        // What the tree holds, while it is still only ours: the reference for later checks.
+        let walked = rootfs.clone();
+        let record = tokio::task::spawn_blocking(move || tree::record(&walked))
+            .await
+            .map_err(|e| StoreError::Io {
+                op: "recording",
+                path: rootfs.clone(),
+                source: std::io::Error::other(e),
+            })?
+            .map_err(io_err("recording", &rootfs))?;
+        let record_path = tmp.path().join(tree::RECORD_FILE);
+        write_atomic(
+            false,
+            &record_path,
+            &serde_json::to_vec(&record).expect("a tree record serialises"),
+        )?;
 
         let final_dir = self.digest_dir(digest)?;
         let tmp_path = tmp.keep();
@@ -811,39 +831,138 @@ impl Store {
             if self.refcount(&digest) > 0 {
                 continue;
             }
-            let dir = self.digest_dir(&digest)?;
-            let grave = self.cfg.root.join("store/tmp").join(format!(
-                "gc-{}",
-                dir.file_name().and_then(OsStr::to_str).unwrap_or("x")
-            ));
-            self.extracted
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&digest);
-            // Disappear atomically, then delete at leisure (a crash leaves it in tmp/).
-            fs::rename(&dir, &grave).map_err(io_err("moving aside", &dir))?;
-            let g = grave.clone();
-            tokio::task::spawn_blocking(move || remove_tree(&g))
-                .await
-                .map_err(|e| StoreError::Io {
-                    op: "removing",
-                    path: grave.clone(),
-                    source: std::io::Error::other(e),
-                })??;
-            {
-                let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                state.idle_since.remove(&digest);
-                for per_digest in state.usage.values_mut() {
-                    per_digest.remove(&digest);
-                }
-                state.usage.retain(|_, m| !m.is_empty());
-            }
+            self.remove_digest(&digest).await?;
             info!(%digest, "garbage-collected");
             crate::metrics::global().gc_removed.inc();
             removed.push(digest);
         }
         Ok(removed)
     }
+
+    /// Removes `digest`'s tree: it disappears at once (one rename into `store/tmp/`), then
+    /// is deleted; its usage counts go with it. The caller holds the digest's lock and has
+    /// checked that no volume uses it.
+    async fn remove_digest(&self, digest: &str) -> Result<()> {
+        let dir = self.digest_dir(digest)?;
+        let grave = self.cfg.root.join("store/tmp").join(format!(
+            "gc-{}",
+            dir.file_name().and_then(OsStr::to_str).unwrap_or("x")
+        ));
+        self.extracted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(digest);
+        // Disappear atomically, then delete at leisure (a crash leaves it in tmp/).
+        fs::rename(&dir, &grave).map_err(io_err("moving aside", &dir))?;
+        let g = grave.clone();
+        tokio::task::spawn_blocking(move || remove_tree(&g))
+            .await
+            .map_err(|e| StoreError::Io {
+                op: "removing",
+                path: grave.clone(),
+                source: std::io::Error::other(e),
+            })??;
+        {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.idle_since.remove(digest);
+            for per_digest in state.usage.values_mut() {
+                per_digest.remove(digest);
+            }
+            state.usage.retain(|_, m| !m.is_empty());
+        }
+        Ok(())
+    }
+
+    /// Checks every digest no volume uses against its `tree.json` and removes each that
+    /// differs, so the next use extracts it afresh; digests in use are only reported (their
+    /// pods read them now). Run by the agent at start. Returns each digest with its result.
+    pub async fn verify_idle(&self) -> Result<Vec<(String, TreeCheck)>> {
+        let mut out = Vec::new();
+        for digest in self.digests()? {
+            if self.refcount(&digest) > 0 {
+                continue;
+            }
+            let lock = self.digest_lock(&digest);
+            let Ok(_guard) = lock.try_lock() else {
+                continue; // being extracted or collected right now
+            };
+            let root = self.cfg.root.clone();
+            let d = digest.clone();
+            let check = tokio::task::spawn_blocking(move || check_tree(&root, &d))
+                .await
+                .map_err(|e| StoreError::Io {
+                    op: "verifying",
+                    path: self.cfg.root.clone(),
+                    source: std::io::Error::other(e),
+                })??;
+            if let TreeCheck::Damaged { differences, .. } = &check {
+                warn!(%digest, differences = differences.len(), first = %differences[0], "the tree differs from what was extracted; removing it to extract it again");
+                if self.refcount(&digest) == 0 {
+                    self.remove_digest(&digest).await?;
+                }
+            }
+            out.push((digest, check));
+        }
+        Ok(out)
+    }
+
+    /// Removes a damaged tree so the next use extracts it again (`gkm fsck --repair`).
+    /// `Ok(false)` when a volume uses it: it is left for its pods, and repaired once idle.
+    pub async fn repair(&self, digest: &str) -> Result<bool> {
+        let lock = self.digest_lock(digest);
+        let _guard = lock.lock().await;
+        if self.refcount(digest) > 0 {
+            return Ok(false);
+        }
+        self.remove_digest(digest).await?;
+        Ok(true)
+    }
+}
+
+/// The result of checking one extracted tree against its record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TreeCheck {
+    /// Every entry as extracted.
+    Intact { files: u64, bytes: u64 },
+    /// What differs, in path order (never empty).
+    Damaged { differences: Vec<tree::Difference> },
+    /// No `tree.json` (extracted by a GKM before records existed): not checked.
+    Unrecorded,
+}
+
+/// Checks `digest`'s tree under store root `root` against its `tree.json`, reading every
+/// file. Takes no lock: it only reads, so `gkm fsck` can run beside the agent. A tree that
+/// is gone by the time it is walked (collected meanwhile) reads as damaged.
+pub fn check_tree(root: &Path, digest: &str) -> Result<TreeCheck> {
+    let hex = crate::oci::sha256_hex(digest).ok_or_else(|| StoreError::BadDigest(digest.into()))?;
+    let dir = root.join("store/sha256").join(hex);
+    let record_path = dir.join(tree::RECORD_FILE);
+    let expected: tree::Record = match fs::read(&record_path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| StoreError::BadRecord {
+            path: record_path.clone(),
+            reason: e.to_string(),
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TreeCheck::Unrecorded),
+        Err(e) => return Err(io_err("reading", &record_path)(e)),
+    };
+    if expected.version != tree::RECORD_VERSION {
+        return Ok(TreeCheck::Unrecorded);
+    }
+    let rootfs = dir.join("rootfs");
+    let actual = tree::record(&rootfs).map_err(io_err("walking", &rootfs))?;
+    let differences = tree::compare(&expected, &actual);
+    Ok(if differences.is_empty() {
+        TreeCheck::Intact {
+            files: expected
+                .entries
+                .iter()
+                .filter(|e| matches!(e, tree::Entry::File { .. }))
+                .count() as u64,
+            bytes: expected.bytes(),
+        }
+    } else {
+        TreeCheck::Damaged { differences }
+    })
 }
 
 /// Writes `path` atomically: a temporary file in the same folder (fsynced when `sync`),
