@@ -654,15 +654,12 @@ fn big_image(mib: usize) -> ImageBuilder {
     .unwrap()
 }
 
-#[tokio::test]
-async fn an_agent_killed_mid_extraction_converges_after_restart() {
-    let cluster = shared_cluster();
-    let ns = cluster.new_namespace("agent-restart").await.unwrap();
-    let img = big_image(4);
+/// The paths a registry serves for `img` in `repo` (manifest by digest, config, layers),
+/// and the image's digest.
+fn served_image(img: &ImageBuilder, repo: &str) -> (String, HashMap<String, (String, Vec<u8>)>) {
     let config = img.config();
     let (media_type, manifest) = img.manifest(&config);
     let digest = image::sha256_digest(&manifest);
-    let repo = "restart/cache";
     let mut served = HashMap::from([
         (
             format!("/v2/{repo}/manifests/{digest}"),
@@ -679,6 +676,99 @@ async fn an_agent_killed_mid_extraction_converges_after_restart() {
             ("application/octet-stream".to_string(), l.bytes.clone()),
         );
     }
+    (digest, served)
+}
+
+/// The registry goes away before the agent's first pull and comes back 12 s later: the
+/// node status says why meanwhile, the agent retries with a bounded, growing backoff (no
+/// retry storm), and the digest is extracted once the registry answers again. Prints the
+/// attempts and the recovery time.
+#[tokio::test]
+async fn a_registry_down_and_back_is_retried_with_backoff_and_recovers() {
+    let cluster = shared_cluster();
+    let ns = cluster.new_namespace("agent-outage").await.unwrap();
+    let repo = "outage/cache";
+    let (digest, served) = served_image(&big_image(1), repo);
+    // Take a port, then go down.
+    let host = StaticRegistry::start(HashMap::new())
+        .await
+        .unwrap()
+        .host()
+        .to_string();
+    let mut c = GKMCache::new("outage", Default::default());
+    c.spec.image = format!("{host}/{repo}:v1");
+    c.metadata.annotations =
+        Some([(RESOLVED_DIGEST_ANNOTATION.to_string(), digest.clone())].into());
+    Api::<GKMCache>::namespaced(cluster.admin_client().await.unwrap(), &ns)
+        .create(&PostParams::default(), &c)
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), "outage-node", &host, &["--pull-policy=eager"]).await;
+    let down_since = Instant::now();
+    let n = wait_node(&agent, &ns, "the Error state", |n| {
+        state(n, "outage", &digest) == Some(CacheState::Error)
+    })
+    .await;
+    let reasons = entry(n.as_ref(), "outage", &digest)
+        .unwrap()
+        .reasons
+        .join("; ");
+    assert!(
+        reasons.contains(&host) && reasons.to_lowercase().contains("connect"),
+        "the status should name the registry and the connection failure: {reasons}"
+    );
+    let first_error = down_since.elapsed();
+    tokio::time::sleep(Duration::from_secs(12).saturating_sub(down_since.elapsed())).await;
+    // The whole log (agent.log() is its tail).
+    let during = std::fs::read_to_string(agent.process.log_path())
+        .unwrap()
+        .matches("preparing the digest failed")
+        .count();
+    // Backoff 1, 2, 4, 8 s: at most 5 attempts in 12 s (each itself tries 3 times).
+    assert!(
+        (1..=5).contains(&during),
+        "{during} failed attempts in 12 s; log:\n{}",
+        agent.log()
+    );
+
+    let registry = StaticRegistry::start_on(&host, served).await.unwrap();
+    let back = Instant::now();
+    let deadline = back + Duration::from_secs(60);
+    let api: Api<GKMCacheNode> = Api::namespaced(cluster.admin_client().await.unwrap(), &ns);
+    loop {
+        let n = api.get_opt("outage-node").await.unwrap();
+        if state(n.as_ref(), "outage", &digest) == Some(CacheState::Extracted) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not Extracted after the registry came back: {n:?}\nlog:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let recovered = back.elapsed();
+    println!(
+        "registry down {:.1} s: status Error after {:.1} s, {during} failed attempts (backoff 1, 2, 4, 8 s); extracted {:.1} s after it came back",
+        back.duration_since(down_since).as_secs_f64(),
+        first_error.as_secs_f64(),
+        recovered.as_secs_f64()
+    );
+    // The next retry is at most the last backoff away (16 s after 4 failures).
+    assert!(recovered < Duration::from_secs(20), "{recovered:?}");
+    assert!(agent.extracted(&digest));
+    drop(registry);
+}
+
+#[tokio::test]
+async fn an_agent_killed_mid_extraction_converges_after_restart() {
+    let cluster = shared_cluster();
+    let ns = cluster.new_namespace("agent-restart").await.unwrap();
+    let img = big_image(4);
+    let repo = "restart/cache";
+    let (digest, served) = served_image(&img, repo);
     // About 4 s for the layer.
     let registry = StaticRegistry::start_throttled(served, Some(1 << 20))
         .await

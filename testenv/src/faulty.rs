@@ -28,6 +28,12 @@ impl StaticRegistry {
         Self::start_throttled(paths, None).await
     }
 
+    /// [`StaticRegistry::start`] on `host` (`127.0.0.1:<port>`): a registry brought back
+    /// where it was, after a test took it down by dropping it.
+    pub async fn start_on(host: &str, paths: HashMap<String, Content>) -> Result<Self, Error> {
+        Self::serve_on(host, paths, HashMap::new(), None).await
+    }
+
     /// [`StaticRegistry::start`], sending bodies at about `bytes_per_second` (so a pull can
     /// be caught, and killed, halfway).
     pub async fn start_throttled(
@@ -51,7 +57,17 @@ impl StaticRegistry {
         headers: HashMap<String, Vec<(String, String)>>,
         bytes_per_second: Option<u64>,
     ) -> Result<Self, Error> {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Self::serve_on("127.0.0.1:0", paths, headers, bytes_per_second).await
+    }
+
+    async fn serve_on(
+        address: &str,
+        paths: HashMap<String, Content>,
+        headers: HashMap<String, Vec<(String, String)>>,
+        bytes_per_second: Option<u64>,
+    ) -> Result<Self, Error> {
+        // tokio sets SO_REUSEADDR, so a port just given up binds again at once.
+        let listener = TcpListener::bind(address)
             .await
             .map_err(|e| Error::io("binding the static registry", e))?;
         let host = listener

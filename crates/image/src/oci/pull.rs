@@ -72,7 +72,7 @@ pub fn go_arch() -> &'static str {
 pub enum PullError {
     #[error(transparent)]
     Ref(#[from] RefError),
-    #[error("registry error for {image}: {source}")]
+    #[error("registry error for {image}: {}", with_root_cause(source))]
     Registry {
         image: String,
         #[source]
@@ -173,6 +173,27 @@ fn registry_error(image: &str, source: OciDistributionError) -> PullError {
             source,
         },
     }
+}
+
+/// `e`'s message followed by its innermost cause when that says something more: reqwest
+/// words a refused connection as "error sending request for url (…)" and keeps the
+/// "Connection refused" several sources down, where a node status (one line of text)
+/// would lose it.
+fn with_root_cause(e: &OciDistributionError) -> String {
+    let mut msg = e.to_string();
+    let mut root: Option<&dyn std::error::Error> = None;
+    let mut next = std::error::Error::source(e);
+    while let Some(s) = next {
+        root = Some(s);
+        next = s.source();
+    }
+    if let Some(root) = root {
+        let r = root.to_string();
+        if !msg.contains(&r) {
+            msg = format!("{msg}: {r}");
+        }
+    }
+    msg
 }
 
 impl PullError {
