@@ -1597,3 +1597,101 @@ fn done_predicate(promoted: &str, group: &str) -> serde_json::Value {
         "caller": {"username": "x", "uid": "", "groups": [group]},
     })
 }
+
+/// Load: 500 caches created at once (10 signed images by tag, 50 caches each) through the
+/// mutating and validating webhooks: every create succeeds, every cache gets its image's
+/// verified digest, and the controller promotes every status. Prints the create latencies
+/// and the time until every status is promoted. `GKM_LOAD_CACHES` changes the count.
+#[tokio::test]
+async fn five_hundred_caches_created_at_once_are_all_admitted_and_promoted() {
+    use futures::StreamExt as _;
+    main_webhook();
+    let total: usize = std::env::var("GKM_LOAD_CACHES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    let cluster = shared_cluster();
+    let ns = namespace(cluster, "main").await;
+    let mut images = Vec::new();
+    for i in 0..10 {
+        let repo = format!("trusted/{}", unique_name(&format!("load{i}")));
+        let img = push(&repo, "v1", &format!("load-{i}")).await;
+        env().cosign.sign(&img.by_digest()).await.unwrap();
+        images.push(img);
+    }
+    let alice: Api<GKMCache> = Api::namespaced(cluster.user_client("alice").await.unwrap(), &ns);
+    // Warm the webhook's connection to the apiserver (its configuration may be new).
+    create(&alice, &cache("warm", &images[0].by_tag(), None))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let results: Vec<(usize, Result<GKMCache, kube::Error>, Duration)> =
+        futures::stream::iter(0..total)
+            .map(|i| {
+                let alice = alice.clone();
+                let image = images[i % images.len()].by_tag();
+                async move {
+                    let t = Instant::now();
+                    let r = alice
+                        .create(
+                            &PostParams::default(),
+                            &cache(&format!("load-{i}"), &image, None),
+                        )
+                        .await;
+                    (i, r, t.elapsed())
+                }
+            })
+            .buffer_unordered(total)
+            .collect()
+            .await;
+    let created_in = started.elapsed();
+    let mut latencies: Vec<Duration> = Vec::new();
+    for (i, r, took) in &results {
+        let c = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("cache load-{i} was refused: {e}"));
+        assert_eq!(
+            annotation(c).as_deref(),
+            Some(images[i % images.len()].digest.as_str()),
+            "load-{i}"
+        );
+        latencies.push(*took);
+    }
+    latencies.sort();
+    let pct = |p: usize| latencies[(latencies.len() * p / 100).min(latencies.len() - 1)];
+
+    let admin: Api<GKMCache> = Api::namespaced(cluster.admin_client().await.unwrap(), &ns);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let promoted_in = loop {
+        let list = admin.list(&Default::default()).await.unwrap();
+        let promoted = list
+            .items
+            .iter()
+            .filter(|c| {
+                c.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("load-"))
+            })
+            .filter(|c| {
+                c.status.as_ref().and_then(|s| s.resolved_digest.as_ref()) == annotation(c).as_ref()
+            })
+            .count();
+        if promoted == total {
+            break started.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{promoted} of {total} statuses promoted after 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    println!(
+        "{total} caches created at once: all admitted in {:.1} s (create latency p50 {:?}, p99 {:?}, max {:?}); every status promoted {:.1} s after the first create",
+        created_in.as_secs_f64(),
+        pct(50),
+        pct(99),
+        latencies[latencies.len() - 1],
+        promoted_in.as_secs_f64()
+    );
+}
