@@ -192,11 +192,49 @@ impl Inspection {
     }
 }
 
-/// `gkm pull IMAGE@DIGEST --store DIR`: pull and extract into a store, as the agent does.
+/// A progress bar on stderr for `progress` (bytes, rate, ETA), redrawn ten times a second
+/// until the returned guard is dropped; nothing at all when `quiet` or when stderr is not a
+/// terminal, so logs and pipes get only the final lines.
+fn progress_bar(progress: std::sync::Arc<oci::PullProgress>, quiet: bool) -> impl Drop {
+    use std::io::IsTerminal as _;
+    let bar = if quiet || !std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} pulling {bytes}/{total_bytes} [{wide_bar}] {binary_bytes_per_sec} ETA {eta}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar
+    };
+    let drawn = bar.clone();
+    let ticker = tokio::spawn(async move {
+        loop {
+            drawn.set_length(progress.total());
+            drawn.set_position(progress.done());
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    struct Guard(indicatif::ProgressBar, tokio::task::JoinHandle<()>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            self.1.abort();
+            self.0.finish_and_clear();
+        }
+    }
+    Guard(bar, ticker)
+}
+
+/// `gkm pull IMAGE@DIGEST --store DIR`: pull and extract into a store, as the agent does,
+/// with a progress bar on a terminal unless `quiet`.
 pub async fn pull(
     image: &str,
     store_dir: PathBuf,
     sync: bool,
+    quiet: bool,
     registry: &RegistryArgs,
 ) -> Result<String> {
     let pinned = PinnedRef::parse(image)?;
@@ -207,7 +245,11 @@ pub async fn pull(
         ..Default::default()
     })?;
     let start = Instant::now();
-    let e = store.ensure(&pinned, &puller).await?;
+    let progress = std::sync::Arc::new(oci::PullProgress::new());
+    let bar = progress_bar(progress.clone(), quiet);
+    let e = store.ensure_with(&pinned, &puller, Some(progress)).await;
+    drop(bar);
+    let e = e?;
     let secs = start.elapsed().as_secs_f64();
     let mut s = String::new();
     let _ = writeln!(s, "digest:       {}", e.digest);

@@ -948,6 +948,64 @@ fn served_image(img: &ImageBuilder, repo: &str) -> (String, HashMap<String, (Str
     (digest, served)
 }
 
+/// A pull under way shows in the node status: `Pulling` with the bytes received so far
+/// and the total, refreshed while it runs; gone once the digest is extracted.
+#[tokio::test]
+async fn a_running_pull_reports_its_bytes_in_the_node_status() {
+    let cluster = shared_cluster();
+    let ns = cluster.new_namespace("agent-progress").await.unwrap();
+    let repo = "progress/cache";
+    let img = big_image(8);
+    let total: u64 = img.layers.iter().map(|l| l.bytes.len() as u64).sum();
+    let (digest, served) = served_image(&img, repo);
+    // About 8 s for the layer: more than one status refresh.
+    let registry = StaticRegistry::start_throttled(served, Some(1 << 20))
+        .await
+        .unwrap();
+    let mut c = GKMCache::new("slow", Default::default());
+    c.spec.image = format!("{}/{repo}:v1", registry.host());
+    c.metadata.annotations =
+        Some([(RESOLVED_DIGEST_ANNOTATION.to_string(), digest.clone())].into());
+    Api::<GKMCache>::namespaced(cluster.admin_client().await.unwrap(), &ns)
+        .create(&PostParams::default(), &c)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(
+        dir.path(),
+        "progress-node",
+        registry.host(),
+        &["--pull-policy=eager"],
+    )
+    .await;
+    let n = wait_node(&agent, &ns, "Pulling with bytes", |n| {
+        entry(n, "slow", &digest).is_some_and(|e| {
+            e.state == CacheState::Pulling && e.pulled_bytes.is_some_and(|b| b > 0)
+        })
+    })
+    .await;
+    let e = entry(n.as_ref(), "slow", &digest).unwrap();
+    let first = e.pulled_bytes.unwrap();
+    assert_eq!(e.pull_total_bytes, Some(total as i64));
+    assert!(first <= total as i64);
+    let n = wait_node(&agent, &ns, "more bytes or Extracted", |n| {
+        entry(n, "slow", &digest).is_some_and(|e| {
+            e.state == CacheState::Extracted || e.pulled_bytes.is_some_and(|b| b > first)
+        })
+    })
+    .await;
+    println!(
+        "while pulling {total} bytes at 1 MiB/s the status said {first}, then {:?}",
+        entry(n.as_ref(), "slow", &digest).unwrap().pulled_bytes
+    );
+    let n = wait_node(&agent, &ns, "Extracted", |n| {
+        state(n, "slow", &digest) == Some(CacheState::Extracted)
+    })
+    .await;
+    let e = entry(n.as_ref(), "slow", &digest).unwrap();
+    assert_eq!((e.pulled_bytes, e.pull_total_bytes), (None, None));
+}
+
 /// The registry goes away before the agent's first pull and comes back 12 s later: the
 /// node status says why meanwhile, the agent retries with a bounded, growing backoff (no
 /// retry storm), and the digest is extracted once the registry answers again. Prints the

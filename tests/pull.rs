@@ -898,3 +898,95 @@ async fn a_tree_changed_behind_gkms_back_is_found_and_extracted_again() {
     );
     assert!(!extracted.rootfs().exists());
 }
+
+/// `gkm pull` shows a progress bar (bytes, rate, ETA) on a terminal, nothing with `--quiet`
+/// or when stderr is not a terminal, and prints the same final lines in every case. The
+/// terminal is util-linux's `script`, which gives the command a pseudo-terminal.
+#[tokio::test]
+async fn gkm_pull_shows_progress_on_a_terminal_only() {
+    // 3 MiB of incompressible bytes, sent at 2 MiB/s: the bar has time to draw.
+    let src = tempfile::tempdir().unwrap();
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    let bytes: Vec<u8> = (0..3 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(src.path().join("kernel.bin"), bytes).unwrap();
+    let img = ImageBuilder::mcv(
+        CacheKind::Triton,
+        src.path(),
+        &[Target::new("cuda", "90", 32)],
+        Compression::Gzip,
+    )
+    .unwrap();
+    let (paths, digest, _) = served("progress/cache", &img, &[]);
+    let registry = StaticRegistry::start_throttled(paths, Some(2 << 20))
+        .await
+        .unwrap();
+    let image = format!("{}/progress/cache@{digest}", registry.host());
+    let pull = |store: &Path, extra: &str| {
+        format!(
+            "{} pull {image} --store {} --insecure-registry {} --no-sync {extra}",
+            env!("CARGO_BIN_EXE_gkm"),
+            store.display(),
+            registry.host()
+        )
+    };
+    let run = |cmd: String| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("sh")
+                .args(["-c", &cmd])
+                .output()
+                .unwrap()
+        })
+    };
+
+    // On a terminal: the bar, then the final lines.
+    let store = tempfile::tempdir().unwrap();
+    let tty = run(format!(
+        "script -qefc '{}' /dev/null",
+        pull(store.path(), "")
+    ))
+    .await
+    .unwrap();
+    let shown = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "{shown}");
+    assert!(
+        shown.contains("pulling") && shown.contains("MiB") && shown.contains("ETA"),
+        "no progress bar on a terminal:\n{shown}"
+    );
+    assert!(
+        shown.contains(&format!("digest:       {digest}")),
+        "{shown}"
+    );
+
+    // Quiet on a terminal, and not a terminal: only the final lines.
+    let (quiet_store, piped_store) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for (how, cmd) in [
+        (
+            "--quiet on a terminal",
+            format!(
+                "script -qefc '{}' /dev/null",
+                pull(quiet_store.path(), "--quiet")
+            ),
+        ),
+        ("a pipe", pull(piped_store.path(), "")),
+    ] {
+        let out = run(cmd).await.unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{how}: {all}");
+        assert!(!all.contains("ETA"), "{how} shows a bar:\n{all}");
+        assert!(
+            all.contains(&format!("digest:       {digest}")),
+            "{how}: {all}"
+        );
+    }
+}

@@ -63,6 +63,9 @@ enum Command {
         /// Skip flushing the filesystem before the tree becomes visible.
         #[arg(long)]
         no_sync: bool,
+        /// No progress bar (it is shown only when stderr is a terminal anyway).
+        #[arg(long, short)]
+        quiet: bool,
         #[command(flatten)]
         registry: RegistryArgs,
     },
@@ -231,9 +234,13 @@ async fn run() -> Result<()> {
             image,
             store,
             no_sync,
+            quiet,
             registry,
         } => {
-            print!("{}", cli::pull(&image, store, !no_sync, &registry).await?)
+            print!(
+                "{}",
+                cli::pull(&image, store, !no_sync, quiet, &registry).await?
+            )
         }
         Command::Build {
             dir,

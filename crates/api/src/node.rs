@@ -116,6 +116,13 @@ pub struct CacheDigestStatus {
     /// Bytes of the extracted tree.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<i64>,
+    /// While `Pulling`: bytes of the image's layers received so far (as the registry
+    /// sends them, compressed), of `pullTotalBytes`. Refreshed every few seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pulled_bytes: Option<i64>,
+    /// While `Pulling`: the layers' total size from the image manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_total_bytes: Option<i64>,
     /// `namespace/name` of the pods that mount this digest on this node, one per pod.
     #[serde(default)]
     pub pods: Vec<String>,

@@ -16,7 +16,7 @@ pub mod source;
 pub use auth::Credentials;
 pub use extract::{Compression, ExtractError, Limits, Totals, Unsafe};
 pub use image::{CacheLayout, ImageInfo};
-pub use pull::{PullConfig, PullError, Puller};
+pub use pull::{PullConfig, PullError, PullProgress, Puller};
 pub use push::{PushError, Pusher};
 pub use source::{Fault, ImageSource, InMemoryRegistry};
 

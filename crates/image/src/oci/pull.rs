@@ -216,6 +216,43 @@ impl PullError {
     }
 }
 
+/// How far a pull has come: bytes of layer blobs received out of their total. Shared
+/// (`Arc`) between the pull, which adds to it as chunks arrive, and whoever shows it (the
+/// `gkm` CLI's progress bar, the agent's log and node status), which read it when they like.
+#[derive(Debug, Default)]
+pub struct PullProgress {
+    total: std::sync::atomic::AtomicU64,
+    done: std::sync::atomic::AtomicU64,
+}
+
+impl PullProgress {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes of layer blobs received so far (compressed, as the registry sends them).
+    pub fn done(&self) -> u64 {
+        self.done.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The layers' total size from the manifest; 0 until the manifest is read.
+    pub fn total(&self) -> u64 {
+        self.total.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A new attempt of `total` bytes starts from zero.
+    pub fn start(&self, total: u64) {
+        self.total
+            .store(total, std::sync::atomic::Ordering::Relaxed);
+        self.done.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn add(&self, bytes: u64) {
+        self.done
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Pulls images by digest. Cheap to clone; one per node is enough.
 #[derive(Clone)]
 pub struct Puller {
@@ -344,6 +381,23 @@ impl Puller {
         dest: &Path,
         limits: Limits,
     ) -> Result<Totals, PullError> {
+        self.extract_into_with(image, info, dest, limits, None)
+            .await
+    }
+
+    /// [`Puller::extract_into`], counting received bytes into `progress` (restarted at 0
+    /// of the layers' total).
+    pub async fn extract_into_with(
+        &self,
+        image: &PinnedRef,
+        info: &ImageInfo,
+        dest: &Path,
+        limits: Limits,
+        progress: Option<&PullProgress>,
+    ) -> Result<Totals, PullError> {
+        if let Some(p) = progress {
+            p.start(info.layers.iter().map(|l| l.size).sum());
+        }
         let name = image.to_string();
         let dest = dest.to_path_buf();
         let task_err = |reason: String| PullError::Task {
@@ -365,7 +419,7 @@ impl Puller {
             })?;
             let span = info_span!("layer", digest = %layer.digest, size = layer.size);
             extractor = self
-                .stream_layer(image, layer, compression, extractor)
+                .stream_layer(image, layer, compression, extractor, progress)
                 .instrument(span)
                 .await?;
         }
@@ -384,6 +438,7 @@ impl Puller {
         layer: &Descriptor,
         compression: Compression,
         mut extractor: Extractor,
+        progress: Option<&PullProgress>,
     ) -> Result<Extractor, PullError> {
         let name = image.to_string();
         let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(8);
@@ -400,7 +455,7 @@ impl Puller {
             (extractor, r)
         });
 
-        let produced = self.produce(image, layer, &tx).await;
+        let produced = self.produce(image, layer, &tx, progress).await;
         if let Err(e) = &produced {
             // Stop the extractor; the blob is not what it claims to be.
             let _ = tx
@@ -430,6 +485,7 @@ impl Puller {
         image: &PinnedRef,
         layer: &Descriptor,
         tx: &mpsc::Sender<io::Result<Bytes>>,
+        progress: Option<&PullProgress>,
     ) -> Result<(), PullError> {
         let name = image.to_string();
         let what = format!("layer {}", layer.digest);
@@ -455,6 +511,9 @@ impl Puller {
                         });
                     }
                     hasher.update(&bytes);
+                    if let Some(p) = progress {
+                        p.add(bytes.len() as u64);
+                    }
                     if tx.send(Ok(bytes)).await.is_err() {
                         // The extractor stopped early; its error explains why.
                         return Ok(());

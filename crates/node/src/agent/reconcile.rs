@@ -31,8 +31,8 @@ use crate::api::{ClusterGKMCacheNode, GKMCacheNode, GpuInfo, NodeStatus};
 use crate::csi::{CacheResolver, ResolvedCache, VolumeEvent};
 use crate::gpu::Fitness;
 use crate::metrics::{Metrics, global as metrics};
-use crate::oci::{PinnedRef, Puller, parse_reference};
-use crate::store::{Store, StoreError, VolumeRecord};
+use crate::oci::{PinnedRef, PullProgress, Puller, parse_reference};
+use crate::store::{Extracted, Store, StoreError, VolumeRecord};
 
 /// Field manager of the agent's server-side applies.
 pub const FIELD_MANAGER: &str = "gkm-agent";
@@ -174,6 +174,8 @@ struct LoopState {
     phases: HashMap<String, Phase>,
     /// Failed attempts per digest, for the retry backoff.
     attempts: HashMap<String, u32>,
+    /// The pulls under way, by digest: how far each has come.
+    pulls: HashMap<String, Arc<PullProgress>>,
     /// The status last applied per scope (`None`: known not to exist).
     written: HashMap<Scope, Option<NodeStatus>>,
     /// The last Event reason per cache and digest, so each transition is told once.
@@ -435,6 +437,31 @@ impl Context {
         tokio::spawn(async move { ctx.prepare(&image, &digest).await }.instrument(span));
     }
 
+    /// Pulls and extracts `image` into the store, with its progress in the node status:
+    /// while it runs, the digest's scopes are reconciled every [`PULL_STATUS_INTERVAL`], so
+    /// `pulledBytes` moves.
+    async fn pull(self: &Arc<Self>, image: &PinnedRef) -> Result<Extracted, StoreError> {
+        let digest = image.digest().to_string();
+        let progress = Arc::new(PullProgress::new());
+        self.state().pulls.insert(digest.clone(), progress.clone());
+        let ticker = tokio::spawn({
+            let (ctx, digest) = (self.clone(), digest.clone());
+            async move {
+                loop {
+                    tokio::time::sleep(PULL_STATUS_INTERVAL).await;
+                    ctx.requeue_digest(&digest);
+                }
+            }
+        });
+        let result = self
+            .store
+            .ensure_with(image, &self.puller, Some(progress))
+            .await;
+        ticker.abort();
+        self.state().pulls.remove(&digest);
+        result
+    }
+
     /// Reads the digest's manifest and config, judges it against the node's GPUs, and
     /// extracts it when the policy says so. Failures are retried with backoff.
     async fn prepare(self: Arc<Self>, image: &str, digest: &str) {
@@ -449,11 +476,7 @@ impl Context {
             let fit = Fitness::of(info.summary_label(), &self.gpus, self.cfg.allow_unclaimed)
                 .map_err(|e| e.to_string())?;
             if fit.usable && self.cfg.policy == PullPolicy::Eager {
-                let e = self
-                    .store
-                    .ensure(&pinned, &self.puller)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let e = self.pull(&pinned).await.map_err(|e| e.to_string())?;
                 return Ok(Phase::Extracted {
                     size_bytes: e.meta.size_bytes,
                     fit,
@@ -626,6 +649,9 @@ fn pod_ref(rec: &VolumeRecord) -> k8s_openapi::api::core::v1::ObjectReference {
 }
 
 /// 1 s, 2 s, 4 s, … up to 5 minutes.
+/// How often the node status shows a running pull's progress.
+pub const PULL_STATUS_INTERVAL: Duration = Duration::from_secs(5);
+
 fn backoff(attempt: u32) -> Duration {
     Duration::from_secs(1u64 << attempt.saturating_sub(1).min(8)).min(Duration::from_secs(300))
 }
@@ -742,6 +768,9 @@ pub async fn observe(scope: &Scope, ctx: &Arc<Context>) -> Result<Observed, Erro
             facts
                 .usage
                 .insert((c.key.name().to_string(), digest.clone()), u);
+            if let Some(p) = ctx.state().pulls.get(&digest) {
+                facts.pulls.insert(digest.clone(), (p.done(), p.total()));
+            }
             if let Some(e) = ctx.store.get(&digest)? {
                 facts.labels.insert(digest, e.meta.image.cache_labels());
             }

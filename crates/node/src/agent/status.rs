@@ -69,6 +69,8 @@ pub struct CacheView {
 pub struct Facts {
     pub usage: HashMap<(String, String), Usage>,
     pub labels: HashMap<String, CacheLabels>,
+    /// Digest -> (bytes received, total bytes) of the pulls under way.
+    pub pulls: HashMap<String, (u64, u64)>,
 }
 
 /// The `caches` map of a node object's status. `previous` is what was last written:
@@ -108,6 +110,13 @@ pub fn desired_caches(
                 e.pods_served = Some(u.pods_served as i64);
                 e.kernels_compiled = Some(u.kernels_compiled as i64);
                 e.last_miss = u.last_miss.clone();
+            }
+            if e.state == CacheState::Pulling
+                && let Some((done, total)) = facts.pulls.get(digest)
+                && *total > 0
+            {
+                e.pulled_bytes = Some(*done as i64);
+                e.pull_total_bytes = Some(*total as i64);
             }
             if let Some(l) = facts.labels.get(digest) {
                 e.triton_versions = l.triton_versions.clone();
@@ -405,6 +414,32 @@ mod tests {
         assert!(e.last_miss.as_deref().unwrap().contains("ns/p"));
         assert_eq!(e.triton_versions, ["3.6.0"]);
         assert_eq!(e.capture_path.as_deref(), Some("/tmp/tc"));
+    }
+
+    #[test]
+    fn a_pull_under_way_shows_its_bytes_and_only_while_pulling() {
+        let mut facts = Facts::default();
+        facts.pulls.insert(D1.into(), (3 << 20, 8 << 20));
+        let at = |phase: Phase| {
+            let out = desired_caches(
+                &cache("c", Some(D1)),
+                &HashMap::from([(D1.to_string(), phase)]),
+                &[],
+                &facts,
+                &BTreeMap::new(),
+                &now(1),
+            );
+            let e = &out["c"][D1];
+            (e.state, e.pulled_bytes, e.pull_total_bytes)
+        };
+        assert_eq!(
+            at(Phase::Pulling),
+            (CacheState::Pulling, Some(3 << 20), Some(8 << 20))
+        );
+        assert_eq!(
+            at(Phase::Failed("gone".into())),
+            (CacheState::Error, None, None)
+        );
     }
 
     #[test]

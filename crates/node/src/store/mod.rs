@@ -36,7 +36,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::oci::{CacheLayout, ImageInfo, Limits, PinnedRef, PullError, Puller, Totals};
+use crate::oci::{
+    CacheLayout, ImageInfo, Limits, PinnedRef, PullError, PullProgress, Puller, Totals,
+};
 
 pub mod tree;
 
@@ -417,6 +419,17 @@ impl Store {
     /// Returns the extracted image, pulling and extracting it first if needed. Concurrent
     /// calls for one digest extract it once; the others wait for that extraction.
     pub async fn ensure(&self, image: &PinnedRef, puller: &Puller) -> Result<Extracted> {
+        self.ensure_with(image, puller, None).await
+    }
+
+    /// [`Store::ensure`], counting the bytes received into `progress` when this call does
+    /// the pull. While a pull runs, a line is logged every [`PROGRESS_LOG_INTERVAL`].
+    pub async fn ensure_with(
+        &self,
+        image: &PinnedRef,
+        puller: &Puller,
+        progress: Option<Arc<PullProgress>>,
+    ) -> Result<Extracted> {
         let digest = image.digest().to_string();
         self.touch(&digest);
         if let Some(e) = self.get(&digest)? {
@@ -428,19 +441,30 @@ impl Store {
             return Ok(e);
         }
         let span = info_span!("extract", image = %image, digest = %digest);
-        let result = self.extract(image, puller).instrument(span).await;
+        let progress = progress.unwrap_or_default();
+        let logger = tokio::spawn(log_progress(progress.clone()).instrument(span.clone()));
+        let result = self
+            .extract(image, puller, &progress)
+            .instrument(span)
+            .await;
+        logger.abort();
         self.touch(&digest);
         result
     }
 
-    async fn extract(&self, image: &PinnedRef, puller: &Puller) -> Result<Extracted> {
+    async fn extract(
+        &self,
+        image: &PinnedRef,
+        puller: &Puller,
+        progress: &PullProgress,
+    ) -> Result<Extracted> {
         let started = Instant::now();
         let info = puller.resolve(image).await?;
         let attempts = puller.config().attempts.max(1);
         let mut delay = puller.config().backoff;
         let mut attempt = 1;
         loop {
-            match self.extract_once(image, puller, &info).await {
+            match self.extract_once(image, puller, &info, progress).await {
                 Ok(e) => {
                     let seconds = started.elapsed().as_secs_f64();
                     info!(
@@ -474,6 +498,7 @@ impl Store {
         image: &PinnedRef,
         puller: &Puller,
         info: &ImageInfo,
+        progress: &PullProgress,
     ) -> Result<Extracted> {
         let digest = image.digest();
         let tmp_root = self.cfg.root.join("store/tmp");
@@ -485,7 +510,7 @@ impl Store {
         fs::create_dir(&rootfs).map_err(io_err("creating", &rootfs))?;
 
         let totals: Totals = puller
-            .extract_into(image, info, &rootfs, self.cfg.limits)
+            .extract_into_with(image, info, &rootfs, self.cfg.limits, Some(progress))
             .await?;
         let meta = Meta {
             image: info.clone(),
@@ -963,6 +988,27 @@ pub fn check_tree(root: &Path, digest: &str) -> Result<TreeCheck> {
     } else {
         TreeCheck::Damaged { differences }
     })
+}
+
+/// How often a running pull logs how far it has come.
+pub const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Logs `progress` every [`PROGRESS_LOG_INTERVAL`] until aborted: a bounded rate however
+/// large the image.
+async fn log_progress(progress: Arc<PullProgress>) {
+    let mut last = (Instant::now(), 0u64);
+    loop {
+        tokio::time::sleep(PROGRESS_LOG_INTERVAL).await;
+        let (done, total) = (progress.done(), progress.total());
+        let rate = (done.saturating_sub(last.1)) as f64 / last.0.elapsed().as_secs_f64();
+        info!(
+            bytes_done = done,
+            bytes_total = total,
+            mib_per_second = rate / (1 << 20) as f64,
+            "pulling"
+        );
+        last = (Instant::now(), done);
+    }
 }
 
 /// Writes `path` atomically: a temporary file in the same folder (fsynced when `sync`),
