@@ -936,10 +936,12 @@ async fn gkm_pull_shows_progress_on_a_terminal_only() {
             registry.host()
         )
     };
+    // A terminal has a TERM (CI runs with none, and indicatif draws nothing on a dumb one).
     let run = |cmd: String| {
         tokio::task::spawn_blocking(move || {
             std::process::Command::new("sh")
                 .args(["-c", &cmd])
+                .env("TERM", "xterm-256color")
                 .output()
                 .unwrap()
         })
