@@ -57,22 +57,70 @@ pub trait Vouch: Send + Sync + 'static {
         &'a self,
         image: &'a str,
         digest: &'a str,
+        credentials: &'a gkm_image::oci::Credentials,
     ) -> futures::future::BoxFuture<'a, Result<gkm_image::trust::Verified, String>>;
+    /// The trust policy's `pullSecretNamespace` (where `ClusterGKMCache` pull secrets are).
+    fn pull_secret_namespace(&self) -> Option<String>;
 }
 
-impl Vouch for gkm_image::trust::Verifier {
+/// The controller's own verification: the trust policy's verifier, reading the registry
+/// through the controller's puller (its registry configuration and credentials).
+pub struct TrustVouch {
+    pub trust: Arc<gkm_image::trust::Verifier>,
+    pub puller: gkm_image::oci::Puller,
+}
+
+impl Vouch for TrustVouch {
     fn vouch<'a>(
         &'a self,
         image: &'a str,
         digest: &'a str,
+        credentials: &'a gkm_image::oci::Credentials,
     ) -> futures::future::BoxFuture<'a, Result<gkm_image::trust::Verified, String>> {
         Box::pin(async move {
             let reference = gkm_image::oci::parse_reference(image).map_err(|e| e.to_string())?;
             let pinned =
                 gkm_image::oci::PinnedRef::new(&reference, digest).map_err(|e| e.to_string())?;
-            self.verify(&pinned).await.map_err(|e| e.to_string())
+            if credentials.is_empty() {
+                return self.trust.verify(&pinned).await.map_err(|e| e.to_string());
+            }
+            // The cache's own credentials, through a client of their own.
+            let puller = self.puller.with_credentials(credentials);
+            self.trust
+                .verify_for_through(&puller, &pinned, gkm_image::trust::Scope::Caches)
+                .await
+                .map_err(|e| e.to_string())
         })
     }
+
+    fn pull_secret_namespace(&self) -> Option<String> {
+        self.trust.policy().pull_secret_namespace.clone()
+    }
+}
+
+/// [`Vouch::vouch`] for `cache` at `digest`, with the cache's pull secrets.
+async fn vouch_with_secrets<K: CacheResource>(
+    vouch: &dyn Vouch,
+    ctx: &Context,
+    cache: &K,
+    digest: &str,
+) -> Result<gkm_image::trust::Verified, String> {
+    let credentials = match cache.cache_ref() {
+        Some(key) => crate::pull_secrets::PullSecrets::for_cache(
+            Some(&crate::pull_secrets::PullSecrets::new(ctx.client.clone())),
+            &key,
+            &cache
+                .image_pull_secrets()
+                .iter()
+                .map(|s| s.name.clone())
+                .collect::<Vec<_>>(),
+            vouch.pull_secret_namespace().as_deref(),
+        )
+        .await
+        .map_err(|e| e.to_string())?,
+        None => gkm_image::oci::Credentials::anonymous(),
+    };
+    vouch.vouch(cache.image(), digest, &credentials).await
 }
 
 /// The provenance of `digest` from a verification of it (`verified`), keeping `old`'s
@@ -339,7 +387,7 @@ pub async fn reconcile<K: CacheResource>(
         .filter(|d| gkm_image::oci::sha256_hex(d).is_some());
     let mut retry = Duration::from_secs(300);
     let verified = match (&ctx.vouch, digest) {
-        (Some(v), Some(d)) => match v.vouch(cache.image(), d).await {
+        (Some(v), Some(d)) => match vouch_with_secrets(v.as_ref(), &ctx, cache.as_ref(), d).await {
             Ok(v) => Some(v),
             Err(e) => {
                 // Admission verified it; the record of who did waits for the next try.

@@ -7,13 +7,18 @@
 //! - [`controller`]: status promotion and node aggregation.
 //! - [`metrics`]: the controller's Prometheus metrics.
 //! - [`promote`]: the verify-and-promote API: who may call it, and its HTTP answers.
+//! - [`pull_secrets`]: caches' `imagePullSecrets`, read into registry credentials.
+//! - [`node_credentials`]: `POST /pull-credentials`, a cache's pull credentials for the
+//!   agent of a node whose pod mounts it.
 //! - [`certs`]: self-minted serving certificates and the webhooks' `caBundle`.
 //! - [`run`]: configuration and wiring of the `gkm-controller` binary.
 
 pub mod certs;
 pub mod controller;
 pub mod metrics;
+pub mod node_credentials;
 pub mod promote;
+pub mod pull_secrets;
 pub mod run;
 pub mod verify;
 pub mod webhook;

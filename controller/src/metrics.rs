@@ -31,6 +31,7 @@ pub struct Metrics {
     pub admission_seconds: Family<EndpointLabels, Histogram>,
     pub verifications: Family<ResultLabels, Counter>,
     pub promotions: Family<ResultLabels, Counter>,
+    pub pull_credentials: Family<ResultLabels, Counter>,
     pub reconciles: Family<ResultLabels, Counter>,
 }
 
@@ -44,6 +45,7 @@ impl Metrics {
             }),
             verifications: Family::default(),
             promotions: Family::default(),
+            pull_credentials: Family::default(),
             reconciles: Family::default(),
             registry: Registry::default(),
         };
@@ -66,6 +68,11 @@ impl Metrics {
             "promotions",
             "Calls of verify-and-promote by result (promoted, or why not)",
             m.promotions.clone(),
+        );
+        registry.register(
+            "pull_credentials",
+            "Requests of nodes for a cache's pull credentials by result (served, or why not)",
+            m.pull_credentials.clone(),
         );
         registry.register(
             "reconciles",

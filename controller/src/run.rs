@@ -70,6 +70,14 @@ pub struct Args {
     /// Serve admission only (no status controller).
     #[arg(long, default_value_t = false)]
     pub webhook_only: bool,
+    /// The node agent's service account, `<namespace>:<name>`: the only caller served
+    /// caches' pull credentials at /pull-credentials.
+    #[arg(
+        long,
+        env = "GKM_AGENT_SERVICE_ACCOUNT",
+        default_value = "gkm-system:gkm-agent"
+    )]
+    pub agent_service_account: String,
     #[command(flatten)]
     pub log: gkm_image::cmdline::LogArgs,
 }
@@ -91,6 +99,8 @@ pub struct Config {
     /// configurations named `webhook_config`; `None`: use `tls_cert` and `tls_key`.
     pub self_signed: Option<SelfSigned>,
     pub webhook_only: bool,
+    /// `system:serviceaccount:<namespace>:<name>` of the node agent.
+    pub agent_user: String,
     pub log: gkm_image::cmdline::LogArgs,
 }
 
@@ -134,6 +144,18 @@ impl Args {
                 errs.push("--trusted-user: empty name".into());
             }
         }
+        let agent_user = match self.agent_service_account.split_once(':') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains(':') => {
+                Some(format!("system:serviceaccount:{ns}:{name}"))
+            }
+            _ => {
+                errs.push(format!(
+                    "--agent-service-account {:?}: not <namespace>:<name>",
+                    self.agent_service_account
+                ));
+                None
+            }
+        };
         if self.self_signed_certs && self.webhook_config.trim().is_empty() {
             errs.push("--webhook-config: empty name".into());
         }
@@ -158,6 +180,7 @@ impl Args {
                     webhook_config: self.webhook_config,
                 }),
                 webhook_only: self.webhook_only,
+                agent_user: agent_user.unwrap_or_default(),
                 log: self.log,
             }),
             _ => Err(gkm_image::cmdline::ConfigErrors(errs)),
@@ -186,12 +209,15 @@ pub async fn run(
         TrustVerifier::new(trust.clone(), puller.clone()),
         cfg.trusted_users.clone(),
     );
-    // The cache variables of pods need the caches' objects: only with API access.
+    // The cache variables of pods need the caches' objects, and pull secrets the API:
+    // only with API access.
     if let Some(client) = &client {
+        admission =
+            admission.with_pull_secrets(crate::pull_secrets::PullSecrets::new(client.clone()));
         admission =
             admission.with_cache_kinds(Arc::new(crate::webhook::pod_env::ApiCacheKinds::new(
                 client.clone(),
-                puller,
+                puller.clone(),
                 cfg.policy.verification.timeout,
             )));
     }
@@ -202,7 +228,19 @@ pub async fn run(
         promoter: gkm_image::promote::Promoter::new(trust.clone(), pusher),
         trust: trust.clone(),
     });
-    let routes = Arc::new(crate::webhook::server::Routes { admission, promote });
+    let node_credentials = client
+        .clone()
+        .map(|client| crate::node_credentials::NodeCredentials {
+            client,
+            agent: cfg.agent_user.clone(),
+            trust: trust.clone(),
+        });
+    let routes = Arc::new(crate::webhook::server::Routes {
+        admission,
+        promote,
+        node_credentials,
+    });
+    let vouch_puller = puller;
     if let (Some(minting), Some(client)) = (&cfg.self_signed, &client) {
         let mut hosts = crate::certs::service_names(&minting.service, &minting.namespace);
         hosts.extend(minting.cert_hosts.iter().cloned());
@@ -233,7 +271,10 @@ pub async fn run(
         server.await?;
         return Ok(());
     };
-    let vouch: Arc<dyn crate::controller::Vouch> = trust;
+    let vouch: Arc<dyn crate::controller::Vouch> = Arc::new(crate::controller::TrustVouch {
+        trust,
+        puller: vouch_puller,
+    });
     let (served, ()) = tokio::join!(
         server,
         crate::controller::run(client, Some(vouch), shutdown)

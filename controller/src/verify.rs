@@ -71,8 +71,24 @@ pub trait ImageVerifier: Send + Sync + 'static {
     ) -> impl Future<Output = Result<VerifiedImage, Denial>> + Send {
         self.verify(image, scope)
     }
+    /// [`ImageVerifier::verify`] reading the registry with `credentials` (a cache's own
+    /// pull secrets) on top of the controller's. Implementations that never reach a
+    /// registry (test fakes) may ignore them, as this default does.
+    fn verify_with(
+        &self,
+        image: &str,
+        scope: Scope,
+        credentials: &gkm_image::oci::Credentials,
+    ) -> impl Future<Output = Result<VerifiedImage, Denial>> + Send {
+        let _ = credentials;
+        self.verify(image, scope)
+    }
     /// The Pod rule of the policy in force (it changes when the policy is reloaded).
     fn pod_rules(&self) -> gkm_image::trust::PodRules;
+    /// The policy's `pullSecretNamespace`, where `ClusterGKMCache` pull secrets live.
+    fn pull_secret_namespace(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Admission's verifier: the trust policy's registry check (before any network call, so
@@ -139,11 +155,31 @@ impl ImageVerifier for TrustVerifier {
     }
 
     async fn verify(&self, image: &str, scope: Scope) -> Result<VerifiedImage, Denial> {
-        self.verify_counted(image, scope, false).await
+        self.verify_counted(image, scope, false, None).await
+    }
+
+    async fn verify_with(
+        &self,
+        image: &str,
+        scope: Scope,
+        credentials: &gkm_image::oci::Credentials,
+    ) -> Result<VerifiedImage, Denial> {
+        if credentials.is_empty() {
+            return self.verify(image, scope).await;
+        }
+        // A client of its own: oci-client keeps bearer tokens per registry and repository,
+        // and a token fetched with this cache's credentials must never serve another's
+        // request. The tag is resolved afresh for the same reason.
+        let puller = self.puller.with_credentials(credentials);
+        self.verify_counted(image, scope, true, Some(&puller)).await
+    }
+
+    fn pull_secret_namespace(&self) -> Option<String> {
+        self.trust.policy().pull_secret_namespace.clone()
     }
 
     async fn verify_now(&self, image: &str, scope: Scope) -> Result<VerifiedImage, Denial> {
-        self.verify_counted(image, scope, true).await
+        self.verify_counted(image, scope, true, None).await
     }
 }
 
@@ -154,8 +190,9 @@ impl TrustVerifier {
         image: &str,
         scope: Scope,
         fresh: bool,
+        own: Option<&gkm_image::oci::Puller>,
     ) -> Result<VerifiedImage, Denial> {
-        let result = self.verify_uncounted(image, scope, fresh).await;
+        let result = self.verify_uncounted(image, scope, fresh, own).await;
         let label = result.as_ref().map_or_else(|d| d.label, |_| "verified");
         gkm_image::metrics::Metrics::result(&crate::metrics::global().verifications, label);
         result
@@ -166,16 +203,33 @@ impl TrustVerifier {
         image: &str,
         scope: Scope,
         fresh: bool,
+        own: Option<&gkm_image::oci::Puller>,
     ) -> Result<VerifiedImage, Denial> {
         let reference = gkm_image::oci::parse_reference(image)?;
         let policy = self.trust.policy();
         policy.check_registry(image, &reference)?;
         let timeout = policy.verification.timeout;
         let work = async {
-            let pinned = self.pin(image, &reference, fresh).await?;
-            let v = self.trust.verify_for(&pinned, scope).await?;
+            let v = match own {
+                None => {
+                    let pinned = self.pin(image, &reference, fresh).await?;
+                    self.trust.verify_for(&pinned, scope).await?
+                }
+                Some(puller) => {
+                    let pinned = match reference.digest() {
+                        Some(d) => gkm_image::oci::PinnedRef::new(&reference, d)?,
+                        None => puller.resolve_tag(&reference).await.map_err(|e| {
+                            Denial::new("resolve_failed", format!("cannot resolve {image}: {e}"))
+                        })?,
+                    };
+                    self.trust
+                        .verify_for_through(puller, &pinned, scope)
+                        .await?
+                }
+            };
+            let pinned_repository = format!("{}/{}", reference.registry(), reference.repository());
             Ok(VerifiedImage {
-                repository: format!("{}/{}", pinned.registry(), pinned.repository()),
+                repository: pinned_repository,
                 digest: v.digest,
                 authority: v.authority,
             })

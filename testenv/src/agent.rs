@@ -84,6 +84,11 @@ impl AgentProcess {
         self.process.log_tail()
     }
 
+    /// The agent's whole log file.
+    pub fn log_path(&self) -> &Path {
+        self.process.log_path()
+    }
+
     /// The target path kubelet would give volume `volume` of the pod with `pod_uid`
     /// (`<dir>/kubelet/pods/<uid>/volumes/kubernetes.io~csi/<volume>/mount`), its parent
     /// created as kubelet does.

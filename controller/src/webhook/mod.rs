@@ -52,6 +52,9 @@ pub struct Admission<V: ImageVerifier> {
     trusted_users: Vec<String>,
     /// Where the Pod environment rule learns cache kinds (none without API access).
     kinds: Option<std::sync::Arc<dyn pod_env::CacheKindSource>>,
+    /// Reads caches' `imagePullSecrets` (none without API access: a cache naming some is
+    /// then denied, saying so).
+    pull_secrets: Option<crate::pull_secrets::PullSecrets>,
 }
 
 /// The parts of a cache object the rules look at.
@@ -60,6 +63,7 @@ struct View {
     image: Option<String>,
     digest: Option<String>,
     legacy: Vec<&'static str>,
+    pull_secrets: Vec<String>,
 }
 
 fn view(obj: Option<&DynamicObject>) -> View {
@@ -87,6 +91,15 @@ fn view(obj: Option<&DynamicObject>) -> View {
             .and_then(|a: &BTreeMap<String, String>| a.get(RESOLVED_DIGEST_ANNOTATION))
             .cloned(),
         legacy,
+        pull_secrets: field("imagePullSecrets")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.get("name").and_then(|n| n.as_str()))
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 
@@ -106,7 +119,14 @@ impl<V: ImageVerifier> Admission<V> {
             verifier,
             trusted_users,
             kinds: None,
+            pull_secrets: None,
         }
+    }
+
+    /// Lets the cache rules read `imagePullSecrets`.
+    pub fn with_pull_secrets(mut self, secrets: crate::pull_secrets::PullSecrets) -> Self {
+        self.pull_secrets = Some(secrets);
+        self
     }
 
     /// Lets the Pod environment rule look up cache kinds.
@@ -126,17 +146,36 @@ impl<V: ImageVerifier> Admission<V> {
             .any(|u| *u == req.user_info.username.clone().unwrap_or_default())
     }
 
+    /// `view`'s image resolved and verified, with the cache's own pull secrets when it
+    /// names some (read from the namespace [`crate::pull_secrets::secret_namespace`]
+    /// gives).
     async fn verified(
         &self,
-        kind: &str,
-        name: &str,
-        image: &Option<String>,
+        req: &AdmissionRequest<DynamicObject>,
+        view: &View,
     ) -> Result<VerifiedImage, String> {
-        let Some(image) = image.as_deref().filter(|i| !i.is_empty()) else {
+        let (kind, name) = (&req.kind.kind, &req.name);
+        let Some(image) = view.image.as_deref().filter(|i| !i.is_empty()) else {
             return Err(format!("{kind} {name}: spec.image is required"));
         };
+        let credentials = if view.pull_secrets.is_empty() {
+            gkm_image::oci::Credentials::anonymous()
+        } else {
+            let namespace = req.namespace.as_deref().unwrap_or_default();
+            let Some(cache) = gkm_api::CacheRef::from_parts(kind, namespace, name) else {
+                return Err(format!("{kind} {name}: not a cache kind with pull secrets"));
+            };
+            crate::pull_secrets::PullSecrets::for_cache(
+                self.pull_secrets.as_ref(),
+                &cache,
+                &view.pull_secrets,
+                self.verifier.pull_secret_namespace().as_deref(),
+            )
+            .await
+            .map_err(|e| format!("{kind} {name}: spec.imagePullSecrets: {e}"))?
+        };
         self.verifier
-            .verify(image, crate::verify::Scope::Caches)
+            .verify_with(image, crate::verify::Scope::Caches, &credentials)
             .await
             .map_err(|d| format!("{kind} {name}: {d}"))
     }
@@ -168,7 +207,7 @@ impl<V: ImageVerifier> Admission<V> {
         if self.trusted(req) && new.digest.is_some() {
             return Decision::Allow { warnings };
         }
-        match self.verified(&req.kind.kind, &req.name, &new.image).await {
+        match self.verified(req, &new).await {
             Ok(v) => {
                 info!(image = new.image.as_deref().unwrap_or(""), digest = %v.digest, authority = %v.authority, "verified");
                 Decision::SetDigest {
@@ -214,7 +253,7 @@ impl<V: ImageVerifier> Admission<V> {
                 "{kind} {name}: {RESOLVED_DIGEST_ANNOTATION} is missing (is GKM's mutating webhook configured?)"
             ));
         };
-        match self.verified(kind, name, &new.image).await {
+        match self.verified(req, &new).await {
             Ok(v) if v.digest == claimed => Decision::Allow { warnings },
             Ok(v) => {
                 warn!(claimed = %claimed, resolved = %v.digest, "annotation does not match the verified digest");

@@ -26,6 +26,8 @@ use crate::verify::ImageVerifier;
 pub struct Routes<V: ImageVerifier, G: Gatekeeper> {
     pub admission: Admission<V>,
     pub promote: Option<PromoteApi<G>>,
+    /// Pull credentials for node agents (needs API access).
+    pub node_credentials: Option<crate::node_credentials::NodeCredentials>,
 }
 
 /// Promotion bodies are small JSON documents.
@@ -162,6 +164,8 @@ pub enum Route {
     Admission(Endpoint),
     /// `POST /api/images/verify-and-promote`.
     Promote,
+    /// `POST /pull-credentials`.
+    PullCredentials,
 }
 
 impl Route {
@@ -170,6 +174,7 @@ impl Route {
         match (method, path) {
             (&Method::GET, "/healthz" | "/readyz") => Some(Route::Health),
             (&Method::POST, crate::promote::PATH) => Some(Route::Promote),
+            (&Method::POST, crate::node_credentials::PATH) => Some(Route::PullCredentials),
             (&Method::POST, p) => Endpoint::from_path(p).map(Route::Admission),
             _ => None,
         }
@@ -259,6 +264,7 @@ async fn handle<V: ImageVerifier, G: Gatekeeper>(
             Err(e) => error_reply(&e),
         },
         Some(Route::Promote) => promote(&routes, req).await,
+        Some(Route::PullCredentials) => pull_credentials(&routes, req).await,
     };
     Ok(response)
 }
@@ -274,14 +280,36 @@ async fn promote<V: ImageVerifier, G: Gatekeeper>(
         let (status, body) = crate::promote::refuse(ApiError::NotServed);
         return json_reply(status, &body);
     };
-    let authorization = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let authorization = authorization(&req);
     let (status, body) = match read_body(req, MAX_PROMOTE_BODY).await {
         Ok(body) => api.call(authorization.as_deref(), &body).await,
         Err(e) => crate::promote::refuse(ApiError::BadRequest(e.to_string())),
+    };
+    json_reply(status, &body)
+}
+
+/// The request's `Authorization` header, if it is text.
+fn authorization(req: &Request<Incoming>) -> Option<String> {
+    req.headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// `POST /pull-credentials`: every answer is JSON and counted in its metric.
+async fn pull_credentials<V: ImageVerifier, G: Gatekeeper>(
+    routes: &Routes<V, G>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    use crate::node_credentials::{CredentialsError, MAX_BODY, refuse};
+    let Some(api) = &routes.node_credentials else {
+        let (status, body) = refuse(CredentialsError::NotServed);
+        return json_reply(status, &body);
+    };
+    let authorization = authorization(&req);
+    let (status, body) = match read_body(req, MAX_BODY).await {
+        Ok(body) => api.call(authorization.as_deref(), &body).await,
+        Err(e) => refuse(CredentialsError::BadRequest(e.to_string())),
     };
     json_reply(status, &body)
 }
@@ -358,6 +386,11 @@ mod tests {
             Route::of(&Method::POST, crate::promote::PATH),
             Some(Route::Promote)
         );
+        assert_eq!(
+            Route::of(&Method::POST, crate::node_credentials::PATH),
+            Some(Route::PullCredentials)
+        );
+        assert_eq!(Route::of(&Method::GET, crate::node_credentials::PATH), None);
         assert_eq!(Route::of(&Method::POST, "/mutate/"), None);
         assert_eq!(Route::of(&Method::POST, "/"), None);
         assert_eq!(Route::of(&Method::DELETE, "/mutate"), None);

@@ -5,7 +5,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::schema::{dns_label_list, opaque_object};
+use super::schema::{dns_label_list, opaque_object, secret_ref_list};
 
 /// A kernel cache image that pods of this namespace may mount.
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -33,6 +33,16 @@ pub struct GKMCacheSpec {
     /// digest once; every later step uses that digest.
     #[schemars(length(min = 1, max = 4096))]
     pub image: String,
+
+    /// Secrets of type `kubernetes.io/dockerconfigjson` with credentials for `image`'s
+    /// registry, by name: for a `GKMCache`, in its own namespace; for a `ClusterGKMCache`,
+    /// in the namespace the trust policy names (`pullSecretNamespace`). The controller
+    /// reads them to resolve and verify the image; a node receives the entry for the
+    /// image's registry only, from the controller, and only while a pod on that node
+    /// mounts the cache (docs/security.md, "Pull credentials").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "secret_ref_list")]
+    pub image_pull_secrets: Vec<PullSecretRef>,
 
     #[serde(flatten)]
     pub compat: LegacyFields,
@@ -62,6 +72,16 @@ pub struct ClusterGKMCacheSpec {
     #[schemars(length(min = 1, max = 4096))]
     pub image: String,
 
+    /// Secrets of type `kubernetes.io/dockerconfigjson` with credentials for `image`'s
+    /// registry, by name: for a `GKMCache`, in its own namespace; for a `ClusterGKMCache`,
+    /// in the namespace the trust policy names (`pullSecretNamespace`). The controller
+    /// reads them to resolve and verify the image; a node receives the entry for the
+    /// image's registry only, from the controller, and only while a pod on that node
+    /// mounts the cache (docs/security.md, "Pull credentials").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "secret_ref_list")]
+    pub image_pull_secrets: Vec<PullSecretRef>,
+
     /// Namespaces whose pods may mount this cache. Empty or absent: every namespace.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "dns_label_list")]
@@ -69,6 +89,14 @@ pub struct ClusterGKMCacheSpec {
 
     #[serde(flatten)]
     pub compat: LegacyFields,
+}
+
+/// A Secret named by a cache's `imagePullSecrets` (the shape of a Pod's
+/// `imagePullSecrets` entries, Kubernetes' `LocalObjectReference`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub struct PullSecretRef {
+    /// The Secret's name (a DNS subdomain).
+    pub name: String,
 }
 
 /// Fields of the earlier GKM's cache manifests, which provisioned a PVC per cache.
@@ -250,6 +278,9 @@ pub trait Cache {
     /// without a namespace), which the API server never returns.
     fn cache_ref(&self) -> Option<super::CacheRef>;
     fn image(&self) -> &str;
+    /// `spec.imagePullSecrets`: Secret names, in the namespace [`Cache::cache_ref`] and
+    /// the trust policy determine.
+    fn image_pull_secrets(&self) -> &[PullSecretRef];
     fn status(&self) -> Option<&CacheStatus>;
     fn status_mut(&mut self) -> &mut Option<CacheStatus>;
     fn legacy_mut(&mut self) -> &mut LegacyFields;
@@ -264,6 +295,9 @@ macro_rules! impl_cache {
             }
             fn image(&self) -> &str {
                 &self.spec.image
+            }
+            fn image_pull_secrets(&self) -> &[PullSecretRef] {
+                &self.spec.image_pull_secrets
             }
             fn status(&self) -> Option<&CacheStatus> {
                 self.status.as_ref()

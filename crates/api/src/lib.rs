@@ -13,7 +13,7 @@ pub mod volume;
 
 pub use cache::{
     Cache, CacheCounts, CacheStatus, ClusterGKMCache, ClusterGKMCacheSpec, GKMCache, GKMCacheSpec,
-    LegacyFields, Provenance, short_digest,
+    LegacyFields, Provenance, PullSecretRef, short_digest,
 };
 pub use cache_ref::CacheRef;
 pub use node::{

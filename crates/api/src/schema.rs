@@ -23,3 +23,25 @@ pub(crate) fn dns_label_list(_: &mut SchemaGenerator) -> Schema {
         },
     })
 }
+
+/// A list of Secret references (`[{name}]`), names being DNS subdomains, each at most once.
+pub(crate) fn secret_ref_list(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "array",
+        "maxItems": 16,
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["name"],
+        "items": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 253,
+                    "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+                },
+            },
+        },
+    })
+}

@@ -69,6 +69,9 @@ pub struct ResolvedCache {
     pub digest: Option<String>,
     /// ClusterGKMCache only: namespaces whose pods may mount it; empty means all.
     pub workload_namespaces: Vec<String>,
+    /// `spec.imagePullSecrets` by name: non-empty means the node asks the controller for
+    /// the credentials to pull `image` (it never reads the Secrets itself).
+    pub image_pull_secrets: Vec<String>,
 }
 
 impl ResolvedCache {
@@ -92,6 +95,11 @@ impl ResolvedCache {
                 c.status().and_then(|s| s.resolved_digest.as_ref()),
             ),
             workload_namespaces,
+            image_pull_secrets: c
+                .image_pull_secrets()
+                .iter()
+                .map(|s| s.name.clone())
+                .collect(),
         })
     }
 

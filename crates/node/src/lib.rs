@@ -5,6 +5,7 @@
 //!   (`gkm-agent`).
 //! - [`csi`]: the CSI node plugin `csi.gkm.io` (Identity and Node services over gRPC,
 //!   overlay mounts).
+//! - [`pull_credentials`]: a cache's pull credentials, asked of the controller.
 //! - [`store`]: the node's content-addressed store, volume records, refcounts and GC.
 //! - [`gpu`]: this node's GPUs (NVML, KFD sysfs, simulated), with the compatibility check
 //!   of `gkm_image::gpu` re-exported beside them.
@@ -18,4 +19,5 @@ use gkm_image::{cmdline, health, kernel_cache, metrics, oci};
 pub mod agent;
 pub mod csi;
 pub mod gpu;
+pub mod pull_credentials;
 pub mod store;

@@ -102,6 +102,53 @@ impl Credentials {
         Ok(Self { by_host })
     }
 
+    /// Whether no registry has credentials.
+    pub fn is_empty(&self) -> bool {
+        self.by_host.is_empty()
+    }
+
+    /// These credentials with `other`'s entries on top: for a registry both name,
+    /// `other`'s (a cache's own pull secret wins over the component's file).
+    pub fn overlaid_with(&self, other: &Credentials) -> Credentials {
+        let mut by_host = self.by_host.clone();
+        by_host.extend(other.by_host.iter().map(|(h, a)| (h.clone(), a.clone())));
+        Credentials { by_host }
+    }
+
+    /// Only the entry for `registry` (`host[:port]`), if there is one: what a node is
+    /// handed to pull one image, and nothing for other registries.
+    pub fn only_for(&self, registry: &str) -> Credentials {
+        let host = normalise_host(registry);
+        Credentials {
+            by_host: self
+                .by_host
+                .get(&host)
+                .map(|a| (host, a.clone()))
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// The docker-config JSON (`{"auths": {host: {...}}}`) of these credentials, which
+    /// [`Credentials::from_json`] reads back to the same credentials.
+    pub fn to_json(&self) -> String {
+        let auths: serde_json::Map<String, serde_json::Value> = self
+            .by_host
+            .iter()
+            .filter_map(|(host, auth)| {
+                let entry = match auth {
+                    RegistryAuth::Basic(u, p) => {
+                        serde_json::json!({"username": u, "password": p})
+                    }
+                    RegistryAuth::Bearer(t) => serde_json::json!({"registrytoken": t}),
+                    RegistryAuth::Anonymous => return None,
+                };
+                Some((host.clone(), entry))
+            })
+            .collect();
+        serde_json::json!({ "auths": auths }).to_string()
+    }
+
     /// The credentials for `registry` (`host[:port]`).
     pub fn for_registry(&self, registry: &str) -> RegistryAuth {
         let host = normalise_host(registry);
@@ -148,6 +195,26 @@ mod tests {
             !format!("{c:?}").contains("s3cret"),
             "Debug never shows secrets"
         );
+    }
+
+    #[test]
+    fn overlay_restrict_and_serialise_round_trip() {
+        let base = Credentials::from_json(
+            r#"{"auths": {"a.io": {"auth": "dTpw"}, "b.io": {"username": "x", "password": "y"}}}"#,
+        )
+        .unwrap();
+        let own = Credentials::from_json(r#"{"auths": {"b.io": {"registrytoken": "t"}}}"#).unwrap();
+        let both = base.overlaid_with(&own);
+        assert!(matches!(both.for_registry("a.io"), RegistryAuth::Basic(u, _) if u == "u"));
+        assert!(matches!(both.for_registry("b.io"), RegistryAuth::Bearer(t) if t == "t"));
+        let one = both.only_for("b.io");
+        assert!(matches!(one.for_registry("a.io"), RegistryAuth::Anonymous));
+        assert!(both.only_for("c.io").is_empty());
+        let back = Credentials::from_json(&both.to_json()).unwrap();
+        assert!(
+            matches!(back.for_registry("a.io"), RegistryAuth::Basic(u, p) if u == "u" && p == "p")
+        );
+        assert!(matches!(back.for_registry("b.io"), RegistryAuth::Bearer(t) if t == "t"));
     }
 
     #[test]

@@ -281,6 +281,13 @@ impl Puller {
         }
     }
 
+    /// A puller with `extra` on top of this one's credentials, and a client of its own
+    /// (oci-client caches bearer tokens per registry and repository: a token fetched with
+    /// one cache's credentials must never answer for another's).
+    pub fn with_credentials(&self, extra: &Credentials) -> Puller {
+        Puller::new(self.cfg.clone(), self.creds.overlaid_with(extra))
+    }
+
     pub fn config(&self) -> &PullConfig {
         &self.cfg
     }

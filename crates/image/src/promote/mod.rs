@@ -503,6 +503,7 @@ impl Promoter {
                 conditions: Vec::new(),
             }],
             sha256: String::new(),
+            pull_secret_namespace: None,
             authorities: vec![Authority {
                 name: "promotion.signKey".into(),
                 kind: AuthorityKind::Key(public),

@@ -105,6 +105,9 @@ pub struct TrustPolicy {
     pub promotion: Option<Promotion>,
     /// Attestations an image must carry besides a valid signature.
     pub required_attestations: Vec<RequiredAttestation>,
+    /// `pullSecretNamespace`: where the `imagePullSecrets` of `ClusterGKMCache`s live.
+    /// `None`: a cluster cache that names pull secrets is denied.
+    pub pull_secret_namespace: Option<String>,
     /// `sha256:<hex>` of the policy's text: which policy a verification was made under.
     pub sha256: String,
 }
@@ -715,6 +718,7 @@ impl Walk<'_> {
                 "podPolicy",
                 "promotion",
                 "requiredAttestations",
+                "pullSecretNamespace",
             ],
         )?;
         let authorities = self.authorities(top.get("authorities"));
@@ -727,6 +731,21 @@ impl Walk<'_> {
         };
         let required_attestations =
             self.required_attestations(top.get("requiredAttestations"), authorities.as_deref());
+        let pull_secret_namespace = self.string(top, "pullSecretNamespace", "");
+        if let Some(ns) = &pull_secret_namespace {
+            let label = ns.len() <= 63
+                && ns.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && ns.ends_with(|c: char| c.is_ascii_alphanumeric())
+                && ns
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if !label {
+                self.err(
+                    "pullSecretNamespace",
+                    format!("{ns:?} is not a namespace name (an RFC 1123 label)"),
+                );
+            }
+        }
         Some(TrustPolicy {
             authorities: authorities?,
             trusted_registries: trusted_registries?,
@@ -734,6 +753,7 @@ impl Walk<'_> {
             pod_policy: pod_policy?,
             promotion,
             required_attestations: required_attestations?,
+            pull_secret_namespace,
             sha256: String::new(),
         })
     }

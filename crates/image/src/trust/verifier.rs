@@ -345,6 +345,29 @@ impl Verifier {
         image: &PinnedRef,
         scope: Option<Scope>,
     ) -> Result<Verified, VerifyError> {
+        self.verify_through(self.source.as_ref(), image, scope)
+            .await
+    }
+
+    /// [`Verifier::verify_for`], reading the registry through `source` rather than the
+    /// verifier's own: a [`Puller`] with a cache's own pull credentials. A success is
+    /// remembered by digest like any other (a signature's validity does not depend on
+    /// who read it).
+    pub async fn verify_for_through(
+        &self,
+        source: &dyn ImageSource,
+        image: &PinnedRef,
+        scope: Scope,
+    ) -> Result<Verified, VerifyError> {
+        self.verify_through(source, image, Some(scope)).await
+    }
+
+    async fn verify_through(
+        &self,
+        src: &dyn ImageSource,
+        image: &PinnedRef,
+        scope: Option<Scope>,
+    ) -> Result<Verified, VerifyError> {
         let incoming = scope.is_none();
         let span =
             info_span!("verify_signatures", image = %image, digest = %image.digest(), incoming);
@@ -387,9 +410,11 @@ impl Verifier {
             }
             let after = policy.verification.timeout;
             let work = async {
-                let mut v = self.verify_uncached(policy, image).await?;
+                let mut v = self.verify_uncached(src, policy, image).await?;
                 if let Some(scope) = scope {
-                    v.attestations = self.required_attestations(policy, image, scope).await?;
+                    v.attestations = self
+                        .required_attestations(src, policy, image, scope)
+                        .await?;
                 }
                 Ok(v)
             };
@@ -451,6 +476,7 @@ impl Verifier {
     /// none meets.
     async fn required_attestations(
         &self,
+        src: &dyn ImageSource,
         policy: &TrustPolicy,
         image: &PinnedRef,
         scope: Scope,
@@ -461,7 +487,7 @@ impl Verifier {
             .iter()
             .filter(|r| r.applies(scope))
         {
-            match super::attest::find(self.source.as_ref(), image, required).await {
+            match super::attest::find(src, image, required).await {
                 Ok(a) => {
                     debug!(predicate_type = %a.predicate_type, authority = %a.authority, "attestation found");
                     found.push(a);
@@ -481,12 +507,13 @@ impl Verifier {
 
     async fn verify_uncached(
         &self,
+        src: &dyn ImageSource,
         policy: &TrustPolicy,
         image: &PinnedRef,
     ) -> Result<Verified, VerifyError> {
         let (tag, bundles) = futures::join!(
-            self.tag_signatures(policy, image),
-            self.bundle_signatures(policy, image)
+            self.tag_signatures(src, policy, image),
+            self.bundle_signatures(src, policy, image)
         );
         let mut found = Found::default();
         for part in [tag, bundles] {
@@ -515,7 +542,12 @@ impl Verifier {
 
     /// The tag format: the layers of `<repo>:sha256-<hex>.sig`, in [`tag_order`], within
     /// one [`Budget`].
-    async fn tag_signatures(&self, policy: &TrustPolicy, image: &PinnedRef) -> Found {
+    async fn tag_signatures(
+        &self,
+        src: &dyn ImageSource,
+        policy: &TrustPolicy,
+        image: &PinnedRef,
+    ) -> Found {
         let mut found = Found::default();
         let tag_name = tag::signature_tag(image.digest());
         let reference = Reference::with_tag(
@@ -523,8 +555,7 @@ impl Verifier {
             image.repository().to_string(),
             tag_name.clone(),
         );
-        let manifest = match self
-            .source
+        let manifest = match src
             .fetch_manifest_bytes(&reference, MAX_MANIFEST_BYTES)
             .await
         {
@@ -577,7 +608,7 @@ impl Verifier {
                     skipped.push(i);
                     continue;
                 }
-                let got = self.small_blob(image, &layer.digest, layer.size).await;
+                let got = self.small_blob(src, image, &layer.digest, layer.size).await;
                 blobs.insert(layer.digest.clone(), got);
             }
             if !budget.spend(0, 1) {
@@ -627,9 +658,14 @@ impl Verifier {
 
     /// The bundle format: the Sigstore-bundle referrers of the image, in [`bundle_order`],
     /// within one [`Budget`].
-    async fn bundle_signatures(&self, policy: &TrustPolicy, image: &PinnedRef) -> Found {
+    async fn bundle_signatures(
+        &self,
+        src: &dyn ImageSource,
+        policy: &TrustPolicy,
+        image: &PinnedRef,
+    ) -> Found {
         let mut found = Found::default();
-        let index = match self.source.list_referrers(image).await {
+        let index = match src.list_referrers(image).await {
             Ok(i) => i,
             Err(e) => {
                 found.problems.push(format!("referrers: {e}"));
@@ -663,7 +699,10 @@ impl Verifier {
                 continue;
             }
             let signature = format!("bundle {} of {total} (referrer {})", i + 1, entry.digest);
-            match self.bundle_referrer(policy, image, &entry.digest).await {
+            match self
+                .bundle_referrer(src, policy, image, &entry.digest)
+                .await
+            {
                 Ok(Some((authority, cert))) => {
                     found.verified = Some(Verified {
                         digest: image.digest().to_string(),
@@ -694,6 +733,7 @@ impl Verifier {
     /// Sigstore bundle at all, or the reasons why it does not verify.
     async fn bundle_referrer(
         &self,
+        src: &dyn ImageSource,
         policy: &TrustPolicy,
         image: &PinnedRef,
         digest: &str,
@@ -707,8 +747,7 @@ impl Verifier {
             image.repository().to_string(),
             digest.to_string(),
         );
-        let bytes = match self
-            .source
+        let bytes = match src
             .fetch_manifest_bytes(&reference, MAX_MANIFEST_BYTES)
             .await
         {
@@ -742,7 +781,7 @@ impl Verifier {
             )));
         }
         let blob = self
-            .small_blob(image, &layer.digest, layer.size)
+            .small_blob(src, image, &layer.digest, layer.size)
             .await
             .map_err(|e| one(format!("bundle unreadable: {e}")))?;
         let bundle = Bundle::parse(&blob).map_err(|e| one(e.to_string()))?;
@@ -809,6 +848,7 @@ impl Verifier {
 
     async fn small_blob(
         &self,
+        src: &dyn ImageSource,
         image: &PinnedRef,
         digest: &str,
         size: u64,
@@ -816,8 +856,7 @@ impl Verifier {
         if crate::oci::sha256_hex(digest).is_none() {
             return Err(format!("blob digest {digest:?} is not sha256"));
         }
-        self.source
-            .fetch_blob_bytes(image, digest, size, MAX_BLOB_BYTES)
+        src.fetch_blob_bytes(image, digest, size, MAX_BLOB_BYTES)
             .await
             .map_err(|e: PullError| e.to_string())
     }

@@ -67,6 +67,30 @@ pub struct AgentArgs {
     /// Refuse caches whose image carries no GPU targets.
     #[arg(long, env = "GKM_REQUIRE_GPU_CLAIMS", default_value_t = false)]
     pub require_gpu_claims: bool,
+    /// The controller's HTTPS base URL, asked for the pull credentials of caches that
+    /// name `imagePullSecrets`; empty: such caches cannot be pulled on this node.
+    #[arg(
+        long,
+        env = "GKM_CONTROLLER_URL",
+        default_value = "https://gkm-controller.gkm-system.svc"
+    )]
+    pub controller_url: String,
+    /// The CA (PEM) of the controller's serving certificate. Default: the `caBundle` of
+    /// the MutatingWebhookConfiguration named by --webhook-config.
+    #[arg(long, env = "GKM_CONTROLLER_CA")]
+    pub controller_ca: Option<PathBuf>,
+    /// The controller's MutatingWebhookConfiguration, whose `caBundle` is the CA the
+    /// controller is trusted by when --controller-ca is not given.
+    #[arg(long, env = "GKM_WEBHOOK_CONFIG", default_value = "gkm")]
+    pub webhook_config: String,
+    /// The agent's projected service-account token of audience `gkm.io/pull-credentials`
+    /// (re-read at each request).
+    #[arg(
+        long,
+        env = "GKM_CREDENTIALS_TOKEN",
+        default_value = "/var/run/secrets/gkm.io/pull-credentials/token"
+    )]
+    pub credentials_token: PathBuf,
     #[command(flatten)]
     pub log: crate::cmdline::LogArgs,
 }
@@ -103,6 +127,8 @@ pub struct AgentConfig {
     pub gc_interval: Duration,
     pub miss_scan_interval: Duration,
     pub pod_wait: Duration,
+    /// How to ask the controller for pull credentials; `None`: never.
+    pub credentials: Option<crate::pull_credentials::BrokerConfig>,
     pub log: crate::cmdline::LogArgs,
 }
 
@@ -170,6 +196,38 @@ impl AgentArgs {
         if self.miss_scan_interval_seconds == 0 {
             errs.push("--miss-scan-interval-seconds 0: must be at least 1".to_string());
         }
+        let credentials = if self.controller_url.trim().is_empty() {
+            None
+        } else {
+            if !self.controller_url.starts_with("https://") {
+                errs.push(format!(
+                    "--controller-url {:?}: must be https:// (credentials are sent over it)",
+                    self.controller_url
+                ));
+            }
+            if self.controller_ca.is_none() && self.webhook_config.trim().is_empty() {
+                errs.push(
+                    "--webhook-config is empty and no --controller-ca is given: the controller's CA is unknown"
+                        .to_string(),
+                );
+            }
+            Some(crate::pull_credentials::BrokerConfig {
+                url: self.controller_url.trim().to_string(),
+                token_file: self.credentials_token.clone(),
+                ca: match &self.controller_ca {
+                    Some(f) => crate::pull_credentials::ControllerCa::File(f.clone()),
+                    None => crate::pull_credentials::ControllerCa::Webhook(
+                        self.webhook_config.trim().to_string(),
+                    ),
+                },
+                timeout: Duration::from_secs(10),
+            })
+        };
+        if let Some(f) = &self.controller_ca
+            && !f.is_file()
+        {
+            errs.push(format!("--controller-ca {}: no such file", f.display()));
+        }
         if !errs.is_empty() {
             return Err(ConfigErrors(errs));
         }
@@ -190,6 +248,7 @@ impl AgentArgs {
             gc_interval: Duration::from_secs(self.gc_interval_seconds),
             miss_scan_interval: Duration::from_secs(self.miss_scan_interval_seconds),
             pod_wait: Duration::from_millis(self.pod_wait_millis),
+            credentials,
             log: self.log,
         })
     }

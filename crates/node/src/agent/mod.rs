@@ -83,7 +83,11 @@ pub async fn run(
         let q = queue.clone();
         move |scope| q.add(scope)
     }));
-    let plugin = Arc::new(Plugin::new(
+    let broker = cfg
+        .credentials
+        .clone()
+        .map(|c| Arc::new(crate::pull_credentials::Broker::new(c, client.clone())));
+    let plugin = Plugin::new(
         PluginConfig {
             node_name: cfg.node_name.clone(),
             publish_timeout: cfg.publish_timeout,
@@ -96,7 +100,11 @@ pub async fn run(
         caches.clone(),
         KernelMounter,
         gpus.clone(),
-    ));
+    );
+    let plugin = Arc::new(match broker {
+        Some(b) => plugin.with_credentials(b),
+        None => plugin,
+    });
     let ctx = Arc::new(reconcile::Context::new(
         reconcile::LoopConfig {
             node: cfg.node_name.clone(),

@@ -422,7 +422,13 @@ impl Context {
     }
 
     /// Starts the work `cache`'s digest still needs, unless it is under way or done.
+    /// A cache that names pull secrets is left to the first publish on this node, under
+    /// either policy: the controller hands a node its credentials only for a pod there
+    /// that mounts it.
     fn start_work(self: &Arc<Self>, cache: &ResolvedCache, digest: &str) {
+        if !cache.image_pull_secrets.is_empty() {
+            return;
+        }
         {
             let mut st = self.state();
             match st.phases.get(digest) {
@@ -1165,6 +1171,7 @@ mod tests {
             image: format!("r.io/kernels/{name}:v1"),
             digest: digest.map(str::to_string),
             workload_namespaces: Vec::new(),
+            image_pull_secrets: Vec::new(),
         }
     }
 

@@ -53,6 +53,8 @@ pub enum CsiError {
     },
     #[error("cannot look up caches: {0}")]
     ResolverUnavailable(String),
+    #[error("{0}")]
+    Credentials(#[source] crate::pull_credentials::CredentialsError),
     #[error("volume {volume} is already published at {existing}, not {requested}")]
     AlreadyPublished {
         volume: String,
@@ -102,6 +104,9 @@ impl CsiError {
                 StoreError::Pull(_) | StoreError::BadDigest(_) => Code::FailedPrecondition,
                 _ => Code::Internal,
             },
+            // A pod arriving, a Secret fixed or the controller back changes these.
+            CsiError::Credentials(e) if e.is_retryable() => Code::Unavailable,
+            CsiError::Credentials(_) => Code::FailedPrecondition,
             CsiError::AlreadyPublished { .. } => Code::AlreadyExists,
             CsiError::Busy(_) => Code::Aborted,
             CsiError::Io { .. } | CsiError::Records(_) => Code::Internal,
@@ -123,6 +128,7 @@ impl CsiError {
             CsiError::StillExtracting { .. } => "still_extracting",
             CsiError::Store { .. } => "store",
             CsiError::ResolverUnavailable(_) => "resolver_unavailable",
+            CsiError::Credentials(_) => "pull_credentials",
             CsiError::AlreadyPublished { .. } => "already_published",
             CsiError::Busy(_) => "busy",
             CsiError::Io { .. } => "io",

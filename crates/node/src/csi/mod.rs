@@ -122,6 +122,8 @@ pub struct Plugin<R: CacheResolver, M: Mounter> {
     pods: std::sync::OnceLock<Arc<dyn PodSource>>,
     /// Whether the store can hold a writable overlay layer, or why not.
     upper_layers: RwLock<Result<(), String>>,
+    /// Where caches' pull credentials come from (none: caches naming pull secrets fail).
+    credentials: Option<Arc<crate::pull_credentials::Broker>>,
 }
 
 /// What happened to a volume, for the agent: each publish and unpublish that changed
@@ -205,7 +207,15 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
             on_change: std::sync::OnceLock::new(),
             pods: std::sync::OnceLock::new(),
             upper_layers: RwLock::new(Ok(())),
+            credentials: None,
         }
+    }
+
+    /// Lets publishes pull caches that name `imagePullSecrets`, with credentials asked of
+    /// the controller through `broker`.
+    pub fn with_credentials(mut self, broker: Arc<crate::pull_credentials::Broker>) -> Self {
+        self.credentials = Some(broker);
+        self
     }
 
     /// Sets the listener told of every volume event (once; later calls are ignored).
@@ -636,7 +646,14 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
         })?;
         let pinned = PinnedRef::new(&reference, digest)
             .map_err(|e| CsiError::BadAttributes(format!("cache {}: {e}", cache.key)))?;
-        let (store, puller) = (self.store.clone(), self.puller.clone());
+        let puller = crate::pull_credentials::Broker::puller_for(
+            self.credentials.as_deref(),
+            &self.puller,
+            cache,
+        )
+        .await
+        .map_err(CsiError::Credentials)?;
+        let store = self.store.clone();
         let job =
             tokio::spawn(async move { store.ensure(&pinned, &puller).await }.in_current_span());
         match tokio::time::timeout(self.cfg.publish_timeout, job).await {

@@ -82,6 +82,7 @@ fn env_with(cfg: PluginConfig, gpus: Vec<GpuInfo>) -> Env {
         image: "r.example/k:v1".into(),
         digest: digest.map(str::to_string),
         workload_namespaces: ns.iter().map(|s| s.to_string()).collect(),
+        image_pull_secrets: vec![],
     };
     resolver.insert(cache(ns_key("team-a", "llama"), Some(DIGEST), &[]));
     resolver.insert(cache(ns_key("team-a", "unverified"), None, &[]));
@@ -221,6 +222,7 @@ async fn a_running_pod_keeps_its_digest_after_the_cache_changes() {
         image: "r.example/k:v2".into(),
         digest: Some(UNCLAIMED.into()),
         workload_namespaces: vec![],
+        image_pull_secrets: vec![],
     });
     e.plugin.publish(&req).await.unwrap();
     assert_eq!(e.plugin.store().volume("vol-keep").unwrap().digest, DIGEST);

@@ -1,0 +1,490 @@
+//! `POST /pull-credentials`: the pull credentials of one cache, for the node agent of a
+//! node that runs a pod mounting that cache, and for nobody else.
+//!
+//! Why a controller endpoint rather than RBAC on Secrets: RBAC cannot scope `get secrets`
+//! to one node's needs, so an agent allowed to read pull secrets could read every one of
+//! them in the cluster. Here a node gets, for one cache at a time, only the entry for the
+//! cache's registry, only while one of its pods mounts the cache — the rule kubelet's
+//! Node authorizer applies to a Pod's own `imagePullSecrets`.
+//!
+//! The caller proves who and where it is with a bound service-account token of audience
+//! [`AUDIENCE`] (a projected volume in the agent's DaemonSet). The API server's
+//! TokenReview names the service account, and for a token bound to a Pod it adds the
+//! node the Pod runs on ([`NODE_NAME_EXTRA`], Kubernetes ≥ 1.30); a token with no node is
+//! refused.
+//!
+//! Request: `{"kind": "GKMCache"|"ClusterGKMCache", "namespace": "…", "name": "…"}` with
+//! `Authorization: Bearer <token>`. Answer: 200 with a docker config
+//! (`{"auths": {"<registry>": {…}}}`); refusals are JSON `{"reason", "message"}` with the
+//! status [`CredentialsError::status`] gives.
+
+use gkm_api::volume::{DRIVER_NAME, cache_ref_of_attributes};
+use gkm_api::{CacheRef, ClusterGKMCache, GKMCache};
+use hyper::StatusCode;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, PostParams};
+use serde::Deserialize;
+use tracing::{info, warn};
+
+use crate::pull_secrets::{PullSecretError, PullSecrets};
+
+/// The path the endpoint is served at.
+pub const PATH: &str = "/pull-credentials";
+/// The audience an agent's token must be issued for (and no other component accepts).
+pub const AUDIENCE: &str = "gkm.io/pull-credentials";
+/// The TokenReview `extra` key that names the node of the Pod a token is bound to.
+pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+/// Request bodies are one small JSON object.
+pub const MAX_BODY: usize = 4 << 10;
+
+/// The cache a node asks credentials for.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsRequest {
+    pub kind: String,
+    #[serde(default)]
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Why a request gets no credentials. [`CredentialsError::status`] is this endpoint's one
+/// mapping to HTTP.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("no bearer token: send the agent's projected token of audience {AUDIENCE}")]
+    NoToken,
+    #[error("the token was not accepted: {0}")]
+    Unauthenticated(String),
+    #[error("{user} is not the node agent's service account ({agent})")]
+    NotTheAgent { user: String, agent: String },
+    #[error(
+        "the token of {user} names no node: use a token bound to the agent's pod (a projected service account token)"
+    )]
+    NoNode { user: String },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("{cache} does not exist")]
+    NoSuchCache { cache: String },
+    #[error("{cache} names no imagePullSecrets")]
+    NoPullSecrets { cache: String },
+    #[error("no pod on node {node} mounts {cache}")]
+    NotEntitled { node: String, cache: String },
+    #[error("{cache}: {source}")]
+    Secret {
+        cache: String,
+        source: PullSecretError,
+    },
+    #[error("asking the API server: {0}")]
+    Api(String),
+    #[error("this controller serves no pull credentials (it has no API access)")]
+    NotServed,
+}
+
+impl CredentialsError {
+    /// The HTTP status of a refusal.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            CredentialsError::NoToken | CredentialsError::Unauthenticated(_) => {
+                StatusCode::UNAUTHORIZED
+            }
+            CredentialsError::NotTheAgent { .. }
+            | CredentialsError::NoNode { .. }
+            | CredentialsError::NotEntitled { .. } => StatusCode::FORBIDDEN,
+            CredentialsError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            CredentialsError::NoSuchCache { .. } | CredentialsError::NoPullSecrets { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            CredentialsError::Secret { .. } => StatusCode::CONFLICT,
+            CredentialsError::Api(_) | CredentialsError::NotServed => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// A short, stable label for metrics and the JSON body's `reason`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            CredentialsError::NoToken => "no_token",
+            CredentialsError::Unauthenticated(_) => "unauthenticated",
+            CredentialsError::NotTheAgent { .. } => "not_the_agent",
+            CredentialsError::NoNode { .. } => "no_node",
+            CredentialsError::BadRequest(_) => "bad_request",
+            CredentialsError::NoSuchCache { .. } => "no_such_cache",
+            CredentialsError::NoPullSecrets { .. } => "no_pull_secrets",
+            CredentialsError::NotEntitled { .. } => "not_entitled",
+            CredentialsError::Secret { source, .. } => source.label(),
+            CredentialsError::Api(_) => "api_unavailable",
+            CredentialsError::NotServed => "not_served",
+        }
+    }
+}
+
+/// The node named by a reviewed token of `username` with `extra`, if `username` is
+/// `agent` (`system:serviceaccount:<namespace>:<name>`).
+pub fn node_of(
+    username: &str,
+    extra: Option<&std::collections::BTreeMap<String, Vec<String>>>,
+    agent: &str,
+) -> Result<String, CredentialsError> {
+    if username != agent {
+        return Err(CredentialsError::NotTheAgent {
+            user: username.into(),
+            agent: agent.into(),
+        });
+    }
+    extra
+        .and_then(|e| e.get(NODE_NAME_EXTRA))
+        .and_then(|v| v.first())
+        .filter(|n| !n.is_empty())
+        .cloned()
+        .ok_or_else(|| CredentialsError::NoNode {
+            user: username.into(),
+        })
+}
+
+/// Whether `pod` (which runs on the node in question) mounts `cache` through a GKM volume
+/// and may: a finished pod does not count, nor one of a namespace the cache does not
+/// admit (`workload_namespaces` of a cluster cache; empty: all).
+pub fn pod_mounts(pod: &Pod, cache: &CacheRef, workload_namespaces: &[String]) -> bool {
+    let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+    let running = !matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    );
+    let admitted = match cache {
+        CacheRef::Namespaced { namespace, .. } => namespace == ns,
+        CacheRef::Cluster { .. } => {
+            workload_namespaces.is_empty() || workload_namespaces.iter().any(|w| w == ns)
+        }
+    };
+    let names_it = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter_map(|v| v.csi.as_ref())
+        .filter(|c| c.driver == DRIVER_NAME)
+        .filter_map(|c| c.volume_attributes.as_ref())
+        .any(|attrs| {
+            let attrs: std::collections::HashMap<String, String> =
+                attrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            cache_ref_of_attributes(&attrs).is_ok_and(|r| r == *cache)
+        });
+    running && admitted && names_it
+}
+
+/// The endpoint: the API server for reviews, caches, pods and Secrets.
+pub struct NodeCredentials {
+    pub client: kube::Client,
+    /// `system:serviceaccount:<namespace>:<name>` of the node agent.
+    pub agent: String,
+    /// The policy in force (for `pullSecretNamespace`).
+    pub trust: std::sync::Arc<gkm_image::trust::Verifier>,
+}
+
+impl NodeCredentials {
+    /// Answers one request: the status and the JSON body. Every answer is counted under
+    /// its label in `gkm_controller_pull_credentials_total`.
+    pub async fn call(
+        &self,
+        authorization: Option<&str>,
+        body: &[u8],
+    ) -> (StatusCode, serde_json::Value) {
+        let result = self.try_call(authorization, body).await;
+        let label = result.as_ref().map_or_else(|e| e.label(), |_| "served");
+        gkm_image::metrics::Metrics::result(&crate::metrics::global().pull_credentials, label);
+        match result {
+            Ok(json) => (StatusCode::OK, json),
+            Err(e) => refuse(e),
+        }
+    }
+
+    async fn try_call(
+        &self,
+        authorization: Option<&str>,
+        body: &[u8],
+    ) -> Result<serde_json::Value, CredentialsError> {
+        let token = authorization
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(CredentialsError::NoToken)?;
+        let req: CredentialsRequest = serde_json::from_slice(body)
+            .map_err(|e| CredentialsError::BadRequest(e.to_string()))?;
+        let cache =
+            CacheRef::from_parts(&req.kind, &req.namespace, &req.name).ok_or_else(|| {
+                CredentialsError::BadRequest(format!(
+                    "kind {:?} is neither GKMCache nor ClusterGKMCache",
+                    req.kind
+                ))
+            })?;
+        if matches!(&cache, CacheRef::Namespaced { namespace, .. } if namespace.is_empty()) {
+            return Err(CredentialsError::BadRequest(
+                "a GKMCache needs its namespace".into(),
+            ));
+        }
+        let node = self.review(token).await?;
+        let shown = format!("{} {cache}", cache.kind());
+        let span = tracing::info_span!("pull_credentials", node = %node, cache = %shown);
+        tracing::Instrument::instrument(self.serve(node, cache, shown.clone()), span).await
+    }
+
+    /// The credentials of `cache` for `node`, once the caller is known to be its agent.
+    async fn serve(
+        &self,
+        node: String,
+        cache: CacheRef,
+        shown: String,
+    ) -> Result<serde_json::Value, CredentialsError> {
+        let (image, secrets, workload_namespaces) = self.cache(&cache).await?;
+        if secrets.is_empty() {
+            return Err(CredentialsError::NoPullSecrets { cache: shown });
+        }
+        if !self.entitled(&node, &cache, &workload_namespaces).await? {
+            return Err(CredentialsError::NotEntitled { node, cache: shown });
+        }
+        let registry = gkm_image::oci::parse_reference(&image)
+            .map_err(|e| CredentialsError::BadRequest(format!("{shown}: {e}")))?
+            .registry()
+            .to_string();
+        let all = PullSecrets::for_cache(
+            Some(&PullSecrets::new(self.client.clone())),
+            &cache,
+            &secrets,
+            self.trust.policy().pull_secret_namespace.as_deref(),
+        )
+        .await
+        .map_err(|source| CredentialsError::Secret {
+            cache: shown.clone(),
+            source,
+        })?;
+        info!(registry = %registry, secrets = ?secrets, "pull credentials served");
+        let one = all.only_for(&registry);
+        serde_json::from_str(&one.to_json()).map_err(|e| CredentialsError::Api(e.to_string()))
+    }
+
+    /// The node of the agent whose token this is.
+    async fn review(&self, token: &str) -> Result<String, CredentialsError> {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: token.to_string(),
+                audiences: Some(vec![AUDIENCE.to_string()]),
+            },
+            ..Default::default()
+        };
+        let done = Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| CredentialsError::Api(format!("TokenReview: {e}")))?;
+        let status = done.status.unwrap_or_default();
+        let user = match (status.authenticated, status.user) {
+            (Some(true), Some(user))
+                if status
+                    .audiences
+                    .as_ref()
+                    .is_some_and(|a| a.iter().any(|a| a == AUDIENCE)) =>
+            {
+                user
+            }
+            _ => {
+                return Err(CredentialsError::Unauthenticated(format!(
+                    "not a valid token of audience {AUDIENCE}{}",
+                    status.error.map(|e| format!(": {e}")).unwrap_or_default()
+                )));
+            }
+        };
+        node_of(
+            user.username.as_deref().unwrap_or_default(),
+            user.extra.as_ref(),
+            &self.agent,
+        )
+    }
+
+    /// `cache`'s image, pull secret names and workload namespaces.
+    async fn cache(
+        &self,
+        cache: &CacheRef,
+    ) -> Result<(String, Vec<String>, Vec<String>), CredentialsError> {
+        let shown = format!("{} {cache}", cache.kind());
+        let api_err = |e: kube::Error| CredentialsError::Api(format!("reading {shown}: {e}"));
+        let names =
+            |s: &[gkm_api::PullSecretRef]| s.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+        match cache {
+            CacheRef::Namespaced { namespace, name } => {
+                let c = Api::<GKMCache>::namespaced(self.client.clone(), namespace)
+                    .get_opt(name)
+                    .await
+                    .map_err(api_err)?
+                    .ok_or_else(|| CredentialsError::NoSuchCache {
+                        cache: shown.clone(),
+                    })?;
+                Ok((c.spec.image, names(&c.spec.image_pull_secrets), Vec::new()))
+            }
+            CacheRef::Cluster { name } => {
+                let c = Api::<ClusterGKMCache>::all(self.client.clone())
+                    .get_opt(name)
+                    .await
+                    .map_err(api_err)?
+                    .ok_or_else(|| CredentialsError::NoSuchCache {
+                        cache: shown.clone(),
+                    })?;
+                Ok((
+                    c.spec.image,
+                    names(&c.spec.image_pull_secrets),
+                    c.spec.workload_namespaces,
+                ))
+            }
+        }
+    }
+
+    /// Whether a pod bound to `node` mounts `cache`.
+    async fn entitled(
+        &self,
+        node: &str,
+        cache: &CacheRef,
+        workload_namespaces: &[String],
+    ) -> Result<bool, CredentialsError> {
+        let pods: Api<Pod> = match cache {
+            CacheRef::Namespaced { namespace, .. } => {
+                Api::namespaced(self.client.clone(), namespace)
+            }
+            CacheRef::Cluster { .. } => Api::all(self.client.clone()),
+        };
+        let on_node = ListParams::default().fields(&format!("spec.nodeName={node}"));
+        let list = pods
+            .list(&on_node)
+            .await
+            .map_err(|e| CredentialsError::Api(format!("listing the pods of node {node}: {e}")))?;
+        Ok(list
+            .items
+            .iter()
+            .any(|p| pod_mounts(p, cache, workload_namespaces)))
+    }
+}
+
+/// The answer to a refused request.
+pub fn refuse(e: CredentialsError) -> (StatusCode, serde_json::Value) {
+    warn!(reason = e.label(), error = %e, "pull credentials refused");
+    (
+        e.status(),
+        serde_json::json!({"reason": e.label(), "message": e.to_string()}),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{CSIVolumeSource, PodSpec, PodStatus, Volume};
+
+    const AGENT: &str = "system:serviceaccount:gkm-system:gkm-agent";
+
+    #[test]
+    fn only_the_agent_with_a_node_bound_token_is_served() {
+        let extra = |n: &str| {
+            [(NODE_NAME_EXTRA.to_string(), vec![n.to_string()])]
+                .into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        assert_eq!(node_of(AGENT, Some(&extra("n1")), AGENT).unwrap(), "n1");
+        let e = node_of(
+            "system:serviceaccount:team:default",
+            Some(&extra("n1")),
+            AGENT,
+        )
+        .unwrap_err();
+        assert_eq!(e.status(), StatusCode::FORBIDDEN);
+        assert_eq!(e.label(), "not_the_agent");
+        let e = node_of(AGENT, None, AGENT).unwrap_err();
+        assert_eq!(e.label(), "no_node");
+        let e = node_of(AGENT, Some(&extra("")), AGENT).unwrap_err();
+        assert_eq!(e.label(), "no_node");
+    }
+
+    fn pod(ns: &str, attrs: &[(&str, &str)], phase: Option<&str>) -> Pod {
+        Pod {
+            metadata: kube::api::ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some("p".into()),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                volumes: Some(vec![Volume {
+                    name: "kernels".into(),
+                    csi: Some(CSIVolumeSource {
+                        driver: DRIVER_NAME.into(),
+                        volume_attributes: Some(
+                            attrs
+                                .iter()
+                                .map(|(k, v)| (k.to_string(), v.to_string()))
+                                .collect(),
+                        ),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            status: phase.map(|p| PodStatus {
+                phase: Some(p.into()),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_pod_entitles_its_node_only_to_caches_it_may_mount() {
+        use gkm_api::volume::{ATTR_CACHE, ATTR_CLUSTER_CACHE, ATTR_NAMESPACE};
+        let mine = CacheRef::Namespaced {
+            namespace: "team".into(),
+            name: "k".into(),
+        };
+        let cluster = CacheRef::Cluster {
+            name: "shared".into(),
+        };
+        let p = pod("team", &[(ATTR_CACHE, "k"), (ATTR_NAMESPACE, "team")], None);
+        assert!(pod_mounts(&p, &mine, &[]));
+        assert!(!pod_mounts(&p, &cluster, &[]));
+        // Another namespace's pod naming this namespace's cache does not count.
+        let other = pod("evil", &[(ATTR_CACHE, "k"), (ATTR_NAMESPACE, "team")], None);
+        assert!(!pod_mounts(&other, &mine, &[]));
+        // Finished pods do not count.
+        let done = pod(
+            "team",
+            &[(ATTR_CACHE, "k"), (ATTR_NAMESPACE, "team")],
+            Some("Succeeded"),
+        );
+        assert!(!pod_mounts(&done, &mine, &[]));
+        // A cluster cache: only from the namespaces it admits.
+        let c = pod("team", &[(ATTR_CLUSTER_CACHE, "shared")], Some("Running"));
+        assert!(pod_mounts(&c, &cluster, &[]));
+        assert!(pod_mounts(&c, &cluster, &["team".into()]));
+        assert!(!pod_mounts(&c, &cluster, &["ml".into()]));
+    }
+
+    #[test]
+    fn every_refusal_has_one_status_and_a_label() {
+        let all = [
+            CredentialsError::NoToken,
+            CredentialsError::Unauthenticated("x".into()),
+            CredentialsError::NotTheAgent {
+                user: "u".into(),
+                agent: AGENT.into(),
+            },
+            CredentialsError::NoNode { user: "u".into() },
+            CredentialsError::BadRequest("x".into()),
+            CredentialsError::NoSuchCache { cache: "c".into() },
+            CredentialsError::NoPullSecrets { cache: "c".into() },
+            CredentialsError::NotEntitled {
+                node: "n".into(),
+                cache: "c".into(),
+            },
+            CredentialsError::Api("x".into()),
+            CredentialsError::NotServed,
+        ];
+        for e in all {
+            let (status, body) = refuse(e);
+            assert!(status.is_client_error() || status.is_server_error());
+            assert!(body["reason"].as_str().is_some_and(|r| !r.is_empty()));
+        }
+    }
+}
