@@ -584,7 +584,40 @@ fn choose_targets(
 
 /// Builds the image of the cache directory `dir` (blocking: reads the whole tree).
 pub fn build(dir: &Path, opts: &BuildOptions) -> Result<BuiltImage, BuildError> {
+    build_with(dir, opts, &PackProgress::default())
+}
+
+/// How far packing has come: bytes of the cache's files read into the layer, out of their
+/// total (0 until the directory is scanned). Shared between [`build_with`], which adds to
+/// it, and whoever shows it (the `gkm` CLI's progress bar), which reads it when it likes.
+#[derive(Debug, Default)]
+pub struct PackProgress {
+    total: std::sync::atomic::AtomicU64,
+    done: std::sync::atomic::AtomicU64,
+}
+
+impl PackProgress {
+    /// Bytes of the cache's regular files packed so far (uncompressed).
+    pub fn done(&self) -> u64 {
+        self.done.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The cache's regular files' total size in bytes; 0 until the directory is scanned.
+    pub fn total(&self) -> u64 {
+        self.total.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// [`build`], counting the bytes packed into `progress`.
+pub fn build_with(
+    dir: &Path,
+    opts: &BuildOptions,
+    progress: &PackProgress,
+) -> Result<BuiltImage, BuildError> {
     let scan = scan(dir, opts.kind)?;
+    progress
+        .total
+        .store(scan.size_bytes, std::sync::atomic::Ordering::Relaxed);
     let targets = choose_targets(dir, &scan, opts)?;
     let kind = opts.kind;
     let summary = summary_json(&targets);
@@ -607,7 +640,13 @@ pub fn build(dir: &Path, opts: &BuildOptions) -> Result<BuiltImage, BuildError> 
             "creating a temporary folder in",
             &std::env::temp_dir(),
         ))?;
-    let layer = write_layer(dir, &scan, &manifest_json, &tmp.path().join("layer.tar.gz"))?;
+    let layer = write_layer(
+        dir,
+        &scan,
+        &manifest_json,
+        &tmp.path().join("layer.tar.gz"),
+        progress,
+    )?;
 
     let config = serde_json::to_vec(&serde_json::json!({
         "architecture": crate::oci::pull::go_arch(),
@@ -729,6 +768,7 @@ fn write_layer(
     scan: &Scan,
     manifest_json: &[u8],
     out: &Path,
+    progress: &PackProgress,
 ) -> Result<LayerBlob, BuildError> {
     let file = std::fs::File::create(out).map_err(io_err("creating", out))?;
     let compressed = Hashing::new(BufWriter::with_capacity(1 << 20, file));
@@ -761,6 +801,7 @@ fn write_layer(
                     inner: f.take(*size),
                     count: 0,
                     error: None,
+                    progress,
                 };
                 tar.append_data(&mut h, &name, &mut reader).map_err(|e| {
                     match reader.error.take() {
@@ -812,18 +853,23 @@ fn write_layer(
     })
 }
 
-/// A reader that counts, and keeps the source's own error (tar reports its own words).
-struct Counting<R> {
+/// A reader that counts (also into the build's `progress`), and keeps the source's own
+/// error (tar reports its own words).
+struct Counting<'a, R> {
     inner: R,
     count: u64,
     error: Option<io::Error>,
+    progress: &'a PackProgress,
 }
 
-impl<R: Read> Read for Counting<R> {
+impl<R: Read> Read for Counting<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self.inner.read(buf) {
             Ok(n) => {
                 self.count += n as u64;
+                self.progress
+                    .done
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 Ok(n)
             }
             Err(e) => {
@@ -1034,6 +1080,28 @@ mod tests {
             serde_json::from_slice(&cache_manifest_json(&s, &s.found_targets)).unwrap();
         assert_eq!(m["vllm"][1]["vllmHash"], "edf531ca35");
         assert_eq!(m["vllm"][1]["TritonCacheEntries"][0]["arch"], "gfx90a");
+    }
+
+    /// Packing counts every byte of the cache's files, out of the total the scan found.
+    #[test]
+    fn packing_counts_the_files_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        kernel(
+            d.path(),
+            "AAA",
+            "add",
+            r#"{"backend": "cuda", "arch": 90, "warp_size": 32}"#,
+        );
+        std::fs::write(d.path().join("AAA/big.bin"), vec![3u8; 300_000]).unwrap();
+        let opts = BuildOptions {
+            kind: CacheKind::Triton,
+            targets: vec![],
+        };
+        let progress = PackProgress::default();
+        let image = build_with(d.path(), &opts, &progress).unwrap();
+        assert!(image.size_bytes > 300_000, "{}", image.size_bytes);
+        assert_eq!(progress.total(), image.size_bytes);
+        assert_eq!(progress.done(), image.size_bytes);
     }
 
     #[test]

@@ -192,19 +192,24 @@ impl Inspection {
     }
 }
 
-/// A progress bar on stderr for `progress` (bytes, rate, ETA), redrawn ten times a second
-/// until the returned guard is dropped; nothing at all when `quiet` or when stderr is not a
-/// terminal, so logs and pipes get only the final lines.
-fn progress_bar(progress: std::sync::Arc<oci::PullProgress>, quiet: bool) -> impl Drop {
+/// A progress bar on stderr (`{verb} bytes/total [bar] rate ETA`) for what `read` returns,
+/// `(total, done)` in bytes, redrawn ten times a second until the returned guard is
+/// dropped, which clears it; nothing at all when `quiet` or when stderr is not a terminal,
+/// so logs and pipes get only the final lines.
+fn progress_bar(
+    verb: &str,
+    quiet: bool,
+    read: impl Fn() -> (u64, u64) + Send + 'static,
+) -> impl Drop {
     use std::io::IsTerminal as _;
     let bar = if quiet || !std::io::stderr().is_terminal() {
         indicatif::ProgressBar::hidden()
     } else {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} pulling {bytes}/{total_bytes} [{wide_bar}] {binary_bytes_per_sec} ETA {eta}",
-            )
+            indicatif::ProgressStyle::with_template(&format!(
+                "{{spinner}} {verb} {{bytes}}/{{total_bytes}} [{{wide_bar}}] {{binary_bytes_per_sec}} ETA {{eta}}",
+            ))
             .expect("a valid template")
             .progress_chars("=> "),
         );
@@ -213,8 +218,9 @@ fn progress_bar(progress: std::sync::Arc<oci::PullProgress>, quiet: bool) -> imp
     let drawn = bar.clone();
     let ticker = tokio::spawn(async move {
         loop {
-            drawn.set_length(progress.total());
-            drawn.set_position(progress.done());
+            let (total, done) = read();
+            drawn.set_length(total);
+            drawn.set_position(done);
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     });
@@ -226,6 +232,112 @@ fn progress_bar(progress: std::sync::Arc<oci::PullProgress>, quiet: bool) -> imp
         }
     }
     Guard(bar, ticker)
+}
+
+/// One progress bar per streamed blob upload in `progress` on stderr (bytes, rate, ETA),
+/// as `docker push` shows them, redrawn ten times a second until the returned guard is
+/// dropped. `verbs` name the work while it runs and once done (`("pushing", "pushed")`); a
+/// finished blob leaves one line (`  pushed sha256:<12 hex>: 1.50 MiB in 2s`), a failed one
+/// none (the error says what failed). Nothing at all when `quiet` or when stderr is not a
+/// terminal, so logs and pipes get only the final lines.
+fn upload_bars(
+    progress: std::sync::Arc<oci::PushProgress>,
+    verbs: (&'static str, &'static str),
+    quiet: bool,
+) -> impl Drop {
+    use std::io::IsTerminal as _;
+    use std::sync::{Arc, Mutex};
+
+    struct Bars {
+        multi: indicatif::MultiProgress,
+        progress: Arc<oci::PushProgress>,
+        /// One per blob of `progress.blobs()`, in the same order.
+        bars: Vec<indicatif::ProgressBar>,
+        verbs: (&'static str, &'static str),
+    }
+    impl Bars {
+        /// Brings the bars up to the uploads' state: new bars for new uploads, positions,
+        /// and the finished ones turned into their last line.
+        fn update(&mut self) {
+            let blobs = self.progress.blobs();
+            let (doing, done) = self.verbs;
+            for blob in &blobs[self.bars.len()..] {
+                let bar = self.multi.add(indicatif::ProgressBar::new(blob.total));
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(&format!(
+                        "{{spinner}} {doing} {{prefix}} {{bytes}}/{{total_bytes}} [{{wide_bar}}] {{binary_bytes_per_sec}} ETA {{eta}}"
+                    ))
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+                );
+                // Docker's short form: the digest's first 12 hex digits.
+                let short = match blob.digest.split_once(':') {
+                    Some((alg, hex)) => {
+                        format!("{alg}:{}", hex.chars().take(12).collect::<String>())
+                    }
+                    None => blob.digest.clone(),
+                };
+                bar.set_prefix(short);
+                self.bars.push(bar);
+            }
+            for (bar, blob) in self.bars.iter().zip(&blobs) {
+                if bar.is_finished() {
+                    continue;
+                }
+                bar.set_position(blob.done().min(blob.total));
+                match blob.state() {
+                    oci::BlobState::Sending => {}
+                    oci::BlobState::Done => {
+                        // A printed line rather than a finished bar: indicatif leaves the
+                        // cursor after its last bar, where the final output would follow.
+                        let _ = self.multi.println(format!(
+                            "  {done} {}: {} in {:#}",
+                            bar.prefix(),
+                            indicatif::HumanBytes(blob.total),
+                            indicatif::HumanDuration(bar.elapsed())
+                        ));
+                        bar.finish_and_clear();
+                    }
+                    oci::BlobState::Failed => bar.finish_and_clear(),
+                }
+            }
+        }
+    }
+
+    struct Guard(Option<(Arc<Mutex<Bars>>, tokio::task::JoinHandle<()>)>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if let Some((bars, ticker)) = self.0.take() {
+                ticker.abort();
+                let mut bars = bars.lock().unwrap_or_else(|e| e.into_inner());
+                // The last state, so that uploads done since the last tick get their line.
+                bars.update();
+                for bar in &bars.bars {
+                    if !bar.is_finished() {
+                        bar.finish_and_clear();
+                    }
+                }
+            }
+        }
+    }
+
+    if quiet || !std::io::stderr().is_terminal() {
+        return Guard(None);
+    }
+    let bars = Arc::new(Mutex::new(Bars {
+        multi: indicatif::MultiProgress::new(),
+        progress,
+        bars: Vec::new(),
+        verbs,
+    }));
+    let drawn = bars.clone();
+    let ticker = tokio::spawn(async move {
+        loop {
+            drawn.lock().unwrap_or_else(|e| e.into_inner()).update();
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    Guard(Some((bars, ticker)))
 }
 
 /// `gkm pull IMAGE@DIGEST --store DIR`: pull and extract into a store, as the agent does,
@@ -246,7 +358,8 @@ pub async fn pull(
     })?;
     let start = Instant::now();
     let progress = std::sync::Arc::new(oci::PullProgress::new());
-    let bar = progress_bar(progress.clone(), quiet);
+    let shown = progress.clone();
+    let bar = progress_bar("pulling", quiet, move || (shown.total(), shown.done()));
     let e = store.ensure_with(&pinned, &puller, Some(progress)).await;
     drop(bar);
     let e = e?;
@@ -374,11 +487,15 @@ pub struct BuildRequest {
     pub sign_key: Option<PathBuf>,
     /// `--oci-layout`: write an OCI image layout directory instead of pushing.
     pub oci_layout: Option<PathBuf>,
+    /// `--quiet`: no progress bars for packing and uploading (they are shown only when
+    /// stderr is a terminal).
+    pub quiet: bool,
 }
 
 /// `gkm build DIR --kind triton|inductor|vllm -t REF`: packages a kernel cache directory as an MCV
 /// image, pushes it (or writes an OCI layout) and signs it when asked. Progress goes to
-/// stderr; the returned line (`REPO@sha256:…`, or `PATH@sha256:…` for a layout) is what
+/// stderr (on a terminal, unless `quiet`, also bars for packing and for each blob
+/// uploaded); the returned line (`REPO@sha256:…`, or `PATH@sha256:…` for a layout) is what
 /// the command prints on stdout.
 pub async fn build(req: &BuildRequest, registry: &RegistryArgs) -> Result<String> {
     use crate::build::{self as b, BuildOptions};
@@ -425,7 +542,12 @@ pub async fn build(req: &BuildRequest, registry: &RegistryArgs) -> Result<String
     eprintln!("Building a {kind} cache image of {}", req.dir.display());
     let dir = req.dir.clone();
     let opts = BuildOptions { kind, targets };
-    let image = tokio::task::spawn_blocking(move || b::build(&dir, &opts)).await??;
+    let progress = std::sync::Arc::new(b::PackProgress::default());
+    let shown = progress.clone();
+    let bar = progress_bar("packing", req.quiet, move || (shown.total(), shown.done()));
+    let image = tokio::task::spawn_blocking(move || b::build_with(&dir, &opts, &progress)).await;
+    drop(bar);
+    let image = image??;
     let render = |ts: &[crate::gpu::CacheTarget]| {
         ts.iter()
             .map(ToString::to_string)
@@ -461,9 +583,13 @@ pub async fn build(req: &BuildRequest, registry: &RegistryArgs) -> Result<String
         return Ok(format!("{shown}@{digest}"));
     };
 
-    let pusher = registry.pusher()?;
+    let progress = std::sync::Arc::new(oci::PushProgress::new());
+    let pusher = registry.pusher()?.with_progress(progress.clone());
     eprintln!("Pushing to {}", reference.whole());
-    let pinned = b::push(&pusher, &image, &reference).await?;
+    let bars = upload_bars(progress, ("pushing", "pushed"), req.quiet);
+    let pinned = b::push(&pusher, &image, &reference).await;
+    drop(bars);
+    let pinned = pinned?;
     if let Some(key) = key {
         let sig = crate::trust::sign::push_signature(&pusher, &pinned, &key).await?;
         eprintln!("Signed {} ({sig})", pinned.digest());
@@ -505,11 +631,14 @@ pub struct PromoteRequest {
     pub policy: PathBuf,
     /// Overrides `promotion.signKey`.
     pub sign_key: Option<PathBuf>,
+    /// `--quiet`: no copy progress bars (they are shown only when stderr is a terminal).
+    pub quiet: bool,
 }
 
 /// `gkm promote`: verifies the incoming image and copies it, with its signatures, into the
 /// trusted registry, as the controller's verify-and-promote API does (without its
-/// authentication: the caller's registry credentials are the authority here).
+/// authentication: the caller's registry credentials are the authority here). On a
+/// terminal, unless `quiet`, each blob copied shows a progress bar on stderr.
 pub async fn promote(
     req: &PromoteRequest,
     registry: &RegistryArgs,
@@ -524,12 +653,16 @@ pub async fn promote(
         ),
         _ => {}
     }
-    let pusher = registry.pusher()?;
+    let progress = std::sync::Arc::new(oci::PushProgress::new());
+    let pusher = registry.pusher()?.with_progress(progress.clone());
     let trust = std::sync::Arc::new(crate::trust::Verifier::new(policy, pusher.puller().clone()));
     let promoter = crate::promote::Promoter::new(trust, pusher);
-    Ok(promoter
+    let bars = upload_bars(progress, ("copying", "copied"), req.quiet);
+    let promoted = promoter
         .promote(&req.image, req.digest.as_deref(), None)
-        .await?)
+        .await;
+    drop(bars);
+    Ok(promoted?)
 }
 
 /// `gkm promote --server`: asks the cluster's promoter to verify and promote `image` at

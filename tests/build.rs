@@ -121,6 +121,7 @@ fn request(dir: &Path, kind: &str, reference: Option<String>) -> BuildRequest {
         targets: Vec::new(),
         sign_key: None,
         oci_layout: None,
+        quiet: false,
     }
 }
 
@@ -472,4 +473,139 @@ async fn bad_options_are_refused_before_building() {
     req.targets = vec!["cuda:90".into()];
     let e = cli::build(&req, &opts).await.unwrap_err().to_string();
     assert!(e.contains("BACKEND:ARCH:WARP"), "{e}");
+}
+
+/// `gkm ARGS` under util-linux's `script`, which gives it a pseudo-terminal (stdout and
+/// stderr both go to it, and come back as `script`'s stdout); with a TERM, as a terminal
+/// has one (CI runs with none, and indicatif draws nothing on a dumb terminal).
+async fn gkm_on_a_terminal(args: &[&str]) -> std::process::Output {
+    let cmd = std::iter::once(env!("CARGO_BIN_EXE_gkm"))
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    tokio::process::Command::new("script")
+        .args(["-qefc", &cmd, "/dev/null"])
+        .env("TERM", "xterm-256color")
+        .env_remove("COSIGN_PASSWORD")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap()
+}
+
+/// `gkm build` shows its uploads as `docker push` does (one bar per blob: bytes, rate, ETA;
+/// a line per blob pushed) on a terminal, nothing with `--quiet` or when stderr is not a
+/// terminal, and prints the same final line, `REPO@DIGEST`, in every case.
+#[tokio::test]
+async fn gkm_build_shows_upload_progress_on_a_terminal_only() {
+    let registry = shared_registry();
+    let repo = format!("{}/{}", registry.host(), unique_name("build/progress"));
+    // A different cache each time: a layer the registry has already is not uploaded.
+    let cache = |seed: u64| {
+        let dir = tempfile::tempdir().unwrap();
+        triton_cache(dir.path(), seed);
+        dir
+    };
+    let args = |dir: &Path, tag: &str, extra: &[&'static str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "build",
+            dir.to_str().unwrap(),
+            "--kind",
+            "triton",
+            "-t",
+            &format!("{repo}:{tag}"),
+            "--insecure-registry",
+            registry.host(),
+        ]
+        .map(String::from)
+        .to_vec();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    // What the build reports on stderr: `… layer sha256:<hex> (…); image sha256:<hex>`.
+    let built = |out: &str| -> (String, String) {
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with("layer sha256:"))
+            .unwrap_or_else(|| panic!("no layer line:\n{out}"));
+        let word = |after: &str| {
+            line.split(after)
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        (word("layer "), word("image "))
+    };
+
+    // On a terminal: the layer's line (`pushed sha256:<12 hex>: 288.20 KiB in 0s`), then
+    // the final line.
+    let src = cache(21);
+    let a = args(src.path(), "tty", &[]);
+    let tty = gkm_on_a_terminal(&a.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let lines = terminal_lines(&tty.stdout);
+    let shown = lines.join("\n");
+    assert!(tty.status.success(), "{shown}");
+    let (layer, image) = built(&shown);
+    let pushed = format!("pushed {}:", &layer[..19]);
+    let line = lines
+        .iter()
+        .find(|l| l.contains(&pushed))
+        .unwrap_or_else(|| panic!("no progress on a terminal ({pushed}):\n{shown}"));
+    assert!(line.contains("B in "), "no byte count: {line}");
+    assert_eq!(lines.last().unwrap(), &format!("{repo}@{image}"), "{shown}");
+
+    // Quiet on a terminal, and not a terminal: only the final line.
+    let src = cache(22);
+    let a = args(src.path(), "quiet", &["--quiet"]);
+    let quiet = gkm_on_a_terminal(&a.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let lines = terminal_lines(&quiet.stdout);
+    let shown = lines.join("\n");
+    assert!(quiet.status.success(), "{shown}");
+    assert!(
+        !shown.contains("pushed sha256:") && !shown.contains("pushing"),
+        "--quiet shows progress:\n{shown}"
+    );
+    let (_, image) = built(&shown);
+    assert_eq!(lines.last().unwrap(), &format!("{repo}@{image}"), "{shown}");
+
+    let src = cache(23);
+    let a = args(src.path(), "piped", &[]);
+    let (ok, stdout, stderr) = gkm(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]).await;
+    assert!(ok, "{stderr}");
+    assert!(
+        !stderr.contains("pushed sha256:") && !stderr.contains("pushing"),
+        "a pipe shows progress:\n{stderr}"
+    );
+    let (_, image) = built(&stderr);
+    assert_eq!(stdout, format!("{repo}@{image}\n"));
+}
+
+/// `out` as the terminal's lines of text: ANSI control sequences (colours, line clearing)
+/// removed, and a carriage return (indicatif redrawing a line) taken as a line break.
+fn terminal_lines(out: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(out);
+    let mut plain = String::new();
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ parameters, then one final byte in @..~.
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+        .split(['\r', '\n'])
+        .map(|l| l.trim_end().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
 }

@@ -514,3 +514,121 @@ async fn promotion_refuses_tags_reserved_for_artifacts() {
     let done = succeeds(&s, &["promote", &x.by_tag(), "--policy", &s.policy]);
     assert_eq!(done["tag"], "x", "{done}");
 }
+
+/// `gkm promote` shows its copies as `docker push` does (one bar per blob: bytes, rate,
+/// ETA; a line per blob copied) on a terminal, nothing with `--quiet` or when stderr is not
+/// a terminal, and prints the same JSON in every case. The terminal is util-linux's
+/// `script`, with a TERM (CI runs with none; indicatif draws nothing on a dumb terminal).
+#[tokio::test]
+async fn gkm_promote_shows_copy_progress_on_a_terminal_only() {
+    let s = &Setup::new(false).await;
+    let on_a_terminal = |args: &[&str]| {
+        let cmd = std::iter::once(env!("CARGO_BIN_EXE_gkm"))
+            .chain(args.iter().copied())
+            .chain([
+                "--insecure-registry",
+                s.incoming.host(),
+                "--insecure-registry",
+                s.trusted_host,
+            ])
+            .collect::<Vec<_>>()
+            .join(" ");
+        std::process::Command::new("script")
+            .args(["-qefc", &cmd, "/dev/null"])
+            .env("TERM", "xterm-256color")
+            .output()
+            .unwrap()
+    };
+    // The JSON that ends what the terminal shows.
+    let json = |lines: &[String]| -> serde_json::Value {
+        let shown = lines.join("\n");
+        let start = lines
+            .iter()
+            .rposition(|l| l == "{")
+            .unwrap_or_else(|| panic!("no JSON:\n{shown}"));
+        serde_json::from_str(&lines[start..].join("\n")).unwrap_or_else(|e| panic!("{e}:\n{shown}"))
+    };
+    let checked = |done: &serde_json::Value, img: &PushedImage, name: &str| {
+        assert_eq!(
+            done["promoted"],
+            format!("{}/team/{name}@{}", s.trusted, img.digest),
+            "{done}"
+        );
+        // Blobs were sent: a quiet run had something to show.
+        assert!(done["blobs_copied"].as_u64().unwrap() >= 1, "{done}");
+    };
+    // Content of its own each time: a blob the trusted registry has is not copied.
+    let signed = |name: &'static str| async move {
+        let img = push(&s.incoming, &format!("dev/team/{name}"), &unique_name(name)).await;
+        s.signer.sign(&img.by_digest()).await.unwrap();
+        img
+    };
+
+    // On a terminal: a line per blob copied (`  copied sha256:<12 hex>: 1.50 KiB in 0s`).
+    let img = signed("tty").await;
+    let out = on_a_terminal(&["promote", &img.by_tag(), "--policy", &s.policy]);
+    let lines = terminal_lines(&out.stdout);
+    let shown = lines.join("\n");
+    assert!(out.status.success(), "{shown}");
+    let layer =
+        serde_json::from_slice::<serde_json::Value>(&img.manifest).unwrap()["layers"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    let copied = format!("copied {}:", &layer[..19]);
+    let line = lines
+        .iter()
+        .find(|l| l.contains(&copied))
+        .unwrap_or_else(|| panic!("no progress on a terminal ({copied}):\n{shown}"));
+    assert!(line.contains("B in "), "no byte count: {line}");
+    checked(&json(&lines), &img, "tty");
+
+    // Quiet on a terminal, and not a terminal: only the JSON.
+    let img = signed("quiet").await;
+    let out = on_a_terminal(&["promote", &img.by_tag(), "--policy", &s.policy, "--quiet"]);
+    let lines = terminal_lines(&out.stdout);
+    let shown = lines.join("\n");
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        !shown.contains("copied sha256:") && !shown.contains("copying"),
+        "--quiet shows progress:\n{shown}"
+    );
+    checked(&json(&lines), &img, "quiet");
+
+    let img = signed("piped").await;
+    let out = s.gkm(&["promote", &img.by_tag(), "--policy", &s.policy]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("copied sha256:") && !stderr.contains("copying"),
+        "a pipe shows progress:\n{stderr}"
+    );
+    checked(&serde_json::from_slice(&out.stdout).unwrap(), &img, "piped");
+}
+
+/// `out` as the terminal's lines of text: ANSI control sequences (colours, line clearing)
+/// removed, and a carriage return (indicatif redrawing a line) taken as a line break.
+fn terminal_lines(out: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(out);
+    let mut plain = String::new();
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ parameters, then one final byte in @..~.
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+        .split(['\r', '\n'])
+        .map(|l| l.trim_end().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}

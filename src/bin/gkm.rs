@@ -97,6 +97,10 @@ enum Command {
         /// Write an OCI image layout directory instead of pushing.
         #[arg(long = "oci-layout", value_name = "PATH")]
         oci_layout: Option<PathBuf>,
+        /// No progress bars for packing and uploading (they are shown only when stderr is a
+        /// terminal anyway).
+        #[arg(long, short)]
+        quiet: bool,
         #[command(flatten)]
         registry: RegistryArgs,
     },
@@ -148,6 +152,10 @@ enum Command {
             requires = "server"
         )]
         timeout: u64,
+        /// No copy progress bars (they are shown only when stderr is a terminal anyway;
+        /// with --server the cluster copies, and nothing is shown).
+        #[arg(long, short)]
+        quiet: bool,
         #[command(flatten)]
         registry: RegistryArgs,
     },
@@ -249,6 +257,7 @@ async fn run() -> Result<()> {
             targets,
             sign_key,
             oci_layout,
+            quiet,
             registry,
         } => {
             let req = cli::BuildRequest {
@@ -258,6 +267,7 @@ async fn run() -> Result<()> {
                 targets,
                 sign_key,
                 oci_layout,
+                quiet,
             };
             println!("{}", cli::build(&req, &registry).await?);
         }
@@ -275,6 +285,7 @@ async fn run() -> Result<()> {
             token_file,
             ca_file,
             timeout,
+            quiet,
             registry,
         } => {
             let done = match (server, policy) {
@@ -293,6 +304,7 @@ async fn run() -> Result<()> {
                         digest,
                         policy,
                         sign_key,
+                        quiet,
                     };
                     cli::promote(&req, &registry).await?
                 }

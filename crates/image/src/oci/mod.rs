@@ -17,7 +17,7 @@ pub use auth::Credentials;
 pub use extract::{Compression, ExtractError, Limits, Totals, Unsafe};
 pub use image::{CacheLayout, ImageInfo};
 pub use pull::{PullConfig, PullError, PullProgress, Puller};
-pub use push::{PushError, Pusher};
+pub use push::{BlobProgress, BlobState, PushError, PushProgress, Pusher};
 pub use source::{Fault, ImageSource, InMemoryRegistry};
 
 use std::fmt;

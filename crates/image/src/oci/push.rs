@@ -9,7 +9,7 @@ use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
@@ -42,6 +42,100 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
+/// Where a streamed blob upload stands ([`BlobProgress::state`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlobState {
+    /// Bytes are being sent, or the registry's answer is awaited.
+    Sending,
+    /// The registry has the blob.
+    Done,
+    /// The upload failed (or was abandoned); the error goes to the pusher's caller.
+    Failed,
+}
+
+/// One streamed blob upload (a `gkm build` layer, a blob copied by promotion): which blob,
+/// its size, and how many bytes of it were handed to the connection so far. Shared (`Arc`)
+/// between the [`Pusher`], which adds to it as chunks go out, and whoever shows it.
+#[derive(Debug)]
+pub struct BlobProgress {
+    /// The blob's digest, `sha256:<hex>`.
+    pub digest: String,
+    /// What the blob is, as the pusher's caller named it (`the layer`, `blob sha256:…`).
+    pub what: String,
+    /// The blob's size in bytes.
+    pub total: u64,
+    done: AtomicU64,
+    state: AtomicU8,
+}
+
+impl BlobProgress {
+    fn new(digest: &str, what: &str, total: u64) -> Self {
+        Self {
+            digest: digest.to_string(),
+            what: what.to_string(),
+            total,
+            done: AtomicU64::new(0),
+            state: AtomicU8::new(0),
+        }
+    }
+
+    /// Bytes of the blob sent so far (at most [`BlobProgress::total`] once the upload ends).
+    pub fn done(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    /// Whether the upload is under way, done or failed.
+    pub fn state(&self) -> BlobState {
+        match self.state.load(Ordering::Acquire) {
+            0 => BlobState::Sending,
+            1 => BlobState::Done,
+            _ => BlobState::Failed,
+        }
+    }
+
+    fn add(&self, bytes: u64) {
+        self.done.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn end(&self, state: BlobState) {
+        let code = match state {
+            BlobState::Sending => 0,
+            BlobState::Done => 1,
+            BlobState::Failed => 2,
+        };
+        self.state.store(code, Ordering::Release);
+    }
+}
+
+/// The streamed uploads of a [`Pusher`] given it with [`Pusher::with_progress`], in the
+/// order they started. Blobs the registry already had, and small blobs pushed from memory
+/// (configs, signatures), are not listed: they take one quick request. Whoever shows
+/// progress (the `gkm` CLI draws one bar per blob) polls [`PushProgress::blobs`].
+#[derive(Debug, Default)]
+pub struct PushProgress {
+    blobs: std::sync::Mutex<Vec<Arc<BlobProgress>>>,
+}
+
+impl PushProgress {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every upload started so far, oldest first; an index keeps naming the same blob.
+    pub fn blobs(&self) -> Vec<Arc<BlobProgress>> {
+        self.blobs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn start(&self, digest: &str, what: &str, total: u64) -> Arc<BlobProgress> {
+        let blob = Arc::new(BlobProgress::new(digest, what, total));
+        self.blobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(blob.clone());
+        blob
+    }
+}
+
 /// Pushes blobs and manifests to registries.
 pub struct Pusher {
     client: oci_client::Client,
@@ -52,6 +146,8 @@ pub struct Pusher {
     call_timeout: Duration,
     /// Longest time a streamed upload may send nothing.
     stall_timeout: Duration,
+    /// Where streamed uploads are reported, when someone shows them.
+    progress: Option<Arc<PushProgress>>,
 }
 
 impl Pusher {
@@ -86,7 +182,19 @@ impl Pusher {
             puller,
             call_timeout: Duration::from_secs(120),
             stall_timeout: Duration::from_secs(120),
+            progress: None,
         }
+    }
+
+    /// This pusher, reporting each streamed blob upload into `progress`.
+    pub fn with_progress(mut self, progress: Arc<PushProgress>) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    /// The watchdog's record for a streamed upload, listed in `self.progress` if any.
+    fn stream_progress(&self, digest: &str, what: &str, size: u64) -> Progress {
+        Progress::new(self.progress.as_ref().map(|p| p.start(digest, what, size)))
     }
 
     /// The reader with the same registries and credentials.
@@ -184,7 +292,7 @@ impl Pusher {
                 path: path.display().to_string(),
                 source,
             })?;
-        let progress = Progress::new();
+        let progress = self.stream_progress(digest, what, size);
         let stream = file_stream(file, size, progress.clone());
         self.push_stream(reference, stream, progress, digest, size, what)
             .await
@@ -217,12 +325,13 @@ impl Pusher {
                 self.client.pull_blob_stream(source, &desc),
             )
             .await?;
-        let progress = Progress::new();
+        let progress = self.stream_progress(digest, &what, size);
         let p = progress.clone();
         let (mut sent, total) = (0u64, size);
         let stream = body.stream.map(move |chunk| {
             p.touch();
             let chunk = chunk.map_err(OciDistributionError::IoError)?;
+            p.advance(chunk.len() as u64);
             sent += chunk.len() as u64;
             if sent >= total {
                 p.sent.store(true, Ordering::Release);
@@ -243,6 +352,8 @@ impl Pusher {
         size: u64,
         what: &str,
     ) -> Result<(), PushError> {
+        // Failed unless marked done, also when this future is dropped half-way.
+        let _ended = progress.ended_on_drop();
         self.auth(reference).await;
         let upload = self
             .client
@@ -253,7 +364,11 @@ impl Pusher {
                 Err(OciDistributionError::GenericError(Some(stalled)))
             }
         };
-        self.uploaded(reference, digest, what, pushed).await
+        let result = self.uploaded(reference, digest, what, pushed).await;
+        if result.is_ok() {
+            progress.end(BlobState::Done);
+        }
+        result
     }
 
     /// Checks the outcome of a blob upload. Some registries (go-containerregistry's among
@@ -331,23 +446,54 @@ impl Pusher {
     }
 }
 
-/// How far a streamed upload got: when it last took a chunk, and whether it took the last.
+/// How far a streamed upload got: when it last took a chunk, and whether it took the last;
+/// and, when someone shows uploads, its bytes in `blob`.
 #[derive(Clone)]
 struct Progress {
     last: Arc<std::sync::Mutex<Instant>>,
     sent: Arc<AtomicBool>,
+    blob: Option<Arc<BlobProgress>>,
 }
 
 impl Progress {
-    fn new() -> Self {
+    fn new(blob: Option<Arc<BlobProgress>>) -> Self {
         Self {
             last: Arc::new(std::sync::Mutex::new(Instant::now())),
             sent: Default::default(),
+            blob,
         }
     }
 
     fn touch(&self) {
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    /// `bytes` more were handed to the connection.
+    fn advance(&self, bytes: u64) {
+        if let Some(b) = &self.blob {
+            b.add(bytes);
+        }
+    }
+
+    fn end(&self, state: BlobState) {
+        if let Some(b) = &self.blob {
+            b.end(state);
+        }
+    }
+
+    /// A guard that marks the upload failed when dropped, unless it was marked done first.
+    fn ended_on_drop(&self) -> impl Drop + use<> {
+        struct Ended(Option<Arc<BlobProgress>>);
+        impl Drop for Ended {
+            fn drop(&mut self) {
+                if let Some(b) = &self.0
+                    && b.state() == BlobState::Sending
+                {
+                    b.end(BlobState::Failed);
+                }
+            }
+        }
+        Ended(self.blob.clone())
     }
 
     /// Resolves, with the reason, once nothing was taken for `stall` while sending, or the
@@ -397,6 +543,7 @@ fn file_stream(
                 )));
             }
             buf.truncate(n);
+            progress.advance(n as u64);
             let done = done + n as u64;
             if done >= size {
                 // The last chunk: from now on the registry's answer is awaited.
@@ -405,4 +552,48 @@ fn file_stream(
             Ok(Some((bytes::Bytes::from(buf), (f, done))))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file streamed for upload counts every byte into its listed blob, which stays
+    /// `Sending` until the upload ends, and reads `Failed` if it ends without being done.
+    #[tokio::test]
+    async fn streamed_bytes_are_counted_into_the_listed_blob() {
+        let path = std::env::temp_dir().join(format!("gkm-push-progress-{}", std::process::id()));
+        let size = (2 << 20) + 123;
+        std::fs::write(&path, vec![7u8; size]).unwrap();
+        let shown = PushProgress::new();
+        let progress = Progress::new(Some(shown.start("sha256:ab", "the layer", size as u64)));
+        let file = tokio::fs::File::open(&path).await.unwrap();
+        let chunks: Vec<_> = file_stream(file, size as u64, progress.clone())
+            .collect()
+            .await;
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(chunks.len(), 3);
+        let blobs = shown.blobs();
+        assert_eq!(blobs.len(), 1);
+        let blob = &blobs[0];
+        assert_eq!(
+            (blob.digest.as_str(), blob.what.as_str()),
+            ("sha256:ab", "the layer")
+        );
+        assert_eq!((blob.done(), blob.total), (size as u64, size as u64));
+        assert_eq!(blob.state(), BlobState::Sending);
+        drop(progress.ended_on_drop());
+        assert_eq!(blob.state(), BlobState::Failed);
+
+        // Marked done first, the guard leaves it done; unlisted uploads count nothing.
+        let done = Progress::new(Some(shown.start("sha256:cd", "blob sha256:cd", 1)));
+        let guard = done.ended_on_drop();
+        done.end(BlobState::Done);
+        drop(guard);
+        assert_eq!(shown.blobs()[1].state(), BlobState::Done);
+        let unlisted = Progress::new(None);
+        unlisted.advance(5);
+        unlisted.end(BlobState::Done);
+        assert_eq!(shown.blobs().len(), 2);
+    }
 }
