@@ -1006,6 +1006,58 @@ async fn a_running_pull_reports_its_bytes_in_the_node_status() {
     assert_eq!((e.pulled_bytes, e.pull_total_bytes), (None, None));
 }
 
+/// Under the on-demand policy the first publish starts the pull: its bytes show in the
+/// node status as well, while the publish waits.
+#[tokio::test]
+async fn a_pull_started_by_a_publish_reports_its_bytes_too() {
+    let cluster = shared_cluster();
+    let ns = cluster.new_namespace("agent-progress-od").await.unwrap();
+    let repo = "progress/on-demand";
+    let img = big_image(6);
+    let total: u64 = img.layers.iter().map(|l| l.bytes.len() as u64).sum();
+    let (digest, served) = served_image(&img, repo);
+    let registry = StaticRegistry::start_throttled(served, Some(1 << 20))
+        .await
+        .unwrap();
+    let mut c = GKMCache::new("lazy", Default::default());
+    c.spec.image = format!("{}/{repo}:v1", registry.host());
+    c.metadata.annotations =
+        Some([(RESOLVED_DIGEST_ANNOTATION.to_string(), digest.clone())].into());
+    Api::<GKMCache>::namespaced(cluster.admin_client().await.unwrap(), &ns)
+        .create(&PostParams::default(), &c)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), "progress-od-node", registry.host(), &[]).await;
+    // On demand: inspected, not pulled, until a pod mounts it.
+    wait_node(&agent, &ns, "Pending", |n| {
+        state(n, "lazy", &digest) == Some(CacheState::Pending)
+    })
+    .await;
+    let (published, seen) = tokio::join!(agent.publish("od-vol", &ns, "lazy", "od-pod"), async {
+        let n = wait_node(&agent, &ns, "Pulling with bytes", |n| {
+            entry(n, "lazy", &digest).is_some_and(|e| {
+                e.state == CacheState::Pulling && e.pulled_bytes.is_some_and(|b| b > 0)
+            })
+        })
+        .await;
+        entry(n.as_ref(), "lazy", &digest).unwrap().clone()
+    });
+    published.unwrap_or_else(|e| panic!("publish: {e:?}\n{}", agent.log()));
+    assert_eq!(seen.pull_total_bytes, Some(total as i64));
+    println!(
+        "a publish's pull of {total} bytes showed {:?} in the status",
+        seen.pulled_bytes
+    );
+    let n = wait_node(&agent, &ns, "InUse", |n| {
+        state(n, "lazy", &digest) == Some(CacheState::InUse)
+    })
+    .await;
+    let e = entry(n.as_ref(), "lazy", &digest).unwrap();
+    assert_eq!((e.pulled_bytes, e.pull_total_bytes), (None, None));
+    agent.unpublish("od-vol").await;
+}
+
 /// The registry goes away before the agent's first pull and comes back 12 s later: the
 /// node status says why meanwhile, the agent retries with a bounded, growing backoff (no
 /// retry storm), and the digest is extracted once the registry answers again. Prints the

@@ -166,6 +166,7 @@ pub async fn run(
         tokio::spawn(reconcile::gc_loop(ctx.clone())),
         tokio::spawn(reconcile::miss_loop(ctx.clone())),
         tokio::spawn(reconcile::owner_loop(ctx.clone())),
+        tokio::spawn(ctx.clone().watch_pulls()),
         tokio::spawn({
             let ctx = ctx.clone();
             async move { reconcile::queue_startup_work(&ctx).await }

@@ -31,7 +31,7 @@ use crate::api::{ClusterGKMCacheNode, GKMCacheNode, GpuInfo, NodeStatus};
 use crate::csi::{CacheResolver, ResolvedCache, VolumeEvent};
 use crate::gpu::Fitness;
 use crate::metrics::{Metrics, global as metrics};
-use crate::oci::{PinnedRef, PullProgress, Puller, parse_reference};
+use crate::oci::{PinnedRef, Puller, parse_reference};
 use crate::store::{Extracted, Store, StoreError, VolumeRecord};
 
 /// Field manager of the agent's server-side applies.
@@ -174,8 +174,6 @@ struct LoopState {
     phases: HashMap<String, Phase>,
     /// Failed attempts per digest, for the retry backoff.
     attempts: HashMap<String, u32>,
-    /// The pulls under way, by digest: how far each has come.
-    pulls: HashMap<String, Arc<PullProgress>>,
     /// The status last applied per scope (`None`: known not to exist).
     written: HashMap<Scope, Option<NodeStatus>>,
     /// The last Event reason per cache and digest, so each transition is told once.
@@ -443,29 +441,25 @@ impl Context {
         tokio::spawn(async move { ctx.prepare(&image, &digest).await }.instrument(span));
     }
 
-    /// Pulls and extracts `image` into the store, with its progress in the node status:
-    /// while it runs, the digest's scopes are reconciled every [`PULL_STATUS_INTERVAL`], so
-    /// `pulledBytes` moves.
+    /// Pulls and extracts `image` into the store (its progress shows in the node status
+    /// through [`Context::watch_pulls`]).
     async fn pull(self: &Arc<Self>, image: &PinnedRef) -> Result<Extracted, StoreError> {
-        let digest = image.digest().to_string();
-        let progress = Arc::new(PullProgress::new());
-        self.state().pulls.insert(digest.clone(), progress.clone());
-        let ticker = tokio::spawn({
-            let (ctx, digest) = (self.clone(), digest.clone());
-            async move {
-                loop {
-                    tokio::time::sleep(PULL_STATUS_INTERVAL).await;
-                    ctx.requeue_digest(&digest);
-                }
+        self.store.ensure(image, &self.puller).await
+    }
+
+    /// Reconciles the scopes of every digest being pulled, whoever started the pull (this
+    /// loop, or a publish under the on-demand policy), every [`PULL_STATUS_INTERVAL`], so
+    /// `pulledBytes` moves; and once more when a pull has ended. Runs until dropped.
+    pub async fn watch_pulls(self: Arc<Self>) {
+        let mut before: HashSet<String> = HashSet::new();
+        loop {
+            tokio::time::sleep(PULL_STATUS_INTERVAL).await;
+            let now: HashSet<String> = self.store.pulling().into_iter().collect();
+            for digest in now.union(&before) {
+                self.requeue_digest(digest);
             }
-        });
-        let result = self
-            .store
-            .ensure_with(image, &self.puller, Some(progress))
-            .await;
-        ticker.abort();
-        self.state().pulls.remove(&digest);
-        result
+            before = now;
+        }
     }
 
     /// Reads the digest's manifest and config, judges it against the node's GPUs, and
@@ -774,8 +768,8 @@ pub async fn observe(scope: &Scope, ctx: &Arc<Context>) -> Result<Observed, Erro
             facts
                 .usage
                 .insert((c.key.name().to_string(), digest.clone()), u);
-            if let Some(p) = ctx.state().pulls.get(&digest) {
-                facts.pulls.insert(digest.clone(), (p.done(), p.total()));
+            if let Some(p) = ctx.store.pull_progress(&digest) {
+                facts.pulls.insert(digest.clone(), p);
             }
             if let Some(e) = ctx.store.get(&digest)? {
                 facts.labels.insert(digest, e.meta.image.cache_labels());

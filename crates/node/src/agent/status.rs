@@ -111,12 +111,15 @@ pub fn desired_caches(
                 e.kernels_compiled = Some(u.kernels_compiled as i64);
                 e.last_miss = u.last_miss.clone();
             }
-            if e.state == CacheState::Pulling
+            // A pull the loop did not start (a publish, under on-demand) shows too.
+            if matches!(e.state, CacheState::Pulling | CacheState::Pending)
                 && let Some((done, total)) = facts.pulls.get(digest)
-                && *total > 0
             {
-                e.pulled_bytes = Some(*done as i64);
-                e.pull_total_bytes = Some(*total as i64);
+                e.state = CacheState::Pulling;
+                if *total > 0 {
+                    e.pulled_bytes = Some(*done as i64);
+                    e.pull_total_bytes = Some(*total as i64);
+                }
             }
             if let Some(l) = facts.labels.get(digest) {
                 e.triton_versions = l.triton_versions.clone();

@@ -253,6 +253,9 @@ pub struct Store {
     /// One lock per digest: extraction and GC of a digest never overlap, and concurrent
     /// requests for one digest extract it once.
     digest_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The pulls under way, by digest, whoever started them (a publish or the agent's
+    /// loop): what the node status shows as `pulledBytes` of `pullTotalBytes`.
+    pulls: Mutex<HashMap<String, Arc<PullProgress>>>,
 }
 
 impl Store {
@@ -349,6 +352,7 @@ impl Store {
             state: Mutex::new(state),
             extracted: Mutex::new(HashMap::new()),
             digest_locks: Mutex::new(HashMap::new()),
+            pulls: Mutex::new(HashMap::new()),
         })
     }
 
@@ -443,13 +447,38 @@ impl Store {
         let span = info_span!("extract", image = %image, digest = %digest);
         let progress = progress.unwrap_or_default();
         let logger = tokio::spawn(log_progress(progress.clone()).instrument(span.clone()));
+        self.lock_pulls().insert(digest.clone(), progress.clone());
+        // Removed however the pull ends, a dropped (cancelled) call included.
+        struct Done<'a>(&'a Store, &'a str);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.lock_pulls().remove(self.1);
+            }
+        }
+        let done = Done(self, &digest);
         let result = self
             .extract(image, puller, &progress)
             .instrument(span)
             .await;
+        drop(done);
         logger.abort();
         self.touch(&digest);
         result
+    }
+
+    fn lock_pulls(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<PullProgress>>> {
+        self.pulls.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `(bytes received, total bytes)` of the pull of `digest` under way, if one is; the
+    /// total is 0 until the manifest is read.
+    pub fn pull_progress(&self, digest: &str) -> Option<(u64, u64)> {
+        self.lock_pulls().get(digest).map(|p| (p.done(), p.total()))
+    }
+
+    /// The digests being pulled now.
+    pub fn pulling(&self) -> Vec<String> {
+        self.lock_pulls().keys().cloned().collect()
     }
 
     async fn extract(
