@@ -234,32 +234,83 @@ fn progress_bar(
     Guard(bar, ticker)
 }
 
-/// One progress bar per streamed blob upload in `progress` on stderr (bytes, rate, ETA),
-/// as `docker push` shows them, redrawn ten times a second until the returned guard is
-/// dropped. `verbs` name the work while it runs and once done (`("pushing", "pushed")`); a
-/// finished blob leaves one line (`  pushed sha256:<12 hex>: 1.50 MiB in 2s`), a failed one
-/// none (the error says what failed). Nothing at all when `quiet` or when stderr is not a
-/// terminal, so logs and pipes get only the final lines.
-fn upload_bars(
-    progress: std::sync::Arc<oci::PushProgress>,
+/// One blob (a layer pulled, a blob pushed or copied) as [`blob_bars`] draws it.
+struct BlobView {
+    digest: String,
+    total: u64,
+    done: u64,
+    state: oci::BlobState,
+}
+
+/// The uploads of `progress`, as [`blob_bars`] draws them.
+fn uploads(progress: &oci::PushProgress) -> Vec<BlobView> {
+    progress
+        .blobs()
+        .iter()
+        .map(|b| BlobView {
+            digest: b.digest.clone(),
+            total: b.total,
+            done: b.done(),
+            state: b.state(),
+        })
+        .collect()
+}
+
+/// The layers of a pull that have started, as [`blob_bars`] draws them: layers are
+/// streamed one after the other, so layer `i` has `done - (sizes of layers before i)`.
+fn layers(progress: &oci::PullProgress) -> Vec<BlobView> {
+    let done = progress.done();
+    let mut offset = 0;
+    let mut out = Vec::new();
+    // The layers before the one being fetched are complete; later ones have not started.
+    for (digest, size) in progress.layers() {
+        if done < offset {
+            break;
+        }
+        let mine = (done - offset).min(size);
+        out.push(BlobView {
+            digest,
+            total: size,
+            done: mine,
+            state: if mine == size {
+                oci::BlobState::Done
+            } else {
+                oci::BlobState::Sending
+            },
+        });
+        offset += size;
+    }
+    out
+}
+
+/// One progress bar per blob that `snapshot` lists, on stderr (bytes, rate, ETA), as
+/// `docker push` and `docker pull` show them, redrawn ten times a second until the returned
+/// guard is dropped. `snapshot` lists the blobs started so far, oldest first, always in the
+/// same order. `verbs` name the work while it runs and once done (`("pushing", "pushed")`);
+/// a finished blob leaves one line (`  pushed sha256:<12 hex>: 1.50 MiB in 2s`), a failed
+/// one none (the error says what failed). Nothing at all when `quiet` or when stderr is not
+/// a terminal, so logs and pipes get only the final lines.
+fn blob_bars(
+    snapshot: impl Fn() -> Vec<BlobView> + Send + 'static,
     verbs: (&'static str, &'static str),
     quiet: bool,
 ) -> impl Drop {
     use std::io::IsTerminal as _;
     use std::sync::{Arc, Mutex};
 
+    type Snapshot = Box<dyn Fn() -> Vec<BlobView> + Send>;
     struct Bars {
         multi: indicatif::MultiProgress,
-        progress: Arc<oci::PushProgress>,
-        /// One per blob of `progress.blobs()`, in the same order.
+        snapshot: Snapshot,
+        /// One per blob of `snapshot()`, in the same order.
         bars: Vec<indicatif::ProgressBar>,
         verbs: (&'static str, &'static str),
     }
     impl Bars {
-        /// Brings the bars up to the uploads' state: new bars for new uploads, positions,
-        /// and the finished ones turned into their last line.
+        /// Brings the bars up to the blobs' state: new bars for new blobs, positions, and
+        /// the finished ones turned into their last line.
         fn update(&mut self) {
-            let blobs = self.progress.blobs();
+            let blobs = (self.snapshot)();
             let (doing, done) = self.verbs;
             for blob in &blobs[self.bars.len()..] {
                 let bar = self.multi.add(indicatif::ProgressBar::new(blob.total));
@@ -284,8 +335,8 @@ fn upload_bars(
                 if bar.is_finished() {
                     continue;
                 }
-                bar.set_position(blob.done().min(blob.total));
-                match blob.state() {
+                bar.set_position(blob.done.min(blob.total));
+                match blob.state {
                     oci::BlobState::Sending => {}
                     oci::BlobState::Done => {
                         // A printed line rather than a finished bar: indicatif leaves the
@@ -326,7 +377,7 @@ fn upload_bars(
     }
     let bars = Arc::new(Mutex::new(Bars {
         multi: indicatif::MultiProgress::new(),
-        progress,
+        snapshot: Box::new(snapshot),
         bars: Vec::new(),
         verbs,
     }));
@@ -359,7 +410,7 @@ pub async fn pull(
     let start = Instant::now();
     let progress = std::sync::Arc::new(oci::PullProgress::new());
     let shown = progress.clone();
-    let bar = progress_bar("pulling", quiet, move || (shown.total(), shown.done()));
+    let bar = blob_bars(move || layers(&shown), ("pulling", "pulled"), quiet);
     let e = store.ensure_with(&pinned, &puller, Some(progress)).await;
     drop(bar);
     let e = e?;
@@ -586,7 +637,7 @@ pub async fn build(req: &BuildRequest, registry: &RegistryArgs) -> Result<String
     let progress = std::sync::Arc::new(oci::PushProgress::new());
     let pusher = registry.pusher()?.with_progress(progress.clone());
     eprintln!("Pushing to {}", reference.whole());
-    let bars = upload_bars(progress, ("pushing", "pushed"), req.quiet);
+    let bars = blob_bars(move || uploads(&progress), ("pushing", "pushed"), req.quiet);
     let pinned = b::push(&pusher, &image, &reference).await;
     drop(bars);
     let pinned = pinned?;
@@ -657,7 +708,7 @@ pub async fn promote(
     let pusher = registry.pusher()?.with_progress(progress.clone());
     let trust = std::sync::Arc::new(crate::trust::Verifier::new(policy, pusher.puller().clone()));
     let promoter = crate::promote::Promoter::new(trust, pusher);
-    let bars = upload_bars(progress, ("copying", "copied"), req.quiet);
+    let bars = blob_bars(move || uploads(&progress), ("copying", "copied"), req.quiet);
     let promoted = promoter
         .promote(&req.image, req.digest.as_deref(), None)
         .await;

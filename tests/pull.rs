@@ -961,6 +961,11 @@ async fn gkm_pull_shows_progress_on_a_terminal_only() {
         shown.contains("pulling") && shown.contains("MiB") && shown.contains("ETA"),
         "no progress bar on a terminal:\n{shown}"
     );
+    // One bar per layer, as `docker pull` shows them, each leaving its line when done.
+    assert!(
+        shown.contains("pulled sha256:") && shown.contains("MiB in"),
+        "no line for the finished layer:\n{shown}"
+    );
     assert!(
         shown.contains(&format!("digest:       {digest}")),
         "{shown}"

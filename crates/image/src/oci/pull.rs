@@ -223,6 +223,9 @@ impl PullError {
 pub struct PullProgress {
     total: std::sync::atomic::AtomicU64,
     done: std::sync::atomic::AtomicU64,
+    /// `(digest, size)` of each layer, in the order they are streamed (one after the
+    /// other: the first `done` bytes are the first layers').
+    layers: std::sync::Mutex<Vec<(String, u64)>>,
 }
 
 impl PullProgress {
@@ -240,8 +243,19 @@ impl PullProgress {
         self.total.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// A new attempt of `total` bytes starts from zero.
-    pub fn start(&self, total: u64) {
+    /// The layers as `(digest, size in bytes)`, in the order they are pulled; empty until
+    /// the manifest is read.
+    pub fn layers(&self) -> Vec<(String, u64)> {
+        self.layers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A new attempt of `layers` starts from zero.
+    pub fn start(&self, layers: Vec<(String, u64)>) {
+        let total = layers.iter().map(|(_, s)| s).sum();
+        *self.layers.lock().unwrap_or_else(|e| e.into_inner()) = layers;
         self.total
             .store(total, std::sync::atomic::Ordering::Relaxed);
         self.done.store(0, std::sync::atomic::Ordering::Relaxed);
@@ -403,7 +417,12 @@ impl Puller {
         progress: Option<&PullProgress>,
     ) -> Result<Totals, PullError> {
         if let Some(p) = progress {
-            p.start(info.layers.iter().map(|l| l.size).sum());
+            p.start(
+                info.layers
+                    .iter()
+                    .map(|l| (l.digest.clone(), l.size))
+                    .collect(),
+            );
         }
         let name = image.to_string();
         let dest = dest.to_path_buf();
