@@ -638,27 +638,86 @@ async fn caches_pull_with_their_own_secrets_and_only_nodes_running_their_pods_ge
         (404, Some("no_such_cache")),
         "{body}"
     );
-    // Once the pod is gone, the node is no longer entitled.
-    // Bound to a node, a pod waits for its kubelet to confirm a graceful deletion; there
-    // is none here.
-    let now = kube::api::DeleteParams {
-        grace_period_seconds: Some(0),
-        ..Default::default()
-    };
-    pods.delete("basic-user", &now).await.unwrap();
+    // A tenant of another namespace names the same private digest with no credentials:
+    // admitted from the verification memory, but the node that holds the tree pulled with
+    // `basic`'s Secret serves it only to caches that can read it themselves.
+    let thief = cluster.new_namespace("creds-thief").await.unwrap();
+    let mut labelled_thief = labelled.clone();
+    labelled_thief.metadata.name = Some(thief.clone());
+    Api::<Namespace>::all(admin.clone())
+        .patch(
+            &thief,
+            &PatchParams::apply("gkm-test"),
+            &Patch::Apply(&labelled_thief),
+        )
+        .await
+        .unwrap();
+    let by_digest = format!("{}@{basic_digest}", basic_image.rsplit_once(':').unwrap().0);
+    Api::<GKMCache>::namespaced(admin.clone(), &thief)
+        .create(&pp, &cache(&thief, "copy", &by_digest, &[]))
+        .await
+        .unwrap();
+    let attrs = [
+        (gkm::csi::ATTR_CACHE, "copy"),
+        (gkm::csi::ATTR_NAMESPACE, thief.as_str()),
+    ];
+    Api::<Pod>::namespaced(admin.clone(), &thief)
+        .create(&pp, &cache_pod(&thief, "copier", NODE, &attrs, None))
+        .await
+        .unwrap();
+    let target = agent.target("uid-copier", "kernels");
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, body) = ask(&http, port, Some(&agent_token), basic_req.clone()).await;
-        if status == 403 {
-            assert_eq!(body["reason"], "not_entitled");
-            break;
+    let status = loop {
+        // Until the agent's watch has the new cache, the publish says it does not know it.
+        match csi
+            .node_publish_volume(publish_req(&target, &thief, "copy", "copier"))
+            .await
+        {
+            Err(s) if s.code() == tonic::Code::NotFound && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(s) => break s,
+            Ok(_) => panic!("a cache without credentials mounted a privately pulled tree"),
         }
-        assert!(
-            Instant::now() < deadline,
-            "still served after the pod left: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    };
+    assert!(
+        status.message().contains("401"),
+        "the refusal names the registry's answer: {status:?}"
+    );
+
+    // Once the pod is leaving (no kubelet here confirms it: it stays, terminating), the
+    // node is no longer entitled; nor by a mirror pod, which a node makes itself.
+    pods.delete("basic-user", &Default::default())
+        .await
+        .unwrap();
+    let mirror = Pod {
+        metadata: ObjectMeta {
+            name: Some("static-basic".into()),
+            namespace: Some(team.clone()),
+            annotations: Some(BTreeMap::from([(
+                "kubernetes.io/config.mirror".to_string(),
+                "0123".to_string(),
+            )])),
+            ..Default::default()
+        },
+        ..cache_pod(
+            &team,
+            "static-basic",
+            NODE,
+            &[
+                (gkm::csi::ATTR_CACHE, "basic"),
+                (gkm::csi::ATTR_NAMESPACE, team.as_str()),
+            ],
+            None,
+        )
+    };
+    pods.create(&pp, &mirror).await.unwrap();
+    let (status, body) = ask(&http, port, Some(&agent_token), basic_req.clone()).await;
+    assert_eq!(
+        status, 403,
+        "served with a terminating and a mirror pod: {body}"
+    );
+    assert_eq!(body["reason"], "not_entitled");
     drop(agent);
 }
 

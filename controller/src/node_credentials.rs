@@ -35,6 +35,13 @@ pub const PATH: &str = "/pull-credentials";
 pub const AUDIENCE: &str = "gkm.io/pull-credentials";
 /// The TokenReview `extra` key that names the node of the Pod a token is bound to.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+/// The TokenReview `extra` key that names the Pod a token is bound to. Required: a token
+/// bound to a Node object (not a Pod) carries a node name too, and could be requested by
+/// anyone allowed to create tokens for the agent's account without running a pod there.
+pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+/// The annotation kubelet puts on the mirror Pod of a static pod. A node can create
+/// those in any namespace, naming any cache: they never entitle it.
+pub const MIRROR_POD_ANNOTATION: &str = "kubernetes.io/config.mirror";
 /// Request bodies are one small JSON object.
 pub const MAX_BODY: usize = 4 << 10;
 
@@ -59,9 +66,15 @@ pub enum CredentialsError {
     #[error("{user} is not the node agent's service account ({agent})")]
     NotTheAgent { user: String, agent: String },
     #[error(
-        "the token of {user} names no node: use a token bound to the agent's pod (a projected service account token)"
+        "the token of {user} is bound to no pod on a node: use a token bound to the agent's pod (a projected service account token)"
     )]
     NoNode { user: String },
+    #[error("a request body of more than {MAX_BODY} bytes")]
+    TooLarge,
+    #[error("{cache} names no registry the node could be given credentials for: {reason}")]
+    BadCache { cache: String, reason: String },
+    #[error("the imagePullSecrets of {cache} hold no entry for its registry {registry}")]
+    NoEntry { cache: String, registry: String },
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("{cache} does not exist")]
@@ -92,10 +105,19 @@ impl CredentialsError {
             | CredentialsError::NoNode { .. }
             | CredentialsError::NotEntitled { .. } => StatusCode::FORBIDDEN,
             CredentialsError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            CredentialsError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             CredentialsError::NoSuchCache { .. } | CredentialsError::NoPullSecrets { .. } => {
                 StatusCode::NOT_FOUND
             }
-            CredentialsError::Secret { .. } => StatusCode::CONFLICT,
+            // Reading a Secret failed for a reason that may pass (the API server).
+            CredentialsError::Secret {
+                source: PullSecretError::Read { .. } | PullSecretError::NoApiAccess { .. },
+                ..
+            } => StatusCode::SERVICE_UNAVAILABLE,
+            // The cache or its Secrets are wrong: fixing them changes the answer.
+            CredentialsError::Secret { .. }
+            | CredentialsError::BadCache { .. }
+            | CredentialsError::NoEntry { .. } => StatusCode::CONFLICT,
             CredentialsError::Api(_) | CredentialsError::NotServed => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -110,6 +132,9 @@ impl CredentialsError {
             CredentialsError::NotTheAgent { .. } => "not_the_agent",
             CredentialsError::NoNode { .. } => "no_node",
             CredentialsError::BadRequest(_) => "bad_request",
+            CredentialsError::TooLarge => "too_large",
+            CredentialsError::BadCache { .. } => "bad_cache",
+            CredentialsError::NoEntry { .. } => "no_entry_for_registry",
             CredentialsError::NoSuchCache { .. } => "no_such_cache",
             CredentialsError::NoPullSecrets { .. } => "no_pull_secrets",
             CredentialsError::NotEntitled { .. } => "not_entitled",
@@ -133,25 +158,46 @@ pub fn node_of(
             agent: agent.into(),
         });
     }
-    extra
-        .and_then(|e| e.get(NODE_NAME_EXTRA))
-        .and_then(|v| v.first())
-        .filter(|n| !n.is_empty())
-        .cloned()
-        .ok_or_else(|| CredentialsError::NoNode {
+    let one = |key: &str| {
+        extra
+            .and_then(|e| e.get(key))
+            .and_then(|v| v.first())
+            .filter(|n| !n.is_empty())
+            .cloned()
+    };
+    match (one(POD_NAME_EXTRA), one(NODE_NAME_EXTRA)) {
+        (Some(_), Some(node)) => Ok(node),
+        _ => Err(CredentialsError::NoNode {
             user: username.into(),
-        })
+        }),
+    }
 }
 
 /// Whether `pod` (which runs on the node in question) mounts `cache` through a GKM volume
-/// and may: a finished pod does not count, nor one of a namespace the cache does not
-/// admit (`workload_namespaces` of a cluster cache; empty: all).
+/// and may: a finished or terminating pod does not count (a volume already mounted needs
+/// no credentials), nor a node's own mirror pod (a static pod: the node made it), nor one
+/// of a namespace the cache does not admit (`workload_namespaces` of a cluster cache;
+/// empty: all).
 pub fn pod_mounts(pod: &Pod, cache: &CacheRef, workload_namespaces: &[String]) -> bool {
     let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
     let running = !matches!(
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Succeeded" | "Failed")
-    );
+    ) && pod.metadata.deletion_timestamp.is_none();
+    let mirror = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(MIRROR_POD_ANNOTATION))
+        || pod
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.kind == "Node");
+    if mirror {
+        return false;
+    }
     let admitted = match cache {
         CacheRef::Namespaced { namespace, .. } => namespace == ns,
         CacheRef::Cluster { .. } => {
@@ -244,7 +290,10 @@ impl NodeCredentials {
             return Err(CredentialsError::NotEntitled { node, cache: shown });
         }
         let registry = gkm_image::oci::parse_reference(&image)
-            .map_err(|e| CredentialsError::BadRequest(format!("{shown}: {e}")))?
+            .map_err(|e| CredentialsError::BadCache {
+                cache: shown.clone(),
+                reason: e.to_string(),
+            })?
             .registry()
             .to_string();
         let all = PullSecrets::for_cache(
@@ -258,8 +307,14 @@ impl NodeCredentials {
             cache: shown.clone(),
             source,
         })?;
-        info!(registry = %registry, secrets = ?secrets, "pull credentials served");
         let one = all.only_for(&registry);
+        if one.is_empty() {
+            return Err(CredentialsError::NoEntry {
+                cache: shown,
+                registry,
+            });
+        }
+        info!(registry = %registry, secrets = ?secrets, "pull credentials served");
         serde_json::from_str(&one.to_json()).map_err(|e| CredentialsError::Api(e.to_string()))
     }
 
@@ -344,21 +399,33 @@ impl NodeCredentials {
         cache: &CacheRef,
         workload_namespaces: &[String],
     ) -> Result<bool, CredentialsError> {
-        let pods: Api<Pod> = match cache {
+        // Only the namespaces whose pods may mount the cache.
+        let apis: Vec<Api<Pod>> = match cache {
             CacheRef::Namespaced { namespace, .. } => {
-                Api::namespaced(self.client.clone(), namespace)
+                vec![Api::namespaced(self.client.clone(), namespace)]
             }
-            CacheRef::Cluster { .. } => Api::all(self.client.clone()),
+            CacheRef::Cluster { .. } if workload_namespaces.is_empty() => {
+                vec![Api::all(self.client.clone())]
+            }
+            CacheRef::Cluster { .. } => workload_namespaces
+                .iter()
+                .map(|ns| Api::namespaced(self.client.clone(), ns))
+                .collect(),
         };
         let on_node = ListParams::default().fields(&format!("spec.nodeName={node}"));
-        let list = pods
-            .list(&on_node)
-            .await
-            .map_err(|e| CredentialsError::Api(format!("listing the pods of node {node}: {e}")))?;
-        Ok(list
-            .items
-            .iter()
-            .any(|p| pod_mounts(p, cache, workload_namespaces)))
+        for pods in apis {
+            let list = pods.list(&on_node).await.map_err(|e| {
+                CredentialsError::Api(format!("listing the pods of node {node}: {e}"))
+            })?;
+            if list
+                .items
+                .iter()
+                .any(|p| pod_mounts(p, cache, workload_namespaces))
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 }
 
@@ -379,13 +446,26 @@ mod tests {
     const AGENT: &str = "system:serviceaccount:gkm-system:gkm-agent";
 
     #[test]
-    fn only_the_agent_with_a_node_bound_token_is_served() {
+    fn only_the_agent_with_a_pod_bound_token_is_served() {
         let extra = |n: &str| {
-            [(NODE_NAME_EXTRA.to_string(), vec![n.to_string()])]
-                .into_iter()
-                .collect::<std::collections::BTreeMap<_, _>>()
+            [
+                (NODE_NAME_EXTRA.to_string(), vec![n.to_string()]),
+                (POD_NAME_EXTRA.to_string(), vec!["gkm-agent-x7".to_string()]),
+            ]
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
         };
         assert_eq!(node_of(AGENT, Some(&extra("n1")), AGENT).unwrap(), "n1");
+        // Bound to a Node object, not a pod: a node name but no pod.
+        let node_bound = [(NODE_NAME_EXTRA.to_string(), vec!["n1".to_string()])]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            node_of(AGENT, Some(&node_bound), AGENT)
+                .unwrap_err()
+                .label(),
+            "no_node"
+        );
         let e = node_of(
             "system:serviceaccount:team:default",
             Some(&extra("n1")),
@@ -454,6 +534,31 @@ mod tests {
             Some("Succeeded"),
         );
         assert!(!pod_mounts(&done, &mine, &[]));
+        // Terminating pods do not count either.
+        let mut leaving = p.clone();
+        leaving.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()),
+        );
+        assert!(!pod_mounts(&leaving, &mine, &[]));
+        // Nor a node's mirror pod of a static pod, in whatever namespace.
+        let mut mirror = p.clone();
+        mirror.metadata.annotations = Some(
+            [(MIRROR_POD_ANNOTATION.to_string(), "abc".to_string())]
+                .into_iter()
+                .collect(),
+        );
+        assert!(!pod_mounts(&mirror, &mine, &[]));
+        let mut owned = p.clone();
+        owned.metadata.owner_references = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                kind: "Node".into(),
+                name: "n1".into(),
+                api_version: "v1".into(),
+                uid: "u".into(),
+                ..Default::default()
+            },
+        ]);
+        assert!(!pod_mounts(&owned, &mine, &[]));
         // A cluster cache: only from the namespaces it admits.
         let c = pod("team", &[(ATTR_CLUSTER_CACHE, "shared")], Some("Running"));
         assert!(pod_mounts(&c, &cluster, &[]));
@@ -480,6 +585,15 @@ mod tests {
             },
             CredentialsError::Api("x".into()),
             CredentialsError::NotServed,
+            CredentialsError::TooLarge,
+            CredentialsError::BadCache {
+                cache: "c".into(),
+                reason: "r".into(),
+            },
+            CredentialsError::NoEntry {
+                cache: "c".into(),
+                registry: "r.io".into(),
+            },
         ];
         for e in all {
             let (status, body) = refuse(e);

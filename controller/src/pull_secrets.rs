@@ -128,9 +128,8 @@ impl PullSecrets {
         Self { client }
     }
 
-    /// The credentials of Secrets `names` of `namespace`, later names' entries over
-    /// earlier ones' for the same registry (Kubernetes gives the first match for a Pod;
-    /// names are unique per cache, so the difference only shows with overlapping entries).
+    /// The credentials of Secrets `names` of `namespace`; for a registry several of them
+    /// name, the first one's entry (as kubelet tries a Pod's pull secrets in order).
     pub async fn credentials(
         &self,
         namespace: &str,
@@ -138,7 +137,7 @@ impl PullSecrets {
     ) -> Result<Credentials, PullSecretError> {
         let api = Api::<Secret>::namespaced(self.client.clone(), namespace);
         let mut all = Credentials::anonymous();
-        for name in names.iter().rev() {
+        for name in names {
             let secret = match api.get_opt(name).await {
                 Ok(Some(s)) => s,
                 Ok(None) => {
@@ -155,6 +154,7 @@ impl PullSecrets {
                     });
                 }
             };
+            // Earlier names' entries stay on top.
             all = credentials_of(namespace, &secret)?.overlaid_with(&all);
         }
         Ok(all)

@@ -194,9 +194,14 @@ impl<V: ImageVerifier> Admission<V> {
     pub async fn mutate(&self, req: &AdmissionRequest<DynamicObject>) -> Decision {
         let new = view(req.object.as_ref());
         let warnings = legacy_warnings(&new);
+        // New credentials are resolved with again, like a new image: they may not reach
+        // the image at all, or reach another tag state.
         let image_changed = match req.operation {
             Operation::Create => true,
-            Operation::Update => view(req.old_object.as_ref()).image != new.image,
+            Operation::Update => {
+                let old = view(req.old_object.as_ref());
+                old.image != new.image || old.pull_secrets != new.pull_secrets
+            }
             _ => return Decision::Allow { warnings },
         };
         if !image_changed {
@@ -231,7 +236,7 @@ impl<V: ImageVerifier> Admission<V> {
             Operation::Create => true,
             Operation::Update => {
                 let old = view(req.old_object.as_ref());
-                if old.image == new.image {
+                if old.image == new.image && old.pull_secrets == new.pull_secrets {
                     if old.digest != new.digest {
                         return Decision::Deny(format!(
                             "{kind} {name}: {RESOLVED_DIGEST_ANNOTATION} is set by GKM's admission webhook only and may not be added, changed or removed (was {:?}, request has {:?})",

@@ -309,6 +309,7 @@ async fn pull_credentials<V: ImageVerifier, G: Gatekeeper>(
     let authorization = authorization(&req);
     let (status, body) = match read_body(req, MAX_BODY).await {
         Ok(body) => api.call(authorization.as_deref(), &body).await,
+        Err(HttpError::TooLarge { .. }) => refuse(CredentialsError::TooLarge),
         Err(e) => refuse(CredentialsError::BadRequest(e.to_string())),
     };
     json_reply(status, &body)

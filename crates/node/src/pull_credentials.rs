@@ -60,13 +60,13 @@ pub enum CredentialsError {
 
 impl CredentialsError {
     /// Whether asking again later may succeed: not for a missing configuration, nor a
-    /// refusal that is about the cache or this node's standing (the 4xx answers, but
-    /// 403 and 409, which a pod arriving or a Secret being fixed can change).
+    /// refusal about the request itself (400, 404, 413); 401 (a token read just before
+    /// kubelet rotated it), 403 (a pod arriving), 409 (a Secret being fixed) and 5xx may.
     pub fn is_retryable(&self) -> bool {
         match self {
             CredentialsError::NotConfigured { .. } | CredentialsError::BadAnswer { .. } => false,
             CredentialsError::Refused { status, .. } => {
-                !(400..500).contains(status) || matches!(status, 403 | 409)
+                !(400..500).contains(status) || matches!(status, 401 | 403 | 409)
             }
             _ => true,
         }
@@ -126,14 +126,13 @@ impl Broker {
                 cache: shown(&cache.key),
             });
         };
-        if let Some((at, p)) = this
-            .reuse
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&cache.key)
-            && at.elapsed() < REUSE_FOR
         {
-            return Ok(p.clone());
+            let mut reuse = this.reuse.lock().unwrap_or_else(|e| e.into_inner());
+            // Expired credentials leave memory rather than waiting to be replaced.
+            reuse.retain(|_, (at, _)| at.elapsed() < REUSE_FOR);
+            if let Some((_, p)) = reuse.get(&cache.key) {
+                return Ok(p.clone());
+            }
         }
         let credentials = this.fetch(&cache.key).await?;
         let puller = base.with_credentials(&credentials);
@@ -144,7 +143,8 @@ impl Broker {
         Ok(puller)
     }
 
-    /// Forgets reused credentials of `cache` (after a pull with them was refused).
+    /// Forgets reused credentials of `cache` (after the registry refused a pull with them:
+    /// the Secret may have been rotated since).
     pub fn forget(&self, cache: &CacheRef) {
         self.reuse
             .lock()
@@ -242,6 +242,8 @@ impl Broker {
         gkm_image::install_crypto();
         reqwest::Client::builder()
             .tls_certs_only(certs)
+            // The token goes to the controller only, never where a redirect points.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(self.cfg.timeout)
             .connect_timeout(Duration::from_secs(5))
             .build()
@@ -276,6 +278,7 @@ mod tests {
             status,
             message: String::new(),
         };
+        assert!(refused(401).is_retryable());
         assert!(refused(403).is_retryable());
         assert!(refused(409).is_retryable());
         assert!(refused(503).is_retryable());

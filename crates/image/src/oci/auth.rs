@@ -71,10 +71,25 @@ impl Credentials {
     }
 
     pub fn from_json(text: &str) -> Result<Self, String> {
-        let cfg: DockerConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        // serde_json's messages quote the offending value, which may be a password: only
+        // where and what kind of error.
+        let cfg: DockerConfig = serde_json::from_str(text).map_err(|e| {
+            format!(
+                "not a docker config ({:?} error at line {}, column {})",
+                e.classify(),
+                e.line(),
+                e.column()
+            )
+        })?;
         let mut by_host = BTreeMap::new();
+        let mut keys: BTreeMap<String, String> = BTreeMap::new();
         for (key, entry) in cfg.auths {
-            let host = normalise_host(&key);
+            let host = key_host(&key)?;
+            if let Some(other) = keys.insert(host.clone(), key.clone()) {
+                return Err(format!(
+                    "auths[{other:?}] and auths[{key:?}] both name registry {host}"
+                ));
+            }
             let auth = if let Some(token) = entry.registrytoken {
                 RegistryAuth::Bearer(token)
             } else if let (Some(u), Some(p)) = (&entry.username, &entry.password) {
@@ -82,7 +97,8 @@ impl Credentials {
             } else if let Some(encoded) = &entry.auth {
                 let raw = base64::engine::general_purpose::STANDARD
                     .decode(encoded.trim())
-                    .map_err(|e| format!("auths[{key:?}].auth is not base64: {e}"))?;
+                    // The decoder's message names the bad byte: say only what is wrong.
+                    .map_err(|_| format!("auths[{key:?}].auth is not valid base64"))?;
                 let raw = String::from_utf8(raw)
                     .map_err(|_| format!("auths[{key:?}].auth is not UTF-8"))?;
                 let (u, p) = raw
@@ -159,17 +175,43 @@ impl Credentials {
     }
 }
 
-/// `https://index.docker.io/v1/` → `index.docker.io`; `quay.io/` → `quay.io`.
+/// The registry host a docker config key names: `https://index.docker.io/v1/` →
+/// `index.docker.io`, `Quay.io/` → `quay.io`. Keys kubelet would match by repository path
+/// or wildcard (`r.io/team-a`, `*.r.io`) are refused, naming the key: GKM matches whole
+/// registries only, and folding such keys into their host would hand one repository's
+/// credential to another's pulls.
+fn key_host(key: &str) -> Result<String, String> {
+    let k = key.trim();
+    let k = k
+        .strip_prefix("https://")
+        .or_else(|| k.strip_prefix("http://"))
+        .unwrap_or(k);
+    let (host, path) = k.split_once('/').unwrap_or((k, ""));
+    let path = path.trim_end_matches('/');
+    if !matches!(path, "" | "v1" | "v2") {
+        return Err(format!(
+            "auths[{key:?}] names a repository path; GKM matches registries only (write the key as {host:?})"
+        ));
+    }
+    if host.is_empty() || host.contains('*') {
+        return Err(format!(
+            "auths[{key:?}] is not a registry host (wildcards are not supported)"
+        ));
+    }
+    Ok(normalise_host(host))
+}
+
+/// `https://index.docker.io/v1/` → `index.docker.io`; `quay.io/` → `quay.io`; lower case.
 fn normalise_host(key: &str) -> String {
     let k = key.trim();
     let k = k
         .strip_prefix("https://")
         .or_else(|| k.strip_prefix("http://"))
         .unwrap_or(k);
-    let host = k.split('/').next().unwrap_or(k);
-    match host {
+    let host = k.split('/').next().unwrap_or(k).to_ascii_lowercase();
+    match host.as_str() {
         "docker.io" | "registry-1.docker.io" => "index.docker.io".to_string(),
-        h => h.to_string(),
+        _ => host,
     }
 }
 
@@ -224,5 +266,29 @@ mod tests {
         assert!(err.contains("quay.io"), "{err}");
         let err = Credentials::from_json(r#"{"auths": {"r.io": {}}}"#).unwrap_err();
         assert!(err.contains("r.io"), "{err}");
+        // Keys matched by repository path or wildcard elsewhere are refused, not folded.
+        for key in ["r.io/team-a", "*.r.io", "https://r.io/v2/team"] {
+            let json = format!(r#"{{"auths": {{"{key}": {{"auth": "dTpw"}}}}}}"#);
+            let err = Credentials::from_json(&json).unwrap_err();
+            assert!(err.contains(key), "{err}");
+        }
+        let err = Credentials::from_json(
+            r#"{"auths": {"R.io": {"auth": "dTpw"}, "https://r.io/v2/": {"auth": "dTpw"}}}"#,
+        )
+        .unwrap_err();
+        assert!(err.contains("both name registry r.io"), "{err}");
+    }
+
+    #[test]
+    fn errors_never_quote_a_secret() {
+        for json in [
+            r#"{"auths": "hunter2"}"#,
+            r#"{"auths": {"r.io": {"auth": "hunter2!!"}}}"#,
+            r#"{"auths": {"r.io": {"password": 7, "username": "hunter2"}}}"#,
+            r#"hunter2"#,
+        ] {
+            let err = Credentials::from_json(json).unwrap_err();
+            assert!(!err.contains("hunter2"), "{err}");
+        }
     }
 }

@@ -273,6 +273,8 @@ pub struct Puller {
     client: Arc<oci_client::Client>,
     creds: Credentials,
     cfg: PullConfig,
+    /// Whether it carries one cache's own credentials ([`Puller::with_credentials`]).
+    own_credentials: bool,
 }
 
 impl Puller {
@@ -292,6 +294,7 @@ impl Puller {
             client: Arc::new(client),
             creds,
             cfg,
+            own_credentials: false,
         }
     }
 
@@ -299,7 +302,16 @@ impl Puller {
     /// (oci-client caches bearer tokens per registry and repository: a token fetched with
     /// one cache's credentials must never answer for another's).
     pub fn with_credentials(&self, extra: &Credentials) -> Puller {
-        Puller::new(self.cfg.clone(), self.creds.overlaid_with(extra))
+        Puller {
+            own_credentials: true,
+            ..Puller::new(self.cfg.clone(), self.creds.overlaid_with(extra))
+        }
+    }
+
+    /// Whether this puller carries one cache's own credentials: what it pulls may be
+    /// readable with those only.
+    pub fn has_own_credentials(&self) -> bool {
+        self.own_credentials
     }
 
     pub fn config(&self) -> &PullConfig {

@@ -18,11 +18,11 @@ pub mod pods;
 pub mod resolver;
 pub mod server;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{Instrument, info, info_span, warn};
 
@@ -38,7 +38,7 @@ use crate::gpu::Fitness;
 use crate::kernel_cache::MountBase;
 use crate::kernel_cache::misses::{self, Compiled};
 use crate::oci::{PinnedRef, Puller, parse_reference};
-use crate::store::{Extracted, Store, VolumeMount, VolumeRecord};
+use crate::store::{Extracted, Store, StoreError, VolumeMount, VolumeRecord};
 
 /// Generated from `proto/csi.proto`.
 #[allow(clippy::all, missing_docs)]
@@ -124,7 +124,13 @@ pub struct Plugin<R: CacheResolver, M: Mounter> {
     upper_layers: RwLock<Result<(), String>>,
     /// Where caches' pull credentials come from (none: caches naming pull secrets fail).
     credentials: Option<Arc<crate::pull_credentials::Broker>>,
+    /// (cache, digest) pairs whose cache has shown it can read the digest itself.
+    access: Mutex<HashMap<(CacheRef, String), Instant>>,
 }
+
+/// How long a cache's shown access to a privately pulled digest is trusted before it is
+/// checked again with the registry.
+pub const ACCESS_CHECK_TTL: Duration = Duration::from_secs(600);
 
 /// What happened to a volume, for the agent: each publish and unpublish that changed
 /// something (it reconciles that cache's node object and runs its GC), and what the pod's
@@ -208,6 +214,7 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
             pods: std::sync::OnceLock::new(),
             upper_layers: RwLock::new(Ok(())),
             credentials: None,
+            access: Mutex::default(),
         }
     }
 
@@ -638,26 +645,39 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
             cache: cache.key.to_string(),
             source: Box::new(e),
         };
-        if let Some(e) = self.store.get(digest).map_err(store_err)? {
-            return Ok(e);
-        }
         let reference = parse_reference(&cache.image).map_err(|e| {
             CsiError::BadAttributes(format!("cache {} has a bad image: {e}", cache.key))
         })?;
         let pinned = PinnedRef::new(&reference, digest)
             .map_err(|e| CsiError::BadAttributes(format!("cache {}: {e}", cache.key)))?;
-        let puller = crate::pull_credentials::Broker::puller_for(
-            self.credentials.as_deref(),
-            &self.puller,
-            cache,
-        )
-        .await
-        .map_err(CsiError::Credentials)?;
+        if let Some(e) = self.store.get(digest).map_err(store_err)? {
+            if e.meta.private {
+                self.check_access(cache, &pinned).await?;
+            }
+            return Ok(e);
+        }
+        let puller = self.puller_for(cache).await?;
         let store = self.store.clone();
         let job =
             tokio::spawn(async move { store.ensure(&pinned, &puller).await }.in_current_span());
+        let granted = (cache.key.clone(), digest.to_string());
         match tokio::time::timeout(self.cfg.publish_timeout, job).await {
-            Ok(Ok(r)) => r.map_err(store_err),
+            Ok(Ok(r)) => {
+                if let Err(StoreError::Pull(p)) = &r
+                    && !p.is_retryable()
+                    && let Some(b) = &self.credentials
+                {
+                    // Refused with these credentials: ask for them again next time.
+                    b.forget(&cache.key);
+                }
+                let e = r.map_err(store_err)?;
+                // This cache read it with its own credentials.
+                self.access
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(granted, Instant::now());
+                Ok(e)
+            }
             Ok(Err(join)) => Err(CsiError::Io {
                 op: "extracting",
                 path: PathBuf::from(digest),
@@ -669,6 +689,48 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
                 after: self.cfg.publish_timeout,
             }),
         }
+    }
+
+    /// The puller for `cache`: the node's, or with the cache's own credentials.
+    async fn puller_for(&self, cache: &ResolvedCache) -> Result<Puller, CsiError> {
+        crate::pull_credentials::Broker::puller_for(
+            self.credentials.as_deref(),
+            &self.puller,
+            cache,
+        )
+        .await
+        .map_err(CsiError::Credentials)
+    }
+
+    /// A tree pulled with another cache's own credentials serves `cache` only once
+    /// `cache` has read the digest's manifest from its registry with its own (or the
+    /// node's) credentials; a success is remembered for [`ACCESS_CHECK_TTL`].
+    async fn check_access(
+        &self,
+        cache: &ResolvedCache,
+        pinned: &PinnedRef,
+    ) -> Result<(), CsiError> {
+        let key = (cache.key.clone(), pinned.digest().to_string());
+        {
+            let mut access = self.access.lock().unwrap_or_else(|e| e.into_inner());
+            access.retain(|_, at| at.elapsed() < ACCESS_CHECK_TTL);
+            if access.contains_key(&key) {
+                return Ok(());
+            }
+        }
+        let puller = self.puller_for(cache).await?;
+        puller.resolve(pinned).await.map_err(|e| {
+            info!(cache = %cache.key, digest = %pinned.digest(), error = %e, "cache may not read a privately pulled digest");
+            CsiError::Store {
+                cache: cache.key.to_string(),
+                source: Box::new(StoreError::Pull(e)),
+            }
+        })?;
+        self.access
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, Instant::now());
+        Ok(())
     }
 
     fn check_gpus(&self, cache: &CacheRef, e: &Extracted) -> Result<(), CsiError> {

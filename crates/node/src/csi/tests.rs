@@ -57,6 +57,7 @@ fn plant(root: &Path, digest: &str, summary: Option<&str>) {
         files: 1,
         size_bytes: 1,
         entries: 1,
+        private: false,
     };
     std::fs::write(dir.join("meta.json"), serde_json::to_vec(&meta).unwrap()).unwrap();
 }

@@ -144,6 +144,11 @@ pub struct Meta {
     pub files: u64,
     pub size_bytes: u64,
     pub entries: u64,
+    /// Pulled with one cache's own credentials (`imagePullSecrets`): another cache may use
+    /// the tree only once it has shown it can read the digest itself (as kubelet's
+    /// "ensure secret pulled images", KEP-2535, does for container images).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub private: bool,
 }
 
 /// Who uses a published volume: written before the mount, removed after the unmount.
@@ -547,6 +552,7 @@ impl Store {
             files: totals.files,
             size_bytes: totals.bytes,
             entries: totals.entries,
+            private: puller.has_own_credentials(),
         };
         let meta_path = tmp.path().join("meta.json");
         write_atomic(
@@ -1140,6 +1146,7 @@ mod tests {
             files: 0,
             size_bytes: 0,
             entries: 0,
+            private: false,
         };
         fs::write(dir.join("meta.json"), serde_json::to_vec(&meta).unwrap()).unwrap();
     }
