@@ -1,6 +1,7 @@
 //! A cache's `spec.imagePullSecrets`: Secrets of type `kubernetes.io/dockerconfigjson`
 //! read into registry credentials. The controller reads them to resolve and verify the
-//! cache's image; nodes never read them (they ask [`crate::node_credentials`]).
+//! cache's image; nodes never read them: they ask the controller's
+//! `POST /pull-credentials` (the `node_credentials` module).
 //!
 //! Where they live: a `GKMCache`'s in its own namespace (as a Pod's do); a
 //! `ClusterGKMCache`'s in the namespace the trust policy names (`pullSecretNamespace`),
