@@ -997,3 +997,47 @@ async fn gkm_pull_shows_progress_on_a_terminal_only() {
         );
     }
 }
+
+/// Concurrent calls for one digest pull it once, and each learns whether it was the one
+/// that pulled: the CSI plugin relies on this to make a cache that waited on another
+/// cache's pull (perhaps with that cache's credentials) prove its own access to the digest.
+#[tokio::test]
+async fn of_concurrent_calls_only_the_one_that_pulled_says_so() {
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("kernel.bin"), vec![7u8; 1 << 20]).unwrap();
+    let img = ImageBuilder::mcv(
+        CacheKind::Triton,
+        src.path(),
+        &[Target::new("cuda", "90", 32)],
+        Compression::None,
+    )
+    .unwrap();
+    let (paths, digest, _) = served("race/cache", &img, &[]);
+    // 1 MiB at 2 MiB/s: the second call arrives while the first is pulling.
+    let registry = StaticRegistry::start_throttled(paths, Some(2 << 20))
+        .await
+        .unwrap();
+    let pinned = PinnedRef::parse(&format!("{}/race/cache@{digest}", registry.host())).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let store = store(root.path());
+    let puller = fake_puller(&registry);
+    let first = store.ensure_reporting(&pinned, &puller, None);
+    let second = async {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            !store.pulling().is_empty(),
+            "the first call is pulling when the second arrives"
+        );
+        store.ensure_reporting(&pinned, &puller, None).await
+    };
+    let (first, second) = tokio::join!(first, second);
+    let (a, pulled_a) = first.unwrap();
+    let (b, pulled_b) = second.unwrap();
+    assert_eq!((pulled_a, pulled_b), (true, false));
+    assert_eq!(a.dir, b.dir);
+    let (_, again) = store
+        .ensure_reporting(&pinned, &puller, None)
+        .await
+        .unwrap();
+    assert!(!again, "an extracted digest is not pulled again");
+}

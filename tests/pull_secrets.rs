@@ -625,7 +625,8 @@ async fn caches_pull_with_their_own_secrets_and_only_nodes_running_their_pods_ge
         assert_eq!(body["reason"], want_reason, "{who}: {body}");
         assert!(body.get("auths").is_none(), "{who} got credentials: {body}");
     }
-    // A cache without pull secrets, or none at all: nothing to hand out.
+    // A cache no pod of the node mounts: refused before the node learns whether it
+    // exists. A name that is no Kubernetes name never reaches the API server.
     let (status, body) = ask(
         &http,
         port,
@@ -635,7 +636,19 @@ async fn caches_pull_with_their_own_secrets_and_only_nodes_running_their_pods_ge
     .await;
     assert_eq!(
         (status, body["reason"].as_str()),
-        (404, Some("no_such_cache")),
+        (403, Some("not_entitled")),
+        "{body}"
+    );
+    let (status, body) = ask(
+        &http,
+        port,
+        Some(&agent_token),
+        serde_json::json!({"kind": "GKMCache", "namespace": team, "name": "a/../b"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (400, Some("bad_request")),
         "{body}"
     );
     // A tenant of another namespace names the same private digest with no credentials:

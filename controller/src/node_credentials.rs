@@ -124,6 +124,19 @@ impl CredentialsError {
         }
     }
 
+    /// What the node is told: the error, except that a problem with the cache's Secrets
+    /// is named by its label only (the Secret's name, its other registries and the parse
+    /// error stay in the controller's log).
+    pub fn public_message(&self) -> String {
+        match self {
+            CredentialsError::Secret { cache, source } => format!(
+                "{cache}: its imagePullSecrets cannot be used ({}); the controller's log names the Secret and why",
+                source.label()
+            ),
+            other => other.to_string(),
+        }
+    }
+
     /// A short, stable label for metrics and the JSON body's `reason`.
     pub fn label(&self) -> &'static str {
         match self {
@@ -269,6 +282,19 @@ impl NodeCredentials {
                 "a GKMCache needs its namespace".into(),
             ));
         }
+        // Checked before they reach an API path or a field selector.
+        // (A cluster cache has no namespace: empty is allowed there, and only there.)
+        for (field, value, may_be_empty) in [
+            ("namespace", &req.namespace, true),
+            ("name", &req.name, false),
+        ] {
+            let empty_allowed = may_be_empty && value.is_empty();
+            if !empty_allowed && !is_dns_subdomain(value) {
+                return Err(CredentialsError::BadRequest(format!(
+                    "{field} is not a Kubernetes name (RFC 1123 subdomain, at most 253 characters)"
+                )));
+            }
+        }
         let node = self.review(token).await?;
         let shown = format!("{} {cache}", cache.kind());
         let span = tracing::info_span!("pull_credentials", node = %node, cache = %shown);
@@ -282,12 +308,18 @@ impl NodeCredentials {
         cache: CacheRef,
         shown: String,
     ) -> Result<serde_json::Value, CredentialsError> {
-        let (image, secrets, workload_namespaces) = self.cache(&cache).await?;
+        // Entitlement first: a node learns whether a cache exists, and whether it names
+        // pull secrets, only for caches its own pods mount.
+        let found = self.cache(&cache).await?;
+        let workload_namespaces = found.as_ref().map(|f| f.2.as_slice()).unwrap_or_default();
+        if !self.entitled(&node, &cache, workload_namespaces).await? {
+            return Err(CredentialsError::NotEntitled { node, cache: shown });
+        }
+        let (image, secrets, _) = found.ok_or_else(|| CredentialsError::NoSuchCache {
+            cache: shown.clone(),
+        })?;
         if secrets.is_empty() {
             return Err(CredentialsError::NoPullSecrets { cache: shown });
-        }
-        if !self.entitled(&node, &cache, &workload_namespaces).await? {
-            return Err(CredentialsError::NotEntitled { node, cache: shown });
         }
         let registry = gkm_image::oci::parse_reference(&image)
             .map_err(|e| CredentialsError::BadCache {
@@ -355,11 +387,12 @@ impl NodeCredentials {
         )
     }
 
-    /// `cache`'s image, pull secret names and workload namespaces.
+    /// `cache`'s image, pull secret names and workload namespaces; `None` if it does not
+    /// exist.
     async fn cache(
         &self,
         cache: &CacheRef,
-    ) -> Result<(String, Vec<String>, Vec<String>), CredentialsError> {
+    ) -> Result<Option<(String, Vec<String>, Vec<String>)>, CredentialsError> {
         let shown = format!("{} {cache}", cache.kind());
         let api_err = |e: kube::Error| CredentialsError::Api(format!("reading {shown}: {e}"));
         let names =
@@ -369,25 +402,21 @@ impl NodeCredentials {
                 let c = Api::<GKMCache>::namespaced(self.client.clone(), namespace)
                     .get_opt(name)
                     .await
-                    .map_err(api_err)?
-                    .ok_or_else(|| CredentialsError::NoSuchCache {
-                        cache: shown.clone(),
-                    })?;
-                Ok((c.spec.image, names(&c.spec.image_pull_secrets), Vec::new()))
+                    .map_err(api_err)?;
+                Ok(c.map(|c| (c.spec.image, names(&c.spec.image_pull_secrets), Vec::new())))
             }
             CacheRef::Cluster { name } => {
                 let c = Api::<ClusterGKMCache>::all(self.client.clone())
                     .get_opt(name)
                     .await
-                    .map_err(api_err)?
-                    .ok_or_else(|| CredentialsError::NoSuchCache {
-                        cache: shown.clone(),
-                    })?;
-                Ok((
-                    c.spec.image,
-                    names(&c.spec.image_pull_secrets),
-                    c.spec.workload_namespaces,
-                ))
+                    .map_err(api_err)?;
+                Ok(c.map(|c| {
+                    (
+                        c.spec.image,
+                        names(&c.spec.image_pull_secrets),
+                        c.spec.workload_namespaces,
+                    )
+                }))
             }
         }
     }
@@ -429,12 +458,30 @@ impl NodeCredentials {
     }
 }
 
-/// The answer to a refused request.
+/// Whether `s` is an RFC 1123 DNS subdomain, the form of Kubernetes object names
+/// (`k8s.io/apimachinery`'s `IsDNS1123Subdomain`): at most 253 characters of lower-case
+/// alphanumerics, `-` and `.`, each dot-separated label starting and ending alphanumeric.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// The answer to a refused request. The controller's log has the whole error; the node
+/// gets [`CredentialsError::public_message`], which names no Secret and no other
+/// registry (the agent passes it on into the pod's `FailedMount` event, which the
+/// tenant reads; a cluster cache's Secrets are the administrator's).
 pub fn refuse(e: CredentialsError) -> (StatusCode, serde_json::Value) {
     warn!(reason = e.label(), error = %e, "pull credentials refused");
     (
         e.status(),
-        serde_json::json!({"reason": e.label(), "message": e.to_string()}),
+        serde_json::json!({"reason": e.label(), "message": e.public_message()}),
     )
 }
 
@@ -599,6 +646,47 @@ mod tests {
             let (status, body) = refuse(e);
             assert!(status.is_client_error() || status.is_server_error());
             assert!(body["reason"].as_str().is_some_and(|r| !r.is_empty()));
+        }
+    }
+
+    #[test]
+    fn a_node_is_not_told_which_secret_failed_or_what_it_holds() {
+        let e = CredentialsError::Secret {
+            cache: "ClusterGKMCache llama".into(),
+            source: PullSecretError::Invalid {
+                namespace: "gkm-pull".into(),
+                name: "admin-creds".into(),
+                reason: "auths[\"other.io/team\"] names a repository path".into(),
+            },
+        };
+        let (status, body) = refuse(e);
+        assert_eq!(status, StatusCode::CONFLICT);
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains("ClusterGKMCache llama"), "{message}");
+        assert!(message.contains("pull_secret_invalid"), "{message}");
+        for hidden in ["admin-creds", "gkm-pull", "other.io"] {
+            assert!(!message.contains(hidden), "{hidden} in {message}");
+        }
+    }
+
+    #[test]
+    fn request_names_are_kubernetes_names() {
+        for ok in ["team-a", "a", "cache.v1", &"a".repeat(253)] {
+            assert!(is_dns_subdomain(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "Team",
+            "-a",
+            "a-",
+            "a..b",
+            "a/b",
+            "a,b",
+            "a b",
+            "é",
+            &"a".repeat(254),
+        ] {
+            assert!(!is_dns_subdomain(bad), "{bad:?}");
         }
     }
 }

@@ -7,11 +7,12 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use tokio::net::TcpListener;
@@ -71,42 +72,96 @@ pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, 
     Ok(Arc::new(cfg))
 }
 
-/// Serves admission on `addr` until `shutdown` completes.
+/// What a client of the server may hold, and for how long: anyone who reaches the Service
+/// (admission, promotion and pull credentials share it) must not be able to pin its
+/// connections or memory by being slow.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Time to finish the TLS handshake.
+    pub handshake: Duration,
+    /// Time to send a request's headers (HTTP/1.1; hyper's `header_read_timeout`).
+    pub headers: Duration,
+    /// Time to send a request's body.
+    pub body: Duration,
+    /// Connections served at once; further ones wait in the listen backlog.
+    pub connections: usize,
+}
+
+impl Default for Limits {
+    /// 10 s for the handshake and the headers, 30 s for a body (the API server's longest
+    /// webhook timeout), 1,024 connections.
+    fn default() -> Self {
+        Limits {
+            handshake: Duration::from_secs(10),
+            headers: Duration::from_secs(10),
+            body: Duration::from_secs(30),
+            connections: 1024,
+        }
+    }
+}
+
+/// Serves admission on `addr` until `shutdown` completes, within [`Limits::default`].
 pub async fn serve<V: ImageVerifier, G: Gatekeeper>(
     routes: Arc<Routes<V, G>>,
     addr: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    serve_within(routes, addr, tls, Limits::default(), shutdown).await
+}
+
+/// [`serve`] within `limits`.
+pub async fn serve_within<V: ImageVerifier, G: Gatekeeper>(
+    routes: Arc<Routes<V, G>>,
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServerError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| ServerError::Listen { addr, source })?;
     let acceptor = TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.connections.max(1)));
     tokio::pin!(shutdown);
     loop {
-        let (tcp, peer) = tokio::select! {
+        let (permit, (tcp, peer)) = tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
+            accepted = async {
+                let permit = slots.clone().acquire_owned().await;
+                (permit, listener.accept().await)
+            } => match accepted {
+                (Ok(permit), Ok(a)) => (permit, a),
+                (_, Err(e)) => {
                     warn!(error = %e, "accept failed");
                     continue;
                 }
+                // The semaphore is never closed.
+                (Err(_), _) => return Ok(()),
             },
         };
         let (acceptor, routes) = (acceptor.clone(), routes.clone());
         tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(t) => t,
-                Err(e) => {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
                     debug!(%peer, error = %e, "TLS handshake failed");
                     return;
                 }
+                Err(_) => {
+                    debug!(%peer, "TLS handshake not finished in time");
+                    return;
+                }
             };
-            let service = hyper::service::service_fn(move |req| handle(routes.clone(), req));
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
+            let service =
+                hyper::service::service_fn(move |req| handle(routes.clone(), limits.body, req));
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.headers);
+            let _ = builder.serve_connection(TokioIo::new(tls), service).await;
         });
     }
 }
@@ -192,6 +247,8 @@ pub enum HttpError {
     TooLarge { limit: usize },
     #[error("reading the body: {0}")]
     BadBody(String),
+    #[error("the body was not sent within {0:?}")]
+    SlowBody(Duration),
     #[error("not an AdmissionReview: {0}")]
     NotAReview(String),
     #[error("the answer could not be serialised: {0}")]
@@ -204,6 +261,7 @@ impl HttpError {
             HttpError::NotFound => StatusCode::NOT_FOUND,
             HttpError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             HttpError::BadBody(_) | HttpError::NotAReview(_) => StatusCode::BAD_REQUEST,
+            HttpError::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
             HttpError::Serialise(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -237,34 +295,42 @@ fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Full
     response
 }
 
-/// The body of `req`, at most `limit` bytes.
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, HttpError> {
-    match http_body_util::Limited::new(req.into_body(), limit)
-        .collect()
-        .await
-    {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(HttpError::TooLarge { limit }),
-        Err(e) => Err(HttpError::BadBody(e.to_string())),
+/// The body of `req`, at most `limit` bytes, sent within `within`.
+async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    within: Duration,
+) -> Result<Bytes, HttpError> {
+    let read = http_body_util::Limited::new(req.into_body(), limit).collect();
+    match tokio::time::timeout(within, read).await {
+        Err(_) => Err(HttpError::SlowBody(within)),
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(HttpError::TooLarge { limit })
+        }
+        Ok(Err(e)) => Err(HttpError::BadBody(e.to_string())),
     }
 }
 
 async fn handle<V: ImageVerifier, G: Gatekeeper>(
     routes: Arc<Routes<V, G>>,
+    within: Duration,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let response = match Route::of(req.method(), req.uri().path()) {
         None => error_reply(&HttpError::NotFound),
         Some(Route::Health) => reply(StatusCode::OK, "text/plain; charset=utf-8", b"ok".to_vec()),
-        Some(Route::Admission(endpoint)) => match read_body(req, MAX_ADMISSION_BODY).await {
-            Ok(body) => match answer(&routes.admission, endpoint, &body).await {
-                Ok(review) => reply(StatusCode::OK, "application/json", review),
+        Some(Route::Admission(endpoint)) => {
+            match read_body(req, MAX_ADMISSION_BODY, within).await {
+                Ok(body) => match answer(&routes.admission, endpoint, &body).await {
+                    Ok(review) => reply(StatusCode::OK, "application/json", review),
+                    Err(e) => error_reply(&e),
+                },
                 Err(e) => error_reply(&e),
-            },
-            Err(e) => error_reply(&e),
-        },
-        Some(Route::Promote) => promote(&routes, req).await,
-        Some(Route::PullCredentials) => pull_credentials(&routes, req).await,
+            }
+        }
+        Some(Route::Promote) => promote(&routes, req, within).await,
+        Some(Route::PullCredentials) => pull_credentials(&routes, req, within).await,
     };
     Ok(response)
 }
@@ -274,6 +340,7 @@ async fn handle<V: ImageVerifier, G: Gatekeeper>(
 async fn promote<V: ImageVerifier, G: Gatekeeper>(
     routes: &Routes<V, G>,
     req: Request<Incoming>,
+    within: Duration,
 ) -> Response<Full<Bytes>> {
     use crate::promote::ApiError;
     let Some(api) = &routes.promote else {
@@ -281,7 +348,7 @@ async fn promote<V: ImageVerifier, G: Gatekeeper>(
         return json_reply(status, &body);
     };
     let authorization = authorization(&req);
-    let (status, body) = match read_body(req, MAX_PROMOTE_BODY).await {
+    let (status, body) = match read_body(req, MAX_PROMOTE_BODY, within).await {
         Ok(body) => api.call(authorization.as_deref(), &body).await,
         Err(e) => crate::promote::refuse(ApiError::BadRequest(e.to_string())),
     };
@@ -300,6 +367,7 @@ fn authorization(req: &Request<Incoming>) -> Option<String> {
 async fn pull_credentials<V: ImageVerifier, G: Gatekeeper>(
     routes: &Routes<V, G>,
     req: Request<Incoming>,
+    within: Duration,
 ) -> Response<Full<Bytes>> {
     use crate::node_credentials::{CredentialsError, MAX_BODY, refuse};
     let Some(api) = &routes.node_credentials else {
@@ -307,7 +375,7 @@ async fn pull_credentials<V: ImageVerifier, G: Gatekeeper>(
         return json_reply(status, &body);
     };
     let authorization = authorization(&req);
-    let (status, body) = match read_body(req, MAX_BODY).await {
+    let (status, body) = match read_body(req, MAX_BODY, within).await {
         Ok(body) => api.call(authorization.as_deref(), &body).await,
         Err(HttpError::TooLarge { .. }) => refuse(CredentialsError::TooLarge),
         Err(e) => refuse(CredentialsError::BadRequest(e.to_string())),
@@ -403,6 +471,7 @@ mod tests {
             (HttpError::NotFound, 404),
             (HttpError::TooLarge { limit: 10 }, 413),
             (HttpError::BadBody("x".into()), 400),
+            (HttpError::SlowBody(Duration::from_secs(1)), 408),
             (HttpError::NotAReview("x".into()), 400),
             (HttpError::Serialise("x".into()), 500),
         ] {
@@ -419,5 +488,136 @@ mod tests {
             ok.headers()[hyper::header::CONTENT_TYPE],
             "application/json"
         );
+    }
+
+    /// Denies every image: the limits test never asks.
+    struct DenyAll;
+
+    impl ImageVerifier for DenyAll {
+        async fn verify(
+            &self,
+            image: &str,
+            _: crate::verify::Scope,
+        ) -> Result<crate::verify::VerifiedImage, crate::verify::Denial> {
+            Err(crate::verify::Denial::new("not_verified", image))
+        }
+        fn pod_rules(&self) -> gkm_image::trust::PodRules {
+            unreachable!("no pod is admitted in this test")
+        }
+    }
+
+    /// Refuses every caller.
+    struct Nobody;
+
+    impl Gatekeeper for Nobody {
+        async fn authenticate(
+            &self,
+            _: &str,
+        ) -> Result<crate::promote::Caller, crate::promote::ApiError> {
+            Err(crate::promote::ApiError::Unauthenticated("no one".into()))
+        }
+        async fn may_promote(
+            &self,
+            _: &crate::promote::Caller,
+        ) -> Result<bool, crate::promote::ApiError> {
+            Ok(false)
+        }
+    }
+
+    /// A client that connects and sends nothing is cut off after the handshake limit; a
+    /// client that sends headers but not the body they announce gets 408; with one
+    /// connection allowed, a second client is served only once the first is gone.
+    #[tokio::test]
+    async fn slow_clients_are_cut_off_and_connections_are_capped() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        gkm_image::install_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let minted = crate::certs::mint(dir.path(), &["localhost".to_string()]).unwrap();
+        let tls = tls_config(&minted.cert, &minted.key).unwrap();
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let routes = Arc::new(Routes::<DenyAll, Nobody> {
+            admission: Admission::new(DenyAll, vec![]),
+            promote: None,
+            node_credentials: None,
+        });
+        let limits = Limits {
+            handshake: Duration::from_millis(300),
+            headers: Duration::from_millis(300),
+            body: Duration::from_millis(300),
+            connections: 1,
+        };
+        tokio::spawn(serve_within(
+            routes,
+            addr,
+            tls,
+            limits,
+            std::future::pending(),
+        ));
+        let connect = || async {
+            for _ in 0..100 {
+                if let Ok(c) = tokio::net::TcpStream::connect(addr).await {
+                    return c;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("the server did not listen on {addr}");
+        };
+
+        // Silent: holds the only connection until the handshake limit cuts it off.
+        let mut silent = connect().await;
+        let silent_closed = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            let n = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
+                .await
+                .expect("a silent client is cut off");
+            assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+            std::time::Instant::now()
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let http = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(minted.ca_pem.as_bytes()).unwrap()])
+            .resolve("localhost", addr)
+            .build()
+            .unwrap();
+        let health = http
+            .get(format!("https://localhost:{}/healthz", addr.port()))
+            .send()
+            .await
+            .unwrap();
+        let served_at = std::time::Instant::now();
+        assert_eq!(health.status(), 200);
+        let cut_at = silent_closed.await.unwrap();
+        assert!(
+            cut_at <= served_at,
+            "the second client was served while the first held the only connection"
+        );
+
+        // Headers announcing a body that never comes: 408, not a connection held open.
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates({
+                let mut roots = rustls::RootCertStore::empty();
+                for c in rustls_pemfile::certs(&mut minted.ca_pem.as_bytes()) {
+                    roots.add(c.unwrap()).unwrap();
+                }
+                roots
+            })
+            .with_no_client_auth();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                connect().await,
+            )
+            .await
+            .unwrap();
+        tls.write_all(b"POST /mutate HTTP/1.1\r\nhost: localhost\r\ncontent-length: 100\r\n\r\n{")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     }
 }

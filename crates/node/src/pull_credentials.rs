@@ -26,6 +26,9 @@ use crate::oci::{Credentials, Puller};
 pub const PATH: &str = "/pull-credentials";
 /// How long fetched credentials are reused for the same cache before asking again.
 pub const REUSE_FOR: Duration = Duration::from_secs(60);
+/// The longest answer read from the controller, in bytes (a docker config of one registry's
+/// entry is a few hundred).
+pub const MAX_ANSWER: usize = 64 << 10;
 
 /// Why a cache's pull credentials could not be had. The messages name the cache and,
 /// for the controller's refusals, quote its reason; never a credential.
@@ -182,10 +185,24 @@ impl Broker {
             .await
             .map_err(|e| unreachable(error_chain(&e)))?;
         let status = answer.status();
-        let body = answer
-            .text()
+        // One registry's entry is a few hundred bytes: a longer answer is not the
+        // controller's, and is not read into memory.
+        let mut answer = answer;
+        let mut raw = Vec::new();
+        while let Some(chunk) = answer
+            .chunk()
             .await
-            .map_err(|e| unreachable(error_chain(&e)))?;
+            .map_err(|e| unreachable(error_chain(&e)))?
+        {
+            if raw.len() + chunk.len() > MAX_ANSWER {
+                return Err(CredentialsError::BadAnswer {
+                    cache: shown,
+                    reason: format!("an answer of more than {MAX_ANSWER} bytes"),
+                });
+            }
+            raw.extend_from_slice(&chunk);
+        }
+        let body = String::from_utf8_lossy(&raw);
         if !status.is_success() {
             let message = serde_json::from_str::<serde_json::Value>(&body)
                 .ok()

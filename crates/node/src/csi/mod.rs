@@ -658,8 +658,10 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
         }
         let puller = self.puller_for(cache).await?;
         let store = self.store.clone();
-        let job =
-            tokio::spawn(async move { store.ensure(&pinned, &puller).await }.in_current_span());
+        let target = pinned.clone();
+        let job = tokio::spawn(
+            async move { store.ensure_reporting(&target, &puller, None).await }.in_current_span(),
+        );
         let granted = (cache.key.clone(), digest.to_string());
         match tokio::time::timeout(self.cfg.publish_timeout, job).await {
             Ok(Ok(r)) => {
@@ -670,12 +672,18 @@ impl<R: CacheResolver, M: Mounter> Plugin<R, M> {
                     // Refused with these credentials: ask for them again next time.
                     b.forget(&cache.key);
                 }
-                let e = r.map_err(store_err)?;
-                // This cache read it with its own credentials.
-                self.access
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(granted, Instant::now());
+                let (e, pulled) = r.map_err(store_err)?;
+                if pulled {
+                    // This cache read it with its own credentials.
+                    self.access
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(granted, Instant::now());
+                } else if e.meta.private {
+                    // Another call pulled it while this one waited, perhaps with another
+                    // cache's credentials: this cache proves its own access first.
+                    self.check_access(cache, &pinned).await?;
+                }
                 Ok(e)
             }
             Ok(Err(join)) => Err(CsiError::Io {

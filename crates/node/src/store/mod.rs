@@ -439,15 +439,30 @@ impl Store {
         puller: &Puller,
         progress: Option<Arc<PullProgress>>,
     ) -> Result<Extracted> {
+        self.ensure_reporting(image, puller, progress)
+            .await
+            .map(|(e, _)| e)
+    }
+
+    /// [`Store::ensure_with`], also saying whether this call pulled the image (`true`) or
+    /// found it extracted, by an earlier call or by one it waited for (`false`). A caller
+    /// that must know `puller`'s credentials read the digest (a tree pulled with another
+    /// cache's credentials, `meta.private`) checks access itself when this is `false`.
+    pub async fn ensure_reporting(
+        &self,
+        image: &PinnedRef,
+        puller: &Puller,
+        progress: Option<Arc<PullProgress>>,
+    ) -> Result<(Extracted, bool)> {
         let digest = image.digest().to_string();
         self.touch(&digest);
         if let Some(e) = self.get(&digest)? {
-            return Ok(e);
+            return Ok((e, false));
         }
         let lock = self.digest_lock(&digest);
         let _guard = lock.lock().await;
         if let Some(e) = self.get(&digest)? {
-            return Ok(e);
+            return Ok((e, false));
         }
         let span = info_span!("extract", image = %image, digest = %digest);
         let progress = progress.unwrap_or_default();
@@ -468,7 +483,7 @@ impl Store {
         drop(done);
         logger.abort();
         self.touch(&digest);
-        result
+        result.map(|e| (e, true))
     }
 
     fn lock_pulls(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<PullProgress>>> {
