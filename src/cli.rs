@@ -739,3 +739,41 @@ pub async fn promote_via_server(
     };
     Ok(crate::promote::client::promote_via_server(server, image, &digest).await?)
 }
+
+/// `e` and its causes joined by `": "` (anyhow's `{:#}`), each cause once: many of our
+/// errors (thiserror's `"{image}: {source}"` with `#[source]`) already show their cause in
+/// their own message, and `{:#}` would print it again. A cause is left out when the text
+/// so far already contains it.
+pub fn report(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !out.contains(&cause) {
+            out.push_str(": ");
+            out.push_str(&cause);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer: {0}")]
+    struct Shows(#[source] std::io::Error);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Hides(#[source] std::io::Error);
+
+    #[test]
+    fn a_report_names_each_cause_once() {
+        let io = || std::io::Error::other("disk full");
+        let shown = anyhow::Error::new(Shows(io())).context("pulling x");
+        assert_eq!(report(&shown), "pulling x: outer: disk full");
+        let hidden = anyhow::Error::new(Hides(io())).context("pulling x");
+        assert_eq!(report(&hidden), "pulling x: outer: disk full");
+    }
+}

@@ -210,7 +210,7 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("Error: {e:#}");
+            eprintln!("Error: {}", gkm::cli::report(&e));
             let code = e
                 .downcast_ref::<gkm::promote::client::ClientError>()
                 .map_or(1, |c| c.exit_code());
