@@ -59,9 +59,58 @@ impl std::fmt::Display for CacheRef {
     }
 }
 
+/// Whether `s` is an RFC 1123 label, the form of namespace names
+/// (`k8s.io/apimachinery`'s `IsDNS1123Label`): 1 to 63 lower-case alphanumerics or `-`,
+/// starting and ending alphanumeric.
+pub fn is_dns1123_label(s: &str) -> bool {
+    s.len() <= 63 && label_shaped(s)
+}
+
+/// Whether `s` is an RFC 1123 subdomain, the form of most object names
+/// (`k8s.io/apimachinery`'s `IsDNS1123Subdomain`): at most 253 characters, dot-separated
+/// parts each shaped like a label.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(label_shaped)
+}
+
+fn label_shaped(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kubernetes_names_are_rfc_1123_labels_and_subdomains() {
+        for ok in ["team-a", "a", "0a", &"a".repeat(63)] {
+            assert!(is_dns1123_label(ok), "{ok}");
+            assert!(is_dns1123_subdomain(ok), "{ok}");
+        }
+        assert!(is_dns1123_subdomain("cache.v1"));
+        assert!(is_dns1123_subdomain(&"a".repeat(253)));
+        assert!(!is_dns1123_label("cache.v1"));
+        assert!(!is_dns1123_label(&"a".repeat(64)));
+        for bad in [
+            "",
+            "Team",
+            "-a",
+            "a-",
+            "a..b",
+            "a/b",
+            "a,b",
+            "a b",
+            "é",
+            &"a".repeat(254),
+        ] {
+            assert!(!is_dns1123_subdomain(bad), "{bad:?}");
+            assert!(!is_dns1123_label(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn parts_round_trip_and_unknown_kinds_are_none() {

@@ -15,7 +15,7 @@ pub use cache::{
     Cache, CacheCounts, CacheStatus, ClusterGKMCache, ClusterGKMCacheSpec, GKMCache, GKMCacheSpec,
     LegacyFields, Provenance, PullSecretRef, short_digest,
 };
-pub use cache_ref::CacheRef;
+pub use cache_ref::{CacheRef, is_dns1123_label, is_dns1123_subdomain};
 pub use node::{
     CacheDigestStatus, CacheState, ClusterGKMCacheNode, ClusterGKMCacheNodeSpec, GKMCacheNode,
     GKMCacheNodeSpec, GpuBackend, GpuInfo, GpuSource, NodeStatus, PodRef,

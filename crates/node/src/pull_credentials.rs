@@ -170,7 +170,7 @@ impl Broker {
             cache: shown.clone(),
             reason,
         };
-        let answer = client
+        let mut answer = client
             .post(&url)
             .bearer_auth(token.trim())
             .json(&serde_json::json!({
@@ -187,7 +187,6 @@ impl Broker {
         let status = answer.status();
         // One registry's entry is a few hundred bytes: a longer answer is not the
         // controller's, and is not read into memory.
-        let mut answer = answer;
         let mut raw = Vec::new();
         while let Some(chunk) = answer
             .chunk()

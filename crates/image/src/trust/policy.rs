@@ -732,19 +732,13 @@ impl Walk<'_> {
         let required_attestations =
             self.required_attestations(top.get("requiredAttestations"), authorities.as_deref());
         let pull_secret_namespace = self.string(top, "pullSecretNamespace", "");
-        if let Some(ns) = &pull_secret_namespace {
-            let label = ns.len() <= 63
-                && ns.starts_with(|c: char| c.is_ascii_alphanumeric())
-                && ns.ends_with(|c: char| c.is_ascii_alphanumeric())
-                && ns
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-            if !label {
-                self.err(
-                    "pullSecretNamespace",
-                    format!("{ns:?} is not a namespace name (an RFC 1123 label)"),
-                );
-            }
+        if let Some(ns) = &pull_secret_namespace
+            && !crate::api::is_dns1123_label(ns)
+        {
+            self.err(
+                "pullSecretNamespace",
+                format!("{ns:?} is not a namespace name (an RFC 1123 label)"),
+            );
         }
         Some(TrustPolicy {
             authorities: authorities?,
